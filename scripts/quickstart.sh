@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the main job end to end on a small embedded default (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+.venv/bin/cae2 models
