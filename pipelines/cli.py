@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -87,6 +88,107 @@ def models(
         typer.echo(f"{r['name']:<16}{m['embed_dim']:>6}{m['depth']:>6}{m['num_heads']:>6}{reg:>12}"
                    f"{m['num_masked']:>5}/{m['grid_size'][0] * m['grid_size'][1]:<3}{m['drop_path']:>5}"
                    f"{r['params']['encoder'] / 1e6:>11.1f}M{r['params']['total'] / 1e6:>11.1f}M")
+
+
+@app.command("make-shards")
+def make_shards_cmd(
+    source: Annotated[Path, typer.Argument(help="Image folder (class sub-folders = labels) or a file of paths.")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory for the .tar shards.")],
+    samples_per_shard: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 1000,
+    prefix: Annotated[str, typer.Option(help="Shard file name prefix.")] = "shard",
+) -> None:
+    """Pack images into WebDataset tar shards (original bytes, labels, source paths).
+
+    Example: cae2 make-shards /data/imagenet/train shards/ --samples-per-shard 1000
+    """
+    from pipelines.shards import make_shards
+
+    paths = make_shards(source, out_dir, samples_per_shard, prefix)
+    typer.echo(f"wrote {len(paths)} shard(s) to {out_dir}: {paths[0].name} .. {paths[-1].name}")
+
+
+def _teacher_spec(teacher: str, pretrained: str, quick_gelu: str, image_size: int | None, seed: int):
+    from targets.teacher import TeacherSpec
+
+    qg = {"auto": None, "on": True, "off": False}.get(quick_gelu)
+    if quick_gelu not in ("auto", "on", "off"):
+        raise UserError(f"--quick-gelu must be auto, on or off, not {quick_gelu!r}")
+    return TeacherSpec(name=teacher, pretrained=pretrained, quick_gelu=qg, image_size=image_size, init_seed=seed)
+
+
+@app.command("extract-targets")
+def extract_targets_cmd(
+    shards: Annotated[str, typer.Option(help="Shards: brace pattern, directory, glob, or a file listing URLs.")],
+    out: Annotated[str, typer.Option(help="Target store (Zarr v3 directory); rerun to resume.")],
+    teacher: Annotated[str, typer.Option(help="open_clip model name or model-config .json.")] = "ViT-B-16",
+    pretrained: Annotated[str, typer.Option(help="Tag (openai), weights file, or 'none' (random; demos).")]
+    = "openai",
+    views: Annotated[int, typer.Option("--views", min=1, help="K: views cached per image.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the view parameters (and of a random teacher).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Views per teacher forward.")] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="Decode workers per process.")] = 4,
+    precision: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    color_jitter: Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter strength.")] = 0.4,
+    crop_min: Annotated[float, typer.Option(help="Smallest RandomResizedCrop area fraction.")] = 0.4,
+    teacher_image_size: Annotated[int | None, typer.Option(help="Teacher input size (196 for ViT-L-14).")] = None,
+    quick_gelu: Annotated[str, typer.Option(help="auto (on for OpenAI weights), on, off.")] = "auto",
+    images_per_shard: Annotated[int, typer.Option(min=1, help="Images per zarr shard file.")] = 32,
+    download: Annotated[bool, typer.Option(help="Allow downloading CLIP weights (else local cache only).")] = False,
+) -> None:
+    """Stage 1: cache the CLIP teacher's per-token latents for K views of every image.
+
+    Example: accelerate launch -m pipelines.cli extract-targets --shards 'train-{000000..000127}.tar' --out targets.zarr
+    """
+    from accelerate.utils import gather_object
+
+    from pipelines.extract import ExtractConfig, format_summary, merge_stats, run_extract
+    from targets.views import ViewSettings
+
+    cfg = ExtractConfig(
+        shards=shards, out=out, views_per_image=views, seed=seed, batch_size=batch_size, workers=workers,
+        precision=precision, images_per_shard=images_per_shard, allow_download=download,
+        teacher=_teacher_spec(teacher, pretrained, quick_gelu, teacher_image_size, seed),
+        views=_view_settings(ViewSettings, color_jitter, crop_min),
+    )
+    if cfg.teacher.is_random:
+        typer.echo("NOTE: --pretrained none: the teacher is RANDOMLY INITIALISED (tests and demos only); the store "
+                   "records this and `cae2 pretrain` refuses it without --allow-random-teacher", err=True)
+    stats = run_extract(cfg, log=lambda m: typer.echo(m, err=True))
+    from accelerate import PartialState
+
+    state = PartialState()
+    total = merge_stats(gather_object([stats])) if state.num_processes > 1 else stats
+    if state.is_main_process:
+        typer.echo(format_summary(total, state.num_processes))
+        typer.echo(f"store: {out}")
+    if total.units_failed:
+        raise typer.Exit(1)
+
+
+def _view_settings(cls, color_jitter: float, crop_min: float):
+    try:
+        return cls.from_jitter(color_jitter, crop_scale=(crop_min, 1.0))
+    except ValueError as e:
+        raise UserError(f"--color-jitter/--crop-min: {e}") from None
+
+
+@app.command("verify-targets")
+def verify_targets_cmd(
+    store: Annotated[str, typer.Argument(help="Target store to check.")],
+    shards: Annotated[str | None, typer.Option(help="Shards the store must cover (counts and keys).")] = None,
+    recompute: Annotated[int, typer.Option(min=0, help="Recompute N random views with the teacher.")] = 0,
+    pretrained: Annotated[str | None, typer.Option(help="Teacher weights file, if moved since extraction.")] = None,
+) -> None:
+    """Check a target store: complete units, counts, finite values, valid view parameters, fidelity.
+
+    Example: cae2 verify-targets targets.zarr --shards 'train-{000000..000127}.tar' --recompute 64
+    """
+    from pipelines.verify import verify_store
+
+    report = verify_store(store, shards, recompute, pretrained)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""WebDataset shards: resolving a shard SPEC, reading a shard's samples, and writing shards.
+
+A shard is known by its file name (`Shard.name`), not its URL, so a store built from shards in
+one place serves copies of them elsewhere (object store vs local disk).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cae2.errors import UserError
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    name: str
+
+
+def shard_name(url: str) -> str:
+    return os.path.basename(url.split("?", 1)[0].rstrip("/"))
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
+    """A brace pattern, a directory, a glob, or a text file listing one shard URL per line."""
+    from braceexpand import braceexpand
+
+    spec = spec.strip()
+    if not spec:
+        raise UserError(f"{option} is empty; pass a directory, a brace pattern, a glob or a list file")
+    if os.path.isdir(spec):
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        if not urls:
+            raise UserError(f"{option}: directory {spec} has no .tar shards")
+    elif os.path.isfile(spec) and not spec.endswith(".tar"):
+        with open(spec) as f:
+            urls = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not urls:
+            raise UserError(f"{option}: list file {spec} names no shards")
+    else:
+        urls = []
+        for part in braceexpand(spec):
+            if not _is_remote(part) and any(c in part for c in "*?["):
+                matches = sorted(glob.glob(part))
+                if not matches:
+                    raise UserError(f"{option}: glob {part} matches no files")
+                urls += matches
+            else:
+                urls.append(part)
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{option}: shard {missing[0]} does not exist{more}; check the path or pattern")
+    shards = [Shard(u, shard_name(u)) for u in urls]
+    seen: dict[str, str] = {}
+    for s in shards:
+        if s.name in seen:
+            raise UserError(f"{option}: two shards share the file name {s.name} ({seen[s.name]}, {s.url}); "
+                            "shards are identified by file name, so names must be unique")
+        seen[s.name] = s.url
+    return shards
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """Samples of one shard in file order, streamed with WebDataset (dict: __key__, fields as bytes)."""
+    import webdataset as wds
+
+    def reraise(e: Exception) -> bool:
+        raise UserError(f"shard {url} cannot be read: {type(e).__name__}: {e}") from e
+
+    yield from wds.tarfile_samples([{"url": url}], handler=reraise)
+
+
+def image_bytes(sample: dict) -> bytes | None:
+    for f in IMAGE_FIELDS:
+        if f in sample:
+            return sample[f]
+    return None
+
+
+# --- make-shards -----------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _collect(source: Path) -> list[tuple[Path, int, str]]:
+    """-> [(path, label, class name)] in a deterministic order."""
+    if source.is_file():
+        paths = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(f"{source}: listed image {missing[0]} does not exist")
+        return [(p, -1, "") for p in paths]
+    if not source.is_dir():
+        raise UserError(f"SOURCE {source} is neither an image folder nor a text file of paths")
+    classes = sorted(d.name for d in source.iterdir() if d.is_dir())
+    if classes:
+        items = []
+        for label, cls in enumerate(classes):
+            items += [(p, label, cls) for p in sorted((source / cls).rglob("*"))
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        items = [(p, -1, "") for p in sorted(source.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise UserError(f"SOURCE {source} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+def make_shards(source: Path, out_dir: Path, samples_per_shard: int = 1000, prefix: str = "shard") -> list[Path]:
+    """Image folder (class sub-folders -> labels, flat -> -1) or list file -> WebDataset tar shards.
+
+    Each sample: `jpg` = the original file bytes, `cls` = label, `json` = source path and class.
+    Keys are `<index>_<file stem>` with anything but letters, digits, '_' and '-' replaced, so they
+    never contain dots.
+    """
+    if samples_per_shard < 1:
+        raise UserError("--samples-per-shard must be >= 1")
+    items = _collect(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob(f"{prefix}-*.tar")):
+        raise UserError(f"OUT_DIR {out_dir} already holds {prefix}-*.tar shards; choose an empty directory")
+    paths = []
+    for start in range(0, len(items), samples_per_shard):
+        path = out_dir / f"{prefix}-{start // samples_per_shard:06d}.tar"
+        tmp = path.with_suffix(".tar.partial")
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index, (img, label, cls) in enumerate(items[start:start + samples_per_shard], start):
+                key = f"{index:08d}_{_UNSAFE.sub('_', img.stem)}"[:90]
+                meta = json.dumps({"path": str(img), "label": label, "class": cls}).encode()
+                for ext, data in (("jpg", img.read_bytes()), ("cls", str(label).encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,155 @@
+"""`cae2 verify-targets`: check that a target store is complete, consistent and faithful."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.shards import expand_shards, image_bytes, iter_shard
+from targets.cache import TargetStore
+from targets.teacher import Teacher, spec_from_identity
+from targets.views import ViewParams, ViewSettings, apply_view, decode_image, sample_view
+
+
+@dataclass
+class VerifyReport:
+    units: int = 0
+    images: int = 0
+    views: int = 0
+    skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+    recomputed: int = 0
+    max_abs_err: float = 0.0
+    min_cosine: float = 1.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        lines = [f"units: {self.units}  images: {self.images}  views: {self.views}  skipped: {self.skipped}"]
+        if self.recomputed:
+            lines.append(f"recomputed {self.recomputed} views with the teacher: max abs error {self.max_abs_err:.3g}, "
+                         f"min cosine {self.min_cosine:.6f}")
+        lines += [f"PROBLEM: {p}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            lines.append(f"... and {len(self.problems) - 50} more problems")
+        lines.append("verify: OK" if self.ok else f"verify: FAILED ({len(self.problems)} problems)")
+        return "\n".join(lines)
+
+
+def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretrained: str | None = None,
+                 min_cosine: float = 0.999, seed: int = 0) -> VerifyReport:
+    store = TargetStore.open(path)
+    meta = store.meta
+    settings = ViewSettings.from_dict(meta.views)
+    report = VerifyReport()
+    shard_list = expand_shards(shards) if shards else None
+    names = [s.name for s in shard_list] if shard_list else store.unit_names()
+    for name in names:
+        if store.marker(name) is None:
+            report.problems.append(f"unit {name} is missing or incomplete")
+            continue
+        unit = store.unit(name)
+        report.units += 1
+        _check_unit(name, unit, meta, settings, report)
+    if shard_list:
+        for shard in shard_list:
+            if store.marker(shard.name) is None:
+                continue
+            keys = [s["__key__"] for s in iter_shard(shard.url)]
+            if keys != store.unit(shard.name).keys:
+                report.problems.append(f"unit {shard.name}: {len(store.unit(shard.name).keys)} cached samples do not "
+                                       f"match the {len(keys)} samples of {shard.url}")
+    if recompute:
+        if not shard_list:
+            report.problems.append("--recompute needs --shards to read the images")
+        else:
+            _recompute(store, shard_list, recompute, pretrained, min_cosine, seed, report)
+    return report
+
+
+def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyReport) -> None:
+    marker = unit.marker
+    n = len(unit)
+    if marker["num_samples"] != n or unit.latents.shape[0] != n:
+        report.problems.append(f"unit {name}: marker says {marker['num_samples']} samples, arrays hold {n}")
+        return
+    expected = (n, meta.views_per_image, meta.num_tokens, meta.latent_dim)
+    if unit.latents.shape != expected or unit.latents.dtype != np.float16:
+        report.problems.append(f"unit {name}: latents are {unit.latents.shape} {unit.latents.dtype}, expected "
+                               f"{expected} float16")
+        return
+    report.images += int(unit.valid.sum())
+    report.views += int(unit.valid.sum()) * meta.views_per_image
+    report.skipped += n - int(unit.valid.sum())
+    if len(marker["skipped"]) != n - int(unit.valid.sum()):
+        report.problems.append(f"unit {name}: {n - int(unit.valid.sum())} invalid rows but "
+                               f"{len(marker['skipped'])} skip records")
+    digest = hashlib.blake2b(digest_size=16)
+    step = meta.images_per_shard
+    for start in range(0, n, step):
+        block = unit.latents[start:start + step]
+        digest.update(np.ascontiguousarray(block).tobytes())
+        bad = ~np.isfinite(block).all(axis=(1, 2, 3))
+        for r in np.flatnonzero(bad):
+            report.problems.append(f"unit {name} row {start + r} (key {unit.keys[start + r]}): NaN or inf latents")
+        zero = unit.valid[start:start + step] & ~block.any(axis=(1, 2, 3))
+        for r in np.flatnonzero(zero):
+            report.problems.append(f"unit {name} row {start + r}: latents are all zero (never written)")
+    if "blake2b-128:" + digest.hexdigest() != marker["checksum"]:
+        report.problems.append(f"unit {name}: latents checksum differs from the completion marker")
+    for row in np.flatnonzero(unit.valid):
+        hw = tuple(int(v) for v in unit.image_hw[row])
+        for k in range(meta.views_per_image):
+            p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
+            issues = p.check(hw, settings)
+            if not issues and p != sample_view(settings, meta.seed, unit.keys[row], k, hw):
+                issues = ["parameters differ from the ones regenerated from (seed, key, view)"]
+            report.problems += [f"unit {name} row {row} view {k}: {i}" for i in issues]
+
+
+def _recompute(store: TargetStore, shard_list, count: int, pretrained, min_cosine: float, seed: int,
+               report: VerifyReport) -> None:
+    meta = store.meta
+    candidates = []
+    for shard in shard_list:
+        if store.marker(shard.name) is not None:
+            unit = store.unit(shard.name)
+            candidates += [(shard, row) for row in np.flatnonzero(unit.valid)]
+    if not candidates:
+        return
+    rng = np.random.default_rng(seed)
+    picks = sorted((candidates[i] for i in rng.choice(len(candidates), min(count, len(candidates)), replace=False)),
+                   key=lambda c: (c[0].name, c[1]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = Teacher(spec_from_identity(meta.teacher, meta.input_size, pretrained), device=device,
+                      precision=meta.teacher["precision"] if device == "cuda" else "fp32", allow_download=False)
+    if meta.teacher.get("weights_sha256") and teacher.weights_sha256 != meta.teacher["weights_sha256"]:
+        report.problems.append("the teacher weights found now differ from the ones the store was built with (sha256)")
+        return
+    by_shard: dict = {}
+    for shard, row in picks:
+        by_shard.setdefault(shard, []).append(int(row))
+    for shard, rows in by_shard.items():
+        unit = store.unit(shard.name)
+        wanted = set(rows)
+        for row, sample in enumerate(iter_shard(shard.url)):
+            if row not in wanted:
+                continue
+            k = int(rng.integers(meta.views_per_image))
+            image = decode_image(image_bytes(sample))
+            p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
+            view = apply_view(image, p, meta.input_size, meta.interpolation, meta.mean, meta.std)
+            fresh = teacher(view[None])[0]
+            cached = torch.from_numpy(unit.read(row, k).astype(np.float32))
+            report.max_abs_err = max(report.max_abs_err, (fresh - cached).abs().max().item())
+            report.min_cosine = min(report.min_cosine, F.cosine_similarity(fresh, cached, dim=-1).min().item())
+            report.recomputed += 1
+    if report.min_cosine < min_cosine:
+        report.problems.append(f"recomputed targets differ from the cache: min cosine {report.min_cosine:.6f} < "
+                               f"{min_cosine}")

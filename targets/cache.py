@@ -1,0 +1,248 @@
+"""The target store: a self-describing Zarr v3 group of teacher latents keyed by view parameters.
+
+Layout (see docs/cache.md):
+
+    STORE/zarr.json                      attrs["cae2"]: schema, teacher, views, seed, K, grid, dims, ...
+    STORE/units/<shard file name>/       one group per input shard ("unit"); attrs["complete"] last
+        latents     [N, K, 1 + T, D] float16   chunk = one view, zarr shard = `images_per_shard` images
+        keys        [N] str                    sample keys in shard order
+        valid       [N] bool                   False: skipped in stage 1 (reason in the marker)
+        view_int    [N, K, 9] int32            jitter order (4), flip, crop top, left, height, width
+        view_float  [N, K, 4] float32          brightness, contrast, saturation, hue factors
+        image_hw    [N, 2] int32               decoded image size (H, W)
+
+Row i of a unit is the i-th sample of the shard, so stage 2 joins a streamed sample to its
+targets by (shard name, position) and checks the key. Exactly one process writes a unit, every
+zarr shard of `latents` is written whole in one call, and the completion marker (sample count,
+checksum, skipped samples) is written last: a unit without it is incomplete and is redone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from cae2.errors import UserError
+
+SCHEMA_VERSION = 1
+ROOT_ATTR = "cae2"
+MARKER_ATTR = "complete"
+N_INT, N_FLOAT = 9, 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreMeta:
+    """Everything that determines the cached values; two runs into one store must agree on it."""
+
+    teacher: dict
+    views: dict
+    seed: int
+    views_per_image: int
+    input_size: int
+    grid: tuple[int, int]
+    num_tokens: int
+    latent_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    images_per_shard: int = 32
+    schema_version: int = SCHEMA_VERSION
+    cae2_version: str = ""
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    # Fields that do not change the values (layout/bookkeeping) are not compared.
+    _UNCOMPARED = ("cae2_version", "created", "images_per_shard")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> StoreMeta:
+        d = dict(d)
+        for k in ("grid", "mean", "std"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+    def differences(self, other: StoreMeta) -> list[str]:
+        a, b = self.to_json(), other.to_json()
+        out = []
+        for k in a:
+            if k in self._UNCOMPARED:
+                continue
+            if isinstance(a[k], dict):
+                out += [f"{k}.{kk}: store has {a[k].get(kk)!r}, this run {b[k].get(kk)!r}"
+                        for kk in sorted(set(a[k]) | set(b[k])) if a[k].get(kk) != b[k].get(kk)]
+            elif a[k] != b[k]:
+                out.append(f"{k}: store has {a[k]!r}, this run {b[k]!r}")
+        return out
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+class TargetStore:
+    """A target store opened for reading (`open`) or for extraction (`create_or_validate`)."""
+
+    def __init__(self, path: str | Path, group: zarr.Group, meta: StoreMeta):
+        self.path = str(path)
+        self.group = group
+        self.meta = meta
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> TargetStore:
+        path = str(path)
+        if _is_local(path) and not (Path(path) / "zarr.json").is_file():
+            raise UserError(f"target store {path} does not exist (no zarr.json); run `cae2 extract-targets` first")
+        try:
+            group = zarr.open_group(path, mode=mode)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"target store {path} cannot be opened as a Zarr group: {e}") from e
+        raw = group.attrs.get(ROOT_ATTR)
+        if not raw:
+            raise UserError(f"{path} is a Zarr group but not a cae2 target store (no '{ROOT_ATTR}' attribute)")
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"target store {path} has schema version {raw.get('schema_version')}, this cae2 "
+                            f"reads {SCHEMA_VERSION}; rebuild it with this version")
+        return cls(path, group, StoreMeta.from_json(raw))
+
+    @classmethod
+    def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
+        """Create the store, or open an existing one whose settings equal `meta` (else a clear error)."""
+        path = str(path)
+        if _is_local(path) and (Path(path) / "zarr.json").is_file():
+            store = cls.open(path, mode="r+")
+            diffs = store.meta.differences(meta)
+            if diffs:
+                raise UserError(f"target store {path} was built with other settings ({'; '.join(diffs)}); "
+                                "use a new --out, or rerun with the store's settings")
+            return store
+        if _is_local(path) and Path(path).exists() and any(Path(path).iterdir()):
+            raise UserError(f"--out {path} exists and is not a cae2 target store; choose an empty or new directory")
+        group = zarr.open_group(path, mode="w")
+        group.require_group("units")
+        group.attrs[ROOT_ATTR] = meta.to_json()  # written last: the store exists once this does
+        return cls(path, group, meta)
+
+    # --- units --------------------------------------------------------------------------------
+
+    def unit_names(self) -> list[str]:
+        units = self.group.get("units")
+        return sorted(units.group_keys()) if units is not None else []
+
+    def marker(self, unit: str) -> dict | None:
+        """The unit's completion marker, or None when the unit is missing or incomplete."""
+        try:
+            return self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
+        except KeyError:
+            return None
+
+    def begin_unit(self, unit: str, source: str, keys: list[str]) -> UnitWriter:
+        """Start (or restart) a unit: an incomplete leftover is removed first."""
+        self._remove_unit(unit)
+        m = self.meta
+        n = len(keys)
+        ug = self.group.require_group(f"units/{unit}")
+        ug.attrs["source"] = source
+        latents = ug.create_array("latents", shape=(n, m.views_per_image, m.num_tokens, m.latent_dim),
+                                  dtype="float16", chunks=(1, 1, m.num_tokens, m.latent_dim),
+                                  shards=(m.images_per_shard, m.views_per_image, m.num_tokens, m.latent_dim),
+                                  compressors=None, fill_value=0)
+        return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard)
+
+    def _remove_unit(self, unit: str) -> None:
+        if f"units/{unit}" not in self.group:
+            return
+        if _is_local(self.path):
+            shutil.rmtree(Path(self.path) / "units" / unit)
+        else:
+            del self.group[f"units/{unit}"]
+
+    def unit(self, unit: str) -> UnitReader:
+        if self.marker(unit) is None:
+            raise UserError(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
+                            "`cae2 extract-targets` with the same options to finish it")
+        return UnitReader(self.group[f"units/{unit}"])
+
+
+class UnitWriter:
+    """Writes one unit: whole zarr shards of latents as rows complete, then metadata and the marker."""
+
+    def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_shard: int):
+        self.group = group
+        self.latents = latents
+        self.keys = keys
+        n = len(keys)
+        self.view_int = np.zeros((n, k, N_INT), np.int32)
+        self.view_float = np.zeros((n, k, N_FLOAT), np.float32)
+        self.image_hw = np.zeros((n, 2), np.int32)
+        self.valid = np.zeros(n, bool)
+        self.skipped: list[dict] = []
+        self.rows_per_shard = rows_per_shard
+        self._hash = hashlib.blake2b(digest_size=16)
+        self._written = 0
+
+    def write_rows(self, start: int, latents: np.ndarray) -> None:
+        """Write rows [start, start + len) of float16 latents; must be whole zarr shards in order
+        (the last one may be short)."""
+        stop = start + len(latents)
+        if start != self._written or (start % self.rows_per_shard) or \
+                (len(latents) != self.rows_per_shard and stop != len(self.keys)):
+            raise ValueError(f"rows {start}:{stop} are not the next whole zarr shard")
+        latents = np.ascontiguousarray(latents, dtype=np.float16)
+        self.latents[start:stop] = latents
+        self._hash.update(latents.tobytes())
+        self._written = stop
+
+    def finish(self, source: str) -> dict:
+        if self._written != len(self.keys):
+            raise ValueError(f"unit finished after {self._written} of {len(self.keys)} rows")
+        g = self.group
+        n = len(self.keys)
+        g.create_array("keys", shape=(n,), dtype=str)[:] = np.array(self.keys, dtype=str) if n else np.array([], str)
+        for name, data in (("valid", self.valid), ("view_int", self.view_int), ("view_float", self.view_float),
+                           ("image_hw", self.image_hw)):
+            arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if n else None)
+            if n:
+                arr[...] = data
+        marker = {
+            "num_samples": n,
+            "num_valid": int(self.valid.sum()),
+            "skipped": self.skipped,
+            "checksum": "blake2b-128:" + self._hash.hexdigest(),
+            "source": source,
+            "completed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        g.attrs[MARKER_ATTR] = marker  # last write: the unit counts only from here on
+        return marker
+
+
+class UnitReader:
+    """Read side of one complete unit, with the small arrays held in memory (O(N) per unit)."""
+
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        self.marker = group.attrs[MARKER_ATTR]
+        self.latents = group["latents"]
+        self.keys = [str(k) for k in group["keys"][:]] if self.marker["num_samples"] else []
+        n = len(self.keys)
+        self.valid = group["valid"][:] if n else np.zeros(0, bool)
+        self.view_int = group["view_int"][:] if n else np.zeros((0, 0, N_INT), np.int32)
+        self.view_float = group["view_float"][:] if n else np.zeros((0, 0, N_FLOAT), np.float32)
+        self.image_hw = group["image_hw"][:] if n else np.zeros((0, 2), np.int32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, row: int, view: int) -> np.ndarray:
+        """Latents of one view: float16 [1 + T, D]."""
+        return self.latents[row, view]

@@ -1,0 +1,196 @@
+"""The frozen CLIP teacher: an open_clip vision tower that returns projected per-token latents.
+
+Latents are the last block's output for all tokens (CLS + patches) through `ln_post` and then
+`@ proj`, the CAE v2 targets. open_clip's own `output_tokens` returns patch tokens that are *not*
+projected, so the tower is run step by step here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cae2.errors import UserError
+
+DEFAULT_TEACHER = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+RANDOM_INIT = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSpec:
+    """What to load. `name`: an open_clip model name or the path of an open_clip model-config JSON.
+    `pretrained`: a tag (e.g. 'openai'), a local weights file, or 'none' (random init, tests and
+    demos only). `quick_gelu`: None = automatic (on for OpenAI weights)."""
+
+    name: str = DEFAULT_TEACHER
+    pretrained: str = DEFAULT_PRETRAINED
+    quick_gelu: bool | None = None
+    image_size: int | None = None
+    """Override the tower's input size (196 for ViT-L/14 so that the grid is 14x14)."""
+    init_seed: int = 0
+    """Seed of the random initialisation when pretrained is 'none' (so both stages build the same one)."""
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained.lower() == RANDOM_INIT
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_name(spec_name: str) -> str:
+    """Register a config JSON with open_clip and return the model name to build."""
+    import open_clip
+
+    if spec_name.endswith(".json"):
+        path = Path(spec_name)
+        if not path.is_file():
+            raise UserError(f"--teacher: config file {spec_name} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if spec_name not in open_clip.list_models():
+        raise UserError(f"--teacher: unknown open_clip model {spec_name!r}; pick one of `open_clip.list_models()` "
+                        f"(e.g. ViT-B-16, ViT-L-14) or pass an open_clip model-config .json file")
+    return spec_name
+
+
+def resolve_weights(model_name: str, pretrained: str, allow_download: bool) -> tuple[str, dict]:
+    """-> (local weights file, pretrained cfg). Looks only in the local cache unless allow_download."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    if os.path.isfile(pretrained):
+        return pretrained, {}
+    if "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
+        raise UserError(f"--pretrained: weights file {pretrained} does not exist")
+    cfg = get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        tags = list_pretrained_tags_by_model(model_name)
+        raise UserError(f"--pretrained: {model_name} has no pretrained tag {pretrained!r}; known tags: "
+                        f"{', '.join(tags) or 'none'}; or pass a local weights file")
+    hub = cfg.get("hf_hub", "")
+    repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    from huggingface_hub import hf_hub_download
+
+    for candidate in candidates:
+        try:
+            return hf_hub_download(repo, candidate, local_files_only=not allow_download), cfg
+        except Exception:  # noqa: BLE001 - every miss gives the same user-facing message below
+            continue
+    how = "could not be downloaded" if allow_download else "are not in the local Hugging Face cache"
+    raise UserError(f"--pretrained: CLIP weights {model_name}/{pretrained} {how} (HF_HOME="
+                    f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass --pretrained /path/to/weights "
+                    f"(open_clip .bin/.safetensors or OpenAI .pt){'' if allow_download else ', or add --download'}")
+
+
+def spec_from_identity(identity: dict, image_size: int, pretrained: str | None = None) -> TeacherSpec:
+    """Rebuild the TeacherSpec a store was made with (`pretrained` overrides a moved weights file)."""
+    name = identity["name"]
+    if identity.get("config"):
+        folder = Path(tempfile.mkdtemp(prefix="cae2-teacher-"))
+        (folder / f"{name}.json").write_text(json.dumps(identity["config"]))
+        name = str(folder / f"{name}.json")
+    return TeacherSpec(name=name, pretrained=pretrained or identity["pretrained"], quick_gelu=identity["quick_gelu"],
+                       image_size=image_size, init_seed=identity.get("init_seed") or 0)
+
+
+class Teacher(nn.Module):
+    """Frozen open_clip vision tower. Call it on normalised images [B, 3, S, S] -> [B, 1 + T, D] float32."""
+
+    def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu", precision: str = "auto",
+                 allow_download: bool = False):
+        super().__init__()
+        import open_clip
+
+        self.spec = spec
+        self.device = torch.device(device)
+        name = _model_name(spec.name)
+        weights_file, pcfg = (None, {}) if spec.is_random else resolve_weights(name, spec.pretrained, allow_download)
+        quick_gelu = spec.quick_gelu
+        if quick_gelu is None:
+            quick_gelu = bool(pcfg.get("quick_gelu")) or "openai" in Path(spec.pretrained).name.lower()
+        self.quick_gelu = quick_gelu and not name.endswith("-quickgelu")
+        kwargs = dict(force_quick_gelu=self.quick_gelu, force_image_size=spec.image_size)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.init_seed)
+                model = open_clip.create_model(name, pretrained=weights_file, **kwargs)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"--pretrained: could not load {spec.pretrained} into {spec.name}: {e}") from e
+        visual = model.visual
+        del model
+        if not hasattr(visual, "ln_post") or getattr(visual, "attn_pool", None) is not None \
+                or getattr(visual, "final_ln_after_pool", False) or getattr(visual, "proj", None) is None \
+                or getattr(visual, "pool_type", "tok") != "tok":
+            raise UserError(f"--teacher: {spec.name} is not a CLIP ViT with a CLS token and a projection; "
+                            "CAE v2 targets need ln_post + proj on every token")
+        self.visual = visual.eval().requires_grad_(False).to(self.device)
+        self.weights_file = weights_file
+        self.weights_sha256 = sha256_file(weights_file) if weights_file else None
+        self.precision = _resolve_precision(precision, self.device)
+        pp = visual.preprocess_cfg
+        self.mean = tuple(float(v) for v in pp["mean"])
+        self.std = tuple(float(v) for v in pp["std"])
+        self.interpolation = str(pp.get("interpolation", "bicubic"))
+        self.image_size = int(visual.image_size[0])
+        self.patch_size = int(visual.patch_size[0])
+        self.grid_size = tuple(int(v) for v in visual.grid_size)
+        self.num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
+        self.dim = int(visual.proj.shape[1])
+
+    def identity(self) -> dict:
+        """What the store records about the teacher (and what a rerun must match)."""
+        return {
+            "name": self.spec.name if not self.spec.name.endswith(".json") else Path(self.spec.name).stem,
+            "config": json.loads(Path(self.spec.name).read_text()) if self.spec.name.endswith(".json") else None,
+            "pretrained": self.spec.pretrained if not self.weights_file or not os.path.isfile(self.spec.pretrained)
+            else os.path.abspath(self.spec.pretrained),
+            "weights_sha256": self.weights_sha256,
+            "random_init": self.spec.is_random,
+            "init_seed": self.spec.init_seed if self.spec.is_random else None,
+            "quick_gelu": self.quick_gelu,
+            "precision": self.precision,
+        }
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # always frozen
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        images = images.to(self.device, non_blocking=True)
+        ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if self.precision != "fp32" \
+            else contextlib.nullcontext()
+        with ctx:
+            x = v._embeds(images)  # [B, 1 + T, W], CLS first
+            x = v.transformer(x)
+            x = v.ln_post(x)
+            x = x @ v.proj  # [B, 1 + T, D]
+        return x.float()
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"  # the official code runs the teacher in fp16
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return precision

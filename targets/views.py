@@ -1,0 +1,230 @@
+"""Augmented views: one definition that both stages use.
+
+A view is the official CAE v2 augmentation with every random choice made explicit:
+colour jitter on the full image (factors and their order, as torchvision's ColorJitter), then a
+horizontal flip, then a RandomResizedCrop box in integer pixels of the flipped frame, resized to
+the model's input size. Parameters come from a counter-based generator keyed by
+(seed, image key, view index), so any view can be regenerated and checked, and `apply_view`
+re-applies stored parameters exactly.
+
+Pixel ops run in float32 on [0, 1] values (no uint8 rounding between ops). Per-pixel ops commute
+with cropping, so they run on the crop only; contrast blends with the grayscale mean of the whole
+image after the ops before it, which is computed on the full image, as the official order requires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+OP_NAMES = ("brightness", "contrast", "saturation", "hue")
+GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Record layout in the store: int fields then float fields.
+INT_FIELDS = ("order0", "order1", "order2", "order3", "flip", "top", "left", "height", "width")
+FLOAT_FIELDS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewSettings:
+    """Augmentation strengths (defaults: Table 7 and the official data pipeline)."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.0
+    flip_prob: float = 0.5
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {self.hue}")
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not (0 < self.crop_ratio[0] <= self.crop_ratio[1]):
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+
+    @classmethod
+    def from_jitter(cls, color_jitter: float, **kw) -> ViewSettings:
+        return cls(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, **kw)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewSettings:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewParams:
+    """Every random choice of one view. Float factors are float32-exact (as stored)."""
+
+    order: tuple[int, int, int, int]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    flip: bool
+    top: int
+    left: int
+    height: int
+    width: int
+    """Crop box in integer pixels of the flipped frame."""
+
+    def to_record(self) -> tuple[np.ndarray, np.ndarray]:
+        ints = np.array([*self.order, int(self.flip), self.top, self.left, self.height, self.width], dtype=np.int32)
+        floats = np.array([self.brightness, self.contrast, self.saturation, self.hue], dtype=np.float32)
+        return ints, floats
+
+    @classmethod
+    def from_record(cls, ints: np.ndarray, floats: np.ndarray) -> ViewParams:
+        i = [int(v) for v in ints]
+        f = [float(v) for v in np.asarray(floats, dtype=np.float32)]
+        return cls(order=tuple(i[:4]), flip=bool(i[4]), top=i[5], left=i[6], height=i[7], width=i[8],
+                   brightness=f[0], contrast=f[1], saturation=f[2], hue=f[3])
+
+    def check(self, image_hw: tuple[int, int], settings: ViewSettings) -> list[str]:
+        """Problems with these parameters for an image of this size (empty list: valid)."""
+        H, W = image_hw
+        problems = []
+        if sorted(self.order) != [0, 1, 2, 3]:
+            problems.append(f"jitter order {self.order} is not a permutation of 0..3")
+        if not (self.top >= 0 and self.left >= 0 and self.height > 0 and self.width > 0
+                and self.top + self.height <= H and self.left + self.width <= W):
+            problems.append(f"crop box (top={self.top}, left={self.left}, h={self.height}, w={self.width}) "
+                            f"is outside the {H}x{W} image")
+        for name in ("brightness", "contrast", "saturation"):
+            s, v = getattr(settings, name), getattr(self, name)
+            if not (max(0.0, 1 - s) - 1e-6 <= v <= 1 + s + 1e-6):
+                problems.append(f"{name} factor {v} is outside [{max(0.0, 1 - s)}, {1 + s}]")
+        if abs(self.hue) > settings.hue + 1e-6:
+            problems.append(f"hue factor {self.hue} is outside [-{settings.hue}, {settings.hue}]")
+        return problems
+
+
+def view_rng(seed: int, key: str, index: int) -> np.random.Generator:
+    """Counter-based (Philox) generator for one (seed, image key, view index)."""
+    digest = hashlib.sha256(f"cae2-view\0{seed}\0{key}\0{index}".encode()).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _crop_box(rng: np.random.Generator, H: int, W: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params with an explicit generator -> (top, left, h, w)."""
+    area = H * W
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+    in_ratio = W / H  # fallback: central crop
+    if in_ratio < min(ratio):
+        w, h = W, int(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = H, int(round(H * max(ratio)))
+    else:
+        w, h = W, H
+    h, w = max(1, min(h, H)), max(1, min(w, W))
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+def sample_view(settings: ViewSettings, seed: int, key: str, index: int, image_hw: tuple[int, int]) -> ViewParams:
+    """Parameters of view `index` of image `key` (size H x W), in the official order:
+    jitter factors and order -> flip -> crop box in the flipped frame."""
+    rng = view_rng(seed, key, index)
+    order = tuple(int(i) for i in rng.permutation(4))
+
+    def factor(strength: float) -> float:
+        return _f32(rng.uniform(max(0.0, 1 - strength), 1 + strength)) if strength > 0 else 1.0
+
+    b, c, s = factor(settings.brightness), factor(settings.contrast), factor(settings.saturation)
+    hue = _f32(rng.uniform(-settings.hue, settings.hue)) if settings.hue > 0 else 0.0
+    flip = bool(rng.uniform() < settings.flip_prob)
+    top, left, h, w = _crop_box(rng, *image_hw, settings.crop_scale, settings.crop_ratio)
+    return ViewParams(order=order, brightness=b, contrast=c, saturation=s, hue=hue, flip=flip,
+                      top=top, left=left, height=h, width=w)
+
+
+class DecodeError(ValueError):
+    """A sample that is not a usable image; the message is the reason recorded in the store."""
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Image bytes (JPEG incl. CMYK/grayscale, PNG, anything Pillow reads) -> uint8 RGB [3, H, W]."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DecodeError(f"undecodable image: {type(e).__name__}: {e}") from None
+    if rgb.width < 1 or rgb.height < 1:
+        raise DecodeError("image has no pixels")
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] float -> [1, H, W]."""
+    return (GRAY[0] * x[0] + GRAY[1] * x[1] + GRAY[2] * x[2]).unsqueeze(0)
+
+
+def _pixel_op(x: torch.Tensor, op: int, p: ViewParams, contrast_mean: torch.Tensor | None) -> torch.Tensor:
+    if op == BRIGHTNESS:
+        return x if p.brightness == 1.0 else (x * p.brightness).clamp_(0, 1)
+    if op == CONTRAST:
+        return x if p.contrast == 1.0 else (p.contrast * x + (1 - p.contrast) * contrast_mean).clamp_(0, 1)
+    if op == SATURATION:
+        return x if p.saturation == 1.0 else (p.saturation * x + (1 - p.saturation) * _gray(x)).clamp_(0, 1)
+    return x if p.hue == 0.0 else TF.adjust_hue(x, p.hue)
+
+
+def apply_view(image: torch.Tensor, p: ViewParams, size: int | tuple[int, int], interpolation: str,
+               mean: tuple[float, float, float], std: tuple[float, float, float]) -> torch.Tensor:
+    """Re-apply a view: uint8 [3, H, W] -> normalised float32 [3, size, size].
+
+    interpolation: 'bicubic' (teacher, the official second input) or 'bilinear'; antialiased.
+    """
+    H, W = image.shape[-2:]
+    if not (p.top + p.height <= H and p.left + p.width <= W):
+        raise ValueError(f"view box {p} does not fit a {H}x{W} image")
+    # The box is in the flipped frame; in the original frame its columns are mirrored.
+    left = W - p.left - p.width if p.flip else p.left
+    x = image[:, p.top:p.top + p.height, left:left + p.width]
+    if p.flip:
+        x = x.flip(-1)
+    x = x.float().div_(255)
+    contrast_mean = None
+    if p.contrast != 1.0:
+        full = image.float().div_(255)
+        for op in p.order[: p.order.index(CONTRAST)]:
+            full = _pixel_op(full, op, p, None)
+        contrast_mean = _gray(full).mean()
+    for op in p.order:
+        x = _pixel_op(x, op, p, contrast_mean)
+    out_hw = (size, size) if isinstance(size, int) else size
+    x = F.interpolate(x[None], size=out_hw, mode=interpolation, align_corners=False, antialias=True)[0].clamp_(0, 1)
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s
