@@ -1,0 +1,64 @@
+"""Test fixtures built on the fly: image folders with good and bad files, shards, stores."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_TEACHER = str(Path(__file__).parent / "data" / "tiny-clip.json")
+
+
+def _jpeg(arr: np.ndarray, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)
+    if mode != img.mode:
+        img = img.convert(mode)
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth random image with structure (so crops and flips change the teacher's output)."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(x / (7 + 5 * c) + rng.uniform(0, 6)) + np.cos(y / (11 + 3 * c)) for c in range(3)], -1)
+    noise = rng.normal(0, 0.3, (h, w, 3))
+    return ((base + noise + 2) / 4 * 255).clip(0, 255).astype(np.uint8)
+
+
+def write_good_images(folder: Path, n: int, seed: int = 0, sizes=((96, 128), (120, 90), (80, 80))) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        p = folder / f"img{i:04d}.jpg"
+        p.write_bytes(_jpeg(_photo(rng, h, w)))
+        paths.append(p)
+    return paths
+
+
+def write_bad_images(folder: Path, seed: int = 1) -> dict[str, str]:
+    """The awkward files real data sets have. -> {file name: 'ok' | 'skip'}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+
+    def put(name: str, data: bytes, expect: str) -> None:
+        (folder / name).write_bytes(data)
+        files[name] = expect
+
+    put("cmyk.jpg", _jpeg(_photo(rng, 70, 90), "CMYK"), "ok")
+    put("gray.jpg", _jpeg(_photo(rng, 90, 70)[..., 0]), "ok")
+    png = io.BytesIO()
+    Image.fromarray(_photo(rng, 64, 64)).save(png, format="PNG")
+    put("png_named.jpg", png.getvalue(), "ok")
+    put("one_pixel.jpg", _jpeg(_photo(rng, 1, 1)), "ok")
+    put("huge.jpg", _jpeg(_photo(rng, 2000, 3000)), "ok")
+    full = _jpeg(_photo(rng, 200, 200))
+    put("truncated.jpg", full[: len(full) // 2], "skip")
+    put("zero_bytes.jpg", b"", "skip")
+    put("it's \"quoted\" - name.jpg", _jpeg(_photo(rng, 50, 300)), "ok")
+    return files

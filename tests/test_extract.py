@@ -1,0 +1,226 @@
+"""Stage 1 end to end on real tar shards, a real Zarr store and a tiny random open_clip teacher."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+from PIL import Image
+
+from pipelines.extract import ExtractConfig, run_extract
+from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
+from pipelines.verify import verify_store
+from targets.cache import TargetStore
+from targets.teacher import Teacher, TeacherSpec
+from targets.views import ViewParams, apply_view
+from tests.fixtures import TINY_TEACHER, write_bad_images, write_good_images
+
+SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def extract_args(shards, out, views=2):
+    return ["extract-targets", "--shards", str(shards), "--out", str(out), "--teacher", TINY_TEACHER,
+            "--pretrained", "none", "--views", str(views), "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_good_images(root / "images", 10)
+    bad = write_bad_images(root / "images")
+    make_shards(root / "images", root / "shards", samples_per_shard=6)
+    return root / "shards", bad
+
+
+@pytest.fixture(scope="module")
+def store(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "targets.zarr"
+    stats = run_extract(ExtractConfig(shards=str(shards[0]), out=str(out), teacher=SPEC, views_per_image=3,
+                                      workers=2, batch_size=5, progress=False), log=lambda m: None)
+    return out, stats
+
+
+def test_shards_are_webdataset_with_dotless_keys(shards):
+    samples = [s for sh in expand_shards(str(shards[0])) for s in iter_shard(sh.url)]
+    assert len(samples) == 18
+    assert all("." not in s["__key__"] and {"jpg", "cls", "json"} <= set(s) for s in samples)
+    assert [s["__key__"] for s in samples] == sorted(s["__key__"] for s in samples)
+
+
+def test_store_layout_opens_with_plain_zarr(store):
+    out, stats = store
+    g = zarr.open_group(str(out), mode="r")
+    meta = g.attrs["cae2"]
+    assert meta["views_per_image"] == 3 and meta["num_tokens"] == 17 and meta["latent_dim"] == 32
+    assert meta["teacher"]["random_init"] is True and meta["grid"] == [4, 4]
+    units = sorted(g["units"].group_keys())
+    assert units == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    u = g["units/shard-000000.tar"]
+    assert u["latents"].shape == (6, 3, 17, 32) and u["latents"].dtype == np.float16
+    assert u["view_int"].shape == (6, 3, 9) and u["view_int"].dtype == np.int32
+    assert u["view_float"].shape == (6, 3, 4) and u["view_float"].dtype == np.float32
+    assert u["keys"].shape == (6,) and u["valid"].dtype == bool and u["image_hw"].shape == (6, 2)
+    assert u.attrs["complete"]["num_samples"] == 6
+    assert stats.images == 16 and stats.views == 48 and sum(stats.skipped.values()) == 2
+
+
+def test_bad_images_are_skipped_and_recorded(store, shards):
+    out, _ = store
+    ts = TargetStore.open(out)
+    skipped, valid_hw = [], []
+    for name in ts.unit_names():
+        unit = ts.unit(name)
+        skipped += [s["key"] for s in unit.marker["skipped"]]
+        valid_hw += [tuple(hw) for hw, v in zip(unit.image_hw, unit.valid, strict=True) if v]
+        assert all(s["reason"] for s in unit.marker["skipped"])
+    assert sorted(k.split("_", 1)[1] for k in skipped) == ["truncated", "zero_bytes"]
+    assert (1, 1) in valid_hw and (2000, 3000) in valid_hw
+
+
+def test_fidelity_cached_view_equals_teacher_on_reapplied_view(store, shards):
+    out, _ = store
+    ts = TargetStore.open(out)
+    teacher = Teacher(SPEC)  # built independently of the extraction run
+    flips, jittered, checked = 0, 0, 0
+    for shard in expand_shards(str(shards[0])):
+        unit = ts.unit(shard.name)
+        for row, sample in enumerate(iter_shard(shard.url)):
+            assert unit.keys[row] == sample["__key__"]
+            if not unit.valid[row]:
+                continue
+            img = torch.from_numpy(np.asarray(Image.open(__import__("io").BytesIO(image_bytes(sample)))
+                                              .convert("RGB")).copy()).permute(2, 0, 1)
+            for k in range(3):
+                p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
+                flips += p.flip
+                jittered += p.brightness != 1.0
+                view = apply_view(img, p, teacher.image_size, "bicubic", teacher.mean, teacher.std)
+                fresh = teacher(view[None])[0]
+                cached = torch.from_numpy(unit.read(row, k).astype(np.float32))
+                cos = F.cosine_similarity(fresh, cached, dim=-1)
+                assert cos[0] >= 0.9999 and cos[1:].min() >= 0.9999, (shard.name, row, k, cos.min())
+                checked += 1
+    assert checked == 48 and flips > 5 and jittered == 48
+
+
+def test_verify_passes_and_detects_damage(store, shards, tmp_path):
+    out, _ = store
+    report = verify_store(str(out), str(shards[0]), recompute=4)
+    assert report.ok, report.summary()
+    assert report.recomputed == 4 and report.min_cosine > 0.9999
+    import shutil
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(out, damaged)
+    g = zarr.open_group(str(damaged), mode="r+")
+    g["units/shard-000001.tar/view_int"][0, 0, 5] = 999  # crop box off the image
+    lat = g["units/shard-000002.tar/latents"]
+    block = lat[0:6]
+    block[1, 0, 0, 0] = np.nan
+    lat[0:6] = block
+    del g["units/shard-000000.tar"].attrs["complete"]
+    problems = "\n".join(verify_store(str(damaged), str(shards[0])).problems)
+    assert "shard-000000.tar is missing or incomplete" in problems
+    assert "outside" in problems and "NaN" in problems and "checksum" in problems
+
+
+def test_rerun_skips_complete_units_and_clash_is_refused(store, shards):
+    out, _ = store
+    stats = run_extract(ExtractConfig(shards=str(shards[0]), out=str(out), teacher=SPEC, views_per_image=3,
+                                      workers=0, progress=False), log=lambda m: None)
+    assert stats.units_done == 0 and stats.units_already_complete == 3
+    res = cli(*extract_args(shards[0], out))  # K=2 against a K=3 store
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "views_per_image: store has 3, this run 2" in err[0]
+
+
+@pytest.mark.parametrize("case", ["missing_shard", "unknown_teacher", "missing_weights", "bad_tag"])
+def test_bad_inputs_give_one_clear_line(case, shards, tmp_path):
+    args = {
+        "missing_shard": extract_args(tmp_path / "nope-{000..003}.tar", tmp_path / "a.zarr"),
+        "unknown_teacher": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "b.zarr"),
+                            "--teacher", "ViT-Q-99", "--pretrained", "none"],
+        "missing_weights": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "c.zarr")],
+        "bad_tag": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "d.zarr"),
+                    "--pretrained", "no-such-tag"],
+    }[case]
+    t0 = time.time()
+    res = cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, res.stderr
+    expected = {"missing_shard": "nope-000.tar does not exist", "unknown_teacher": "unknown open_clip model",
+                "missing_weights": "--pretrained /path/to/weights", "bad_tag": "no pretrained tag"}[case]
+    assert expected in err[0]
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def _unit_values(path):
+    ts = TargetStore.open(path)
+    out = {}
+    for name in ts.unit_names():
+        u = ts.unit(name)
+        out[name] = (u.latents[:], u.keys, u.valid, u.view_int, u.view_float, u.marker["checksum"])
+    return out
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+    write_good_images(tmp_path / "images", 48, sizes=((300, 400), (256, 256)))
+    make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=3)
+    ref = tmp_path / "ref.zarr"
+    assert cli(*extract_args(tmp_path / "shards", ref)).returncode == 0
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *extract_args(tmp_path / "shards", out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "zarr.json").exists() and len(list(out.glob("units/*/keys"))) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("units/*/keys")))
+    assert 0 < done < 16, f"the kill landed with {done} of 16 units complete"
+    res = cli(*extract_args(tmp_path / "shards", out))
+    assert res.returncode == 0, res.stderr
+    assert not list(out.rglob("*.partial"))
+    a, b = _unit_values(ref), _unit_values(out)
+    assert a.keys() == b.keys() and len(a) == 16
+    for name in a:
+        for x, y in zip(a[name], b[name], strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y)) if not isinstance(x, str) else x == y, name
+    assert verify_store(str(out), str(tmp_path / "shards")).ok
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_equal_one(shards, store, tmp_path):
+    out = tmp_path / "two.zarr"
+    res = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipelines.cli",
+                          *extract_args(shards[0], out, views=3)],
+                         capture_output=True, text=True, timeout=600, env=ENV, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "images: 16  views: 48  skipped: 2" in res.stdout
+    one, two = _unit_values(store[0]), _unit_values(out)
+    assert one.keys() == two.keys()
+    keys = [k for name in two for k in two[name][1]]
+    assert len(keys) == len(set(keys)) == 18  # every image exactly once
+    for name in one:
+        np.testing.assert_allclose(one[name][0].astype(np.float32), two[name][0].astype(np.float32), atol=2e-3)
+        for i in range(1, 5):
+            assert np.array_equal(one[name][i], two[name][i])
