@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 import cae2
+from cae2.config import LossCombine, LossKind, MaskStrategy
 from cae2.errors import UserError
 
 app = typer.Typer(
@@ -189,6 +190,108 @@ def verify_targets_cmd(
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(1)
+
+
+def load_config_file(path: Path) -> dict:
+    """Options from a YAML or TOML file; keys are option names (dashes or underscores)."""
+    if not path.is_file():
+        raise UserError(f"--config {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--config {path} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+@app.command()
+def pretrain(
+    shards: Annotated[str | None, typer.Option(help="Training shards (as for extract-targets).")] = None,
+    targets: Annotated[str | None, typer.Option(help="Target store made by extract-targets.")] = None,
+    model: Annotated[str | None, typer.Option(help="Preset name (see `cae2 models`).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (metrics, TensorBoard, checkpoints).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (default: the preset's, 300).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-process micro-batch (default 64).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak lr (default: 1.5e-3 x global batch / 2048).")] = None,
+    min_lr: Annotated[float | None, typer.Option(help="Final lr of the cosine schedule.")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Warmup epochs (default 10).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps (overrides --warmup-epochs).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    clip_grad: Annotated[float | None, typer.Option(help="Gradient clipping max norm.")] = None,
+    drop_path: Annotated[float | None, typer.Option(help="Stochastic depth rate.")] = None,
+    target_dim: Annotated[int | None, typer.Option(help="Head dim = teacher dim (default: the preset's).")] = None,
+    mask_strategy: Annotated[MaskStrategy | None, typer.Option(help="Masking (ablation: random).")] = None,
+    loss: Annotated[LossKind | None, typer.Option(help="Token distance.")] = None,
+    loss_combine: Annotated[LossCombine | None, typer.Option(help="tokens (code), sum (paper), visible, masked.")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of init, data order, views and masks.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Steps between metrics records.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints to keep.")] = None,
+    resume: Annotated[str | None, typer.Option(help="'latest' (newest complete checkpoint of --out) or a path.")]
+    = None,
+    teacher_online: Annotated[bool | None, typer.Option("--teacher-online", help="Run the teacher every step.")]
+    = None,
+    allow_random_teacher: Annotated[bool | None, typer.Option("--allow-random-teacher",
+                                                              help="Accept a store made by a random teacher.")]
+    = None,
+    compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the student.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loader workers per process (default 4).")] = None,
+    shuffle_buffer: Annotated[int | None, typer.Option(help="Samples in each worker's shuffle buffer.")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (default: accelerate config).")]
+    = None,
+    log_keys: Annotated[bool | None, typer.Option("--log-keys", help="Log every sample key per step.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/TOML file of options; flags override it.")] = None,
+) -> None:
+    """Stage 2: pretrain a CAE v2 student on cached targets (plain or under `accelerate launch`).
+
+    Example: accelerate launch -m pipelines.cli pretrain --shards shards/ --targets t.zarr --out runs/base
+    """
+    flags = {k: v for k, v in locals().items() if k != "config" and v is not None}
+    from pipelines.train import TrainConfig, train
+
+    options = (load_config_file(config) if config else {}) | flags
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"--config {config}: unknown option(s) {', '.join(unknown)}")
+    for required in ("shards", "targets"):
+        if required not in options:
+            raise UserError(f"--{required} is required (on the command line or in --config)")
+    result = train(TrainConfig(**options), log=lambda m: typer.echo(m, err=True))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        if result["status"] == "preempted":
+            typer.echo(f"preempted at step {result['step']}: checkpoint saved; rerun with --resume latest")
+        else:
+            typer.echo(f"finished {result['step']} steps; run dir: {result['run_dir']}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint dir, or a run dir (its newest checkpoint).")],
+    out: Annotated[Path, typer.Option(help="Output .safetensors file.")] = Path("encoder.safetensors"),
+) -> None:
+    """Export the pretrained encoder (no head, no regressor) as a timm VisionTransformer state dict.
+
+    Example: cae2 export runs/base --out vit_base_cae2.safetensors
+    """
+    from pipelines.export import export_encoder
+
+    ckpt, call = export_encoder(checkpoint, out)
+    typer.echo(f"exported the encoder of {ckpt} to {out}; load it with:\n{call}")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from cae2.errors import UserError
 DEFAULT_TEACHER = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 RANDOM_INIT = "none"
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # cae2-tiny-clip: a 64 px, 32-d tower for tests and the demo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,9 @@ def _model_name(spec_name: str) -> str:
     """Register a config JSON with open_clip and return the model name to build."""
     import open_clip
 
+    bundled = BUNDLED_CONFIGS / f"{spec_name}.json"
+    if bundled.is_file():
+        spec_name = str(bundled)
     if spec_name.endswith(".json"):
         path = Path(spec_name)
         if not path.is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TINY_TEACHER = str(Path(__file__).parent / "data" / "tiny-clip.json")
+TINY_TEACHER = "cae2-tiny-clip"  # bundled open_clip config (targets/configs), random init in tests
 
 
 def _jpeg(arr: np.ndarray, mode: str = "RGB") -> bytes:

@@ -1,0 +1,102 @@
+"""Checkpoints that survive preemption.
+
+RUN_DIR/checkpoints/step_00001000/ holds Accelerate's state (model, optimizer, grad scaler, RNG
+states of every process) plus trainer_state.json (global step, epoch, data position, model config).
+The file COMPLETE is written last, by the main process after every process has saved: a directory
+without it never counts, and is removed. Retention keeps the newest `keep` complete checkpoints and
+never deletes the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from cae2.errors import UserError
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """'latest' -> newest complete checkpoint of RUN_DIR (None: start fresh); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if path.is_dir() and not (path / MARKER).is_file() and complete_checkpoints(path):
+        return latest_checkpoint(path)  # a run dir was given
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint directory")
+    if not (path / MARKER).is_file():
+        raise UserError(f"--resume {resume}: checkpoint is incomplete (no {MARKER} marker); pass an older one "
+                        "or --resume latest")
+    return path
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {ckpt} is corrupt ({STATE_FILE}: {e}); pass --resume with an older "
+                        "checkpoint") from None
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Save on every process; the main process writes the marker last, then prunes old checkpoints."""
+    ckpt = checkpoint_dir(run_dir, step)
+    if accelerator.is_main_process and ckpt.exists():
+        shutil.rmtree(ckpt)  # an incomplete leftover of the same step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(ckpt), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = ckpt / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(trainer_state, indent=1))
+        os.replace(tmp, ckpt / STATE_FILE)
+        _fsync_dir(ckpt)
+        (ckpt / MARKER).write_text(f"step {step}\n")
+        _fsync_dir(ckpt)
+        prune(run_dir, keep)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Remove incomplete checkpoint dirs and all but the newest `keep` complete ones."""
+    root = run_dir / "checkpoints"
+    done = complete_checkpoints(run_dir)
+    newest = done[-1] if done else None
+    for p in root.iterdir():
+        if p.is_dir() and p != newest and (p not in done or p in done[: max(len(done) - max(keep, 1), 0)]):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

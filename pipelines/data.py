@@ -1,0 +1,231 @@
+"""Stage 2 data: stream the shards, join every sample to its cached targets, re-apply the view.
+
+An epoch is planned up front from the store's per-shard sample lists, so that every rank runs
+the same number of steps and the data position is a single number:
+
+    1. shard order   = permutation of all shards by (seed, epoch)
+    2. sequence      = the valid samples of those shards in shard order (skipped ones never enter)
+    3. rank r        gets the contiguous slice [r * P, (r + 1) * P), P = (len // (ranks * B)) * B
+                     -> equal steps everywhere, no sample twice, fewer than ranks * B left out
+    4. worker w      of the rank gets a contiguous run of whole batches of that slice, streams the
+                     shards it spans with WebDataset, and shuffles within a bounded buffer
+    5. per sample    the view index and the mask are drawn from generators keyed by
+                     (seed, epoch, key), so they do not depend on order, workers or ranks
+
+The DataLoader returns worker batches round-robin, so micro-batch j of an epoch comes from worker
+j % W; resuming after j batches makes each worker skip its share without decoding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cae2.errors import UserError
+from cae2.masking import create_mask_generator
+from pipelines.shards import Shard, image_bytes, iter_shard
+from targets.cache import StoreMeta, TargetStore, UnitReader
+from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, apply_view, decode_image
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The valid rows of one shard, as recorded by stage 1."""
+
+    shard: Shard
+    rows: np.ndarray  # int64 rows (positions in the tar) of valid samples
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    student_size: int = 224
+    student_interpolation: str = "bicubic"
+    teacher_views: bool = False
+    """Also return the teacher's view of each sample (for --teacher-online) instead of cached latents."""
+
+
+def _stable_int(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()[:8], "little")
+
+
+def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
+    """Check the store covers every shard completely, and list each shard's valid rows."""
+    missing = [s.name for s in shards if store.marker(s.name) is None]
+    if missing:
+        known = set(store.unit_names())
+        absent = [m for m in missing if m not in known]
+        what = (f"{len(absent)} shard(s) are not in the target store (e.g. {absent[0]})" if absent
+                else f"{len(missing)} shard(s) are incomplete in the target store (e.g. {missing[0]})")
+        raise UserError(f"--targets {store.path}: {what}; run `cae2 extract-targets` with these --shards first")
+    out = []
+    for s in shards:
+        valid = store.group[f"units/{s.name}/valid"][:] if store.marker(s.name)["num_samples"] else np.zeros(0, bool)
+        out.append(ShardIndex(s, np.flatnonzero(valid)))
+    if not any(len(i.rows) for i in out):
+        raise UserError("--shards: no valid samples in these shards")
+    return out
+
+
+@dataclass
+class EpochPlan:
+    """Which samples each rank and worker reads in one epoch."""
+
+    batches_per_rank: int
+    left_out: int
+    worker_segments: list[list[tuple[Shard, np.ndarray]]] = field(default_factory=list)
+    worker_batches: list[int] = field(default_factory=list)
+
+
+def plan_epoch(index: list[ShardIndex], cfg: StreamConfig, epoch: int) -> EpochPlan:
+    order = np.random.default_rng([cfg.seed, epoch, 0x5EED]).permutation(len(index))
+    shards = [index[i] for i in order]
+    total = sum(len(s.rows) for s in shards)
+    per_rank = total // (cfg.world * cfg.batch_size) * cfg.batch_size
+    nb = per_rank // cfg.batch_size
+    if nb == 0:
+        raise UserError(f"{total} samples are fewer than ranks x batch = {cfg.world} x {cfg.batch_size}; "
+                        "lower --batch-size or add data")
+    workers = max(cfg.workers, 1)
+    counts = [nb // workers + (w < nb % workers) for w in range(workers)]
+    plan = EpochPlan(batches_per_rank=nb, left_out=total - per_rank * cfg.world, worker_batches=counts)
+    # global positions of each shard's first valid sample
+    starts = np.cumsum([0] + [len(s.rows) for s in shards])
+    lo = cfg.rank * per_rank
+    for c in counts:
+        hi = lo + c * cfg.batch_size
+        segments = []
+        for i, s in enumerate(shards):
+            a, b = max(lo, starts[i]), min(hi, starts[i + 1])
+            if a < b:
+                segments.append((s.shard, s.rows[a - starts[i]:b - starts[i]]))
+        plan.worker_segments.append(segments)
+        lo = hi
+    return plan
+
+
+def view_index(seed: int, epoch: int, key: str, k: int) -> int:
+    return _stable_int("view", seed, epoch, key) % k
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([_stable_int("mask", seed, epoch, key)])
+
+
+class TrainStream(IterableDataset):
+    """Yields ready batches for one (epoch, rank): dict with images [B, 3, S, S] float32,
+    mask [B, N] bool, targets [B, 1 + T, D] float16 (or teacher_images), keys."""
+
+    def __init__(self, store_path: str, meta: StoreMeta, plan: EpochPlan, cfg: StreamConfig, model_cfg, epoch: int,
+                 skip_batches: int = 0):
+        self.store_path, self.meta, self.plan, self.cfg = store_path, meta, plan, cfg
+        self.model_cfg, self.epoch, self.skip_batches = model_cfg, epoch, skip_batches
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical, nw = (info.id, info.num_workers) if info else (0, 1)
+        assert nw == max(self.cfg.workers, 1), "plan and loader disagree on the worker count"
+        # The loader polls its workers round-robin from worker 0, and micro-batch j belongs to logical
+        # worker j % nw: after a resume at batch s, loader worker i plays logical worker (i + s) % nw,
+        # which skips the batches it made before the resume.
+        wid = (physical + self.skip_batches) % nw
+        skip = max(0, (self.skip_batches - wid + nw - 1) // nw)
+        store = TargetStore.open(self.store_path)
+        masker = create_mask_generator(self.model_cfg)
+        buffer_rng = np.random.default_rng([self.cfg.seed, self.epoch, self.cfg.rank, wid, 0xB0F])
+        batch: list = []
+        produced = 0
+        for item in _shuffled(self._samples(store, wid), self.cfg.shuffle_buffer, buffer_rng):
+            batch.append(item)
+            if len(batch) == self.cfg.batch_size:
+                if produced >= skip:
+                    yield self._collate(batch, masker)
+                produced += 1
+                batch = []
+
+    def _samples(self, store: TargetStore, wid: int):
+        """(unit reader, row, sample) for this worker's rows, in shard order."""
+        for shard, rows in self.plan.worker_segments[wid]:
+            unit = store.unit(shard.name)
+            wanted = iter(rows.tolist())
+            nxt = next(wanted, None)
+            for row, sample in enumerate(iter_shard(shard.url)):
+                if row == nxt:
+                    if sample["__key__"] != unit.keys[row]:
+                        raise UserError(f"shard {shard.url} row {row} has key {sample['__key__']!r} but the target "
+                                        f"store has {unit.keys[row]!r}: the store was built from other shards")
+                    yield unit, row, sample
+                    nxt = next(wanted, None)
+                    if nxt is None:
+                        break
+            if nxt is not None:
+                raise UserError(f"shard {shard.url} ended before row {nxt}: it differs from the one the target "
+                                "store was built from")
+
+    def _collate(self, batch, masker) -> dict:
+        meta, cfg = self.meta, self.cfg
+        images, masks, targets, teacher_images, keys, views = [], [], [], [], [], []
+        for unit, row, sample in batch:
+            key = unit.keys[row]
+            k = view_index(cfg.seed, self.epoch, key, meta.views_per_image)
+            p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
+            image = decode_image(image_bytes(sample))
+            images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation, IMAGENET_MEAN,
+                                     IMAGENET_STD))
+            if cfg.teacher_views:
+                teacher_images.append(apply_view(image, p, meta.input_size, meta.interpolation, meta.mean, meta.std))
+            else:
+                targets.append(torch.from_numpy(_read(unit, row, k)))
+            masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
+            keys.append(key)
+            views.append(k)
+        out = {"images": torch.stack(images), "mask": torch.stack(masks), "keys": keys, "views": views}
+        if cfg.teacher_views:
+            out["teacher_images"] = torch.stack(teacher_images)
+        else:
+            out["targets"] = torch.stack(targets)
+        return out
+
+
+def _read(unit: UnitReader, row: int, k: int) -> np.ndarray:
+    return unit.read(row, k)
+
+
+def _shuffled(items, size: int, rng: np.random.Generator):
+    """Bounded shuffle buffer with an explicit generator (deterministic for a given input order)."""
+    if size <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buf[i]
+        buf[i] = item
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: StreamConfig, model_cfg,
+                epoch: int, skip_batches: int = 0, pin_memory: bool = False) -> tuple[DataLoader, EpochPlan]:
+    plan = plan_epoch(index, cfg, epoch)
+    stream = TrainStream(store_path, meta, plan, cfg, model_cfg, epoch, skip_batches)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
+                        pin_memory=pin_memory, prefetch_factor=4 if cfg.workers else None,
+                        persistent_workers=False)
+    return loader, plan

@@ -1,0 +1,336 @@
+"""Stage 2: CAE v2 pretraining on cached CLIP targets, under Accelerate, resumable.
+
+    preflight checks (store vs shards vs model; before anything is written)
+    -> model, AdamW param groups, Accelerator.prepare (never the WebDataset loader)
+    -> per optimizer step: `grad_accum` micro-batches -> clip -> lr (warmup + cosine, by step) -> step
+    -> metrics.jsonl + TensorBoard, checkpoints every `save_every` steps, at the end and on SIGTERM
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cae2
+from cae2.config import LossCombine, LossKind, MaskStrategy, ModelConfig
+from cae2.errors import UserError
+from pipelines.checkpoint import read_state, resolve_resume, save_checkpoint
+from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch
+from pipelines.shards import expand_shards
+from targets.cache import TargetStore
+from targets.teacher import Teacher, spec_from_identity
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Every option of `cae2 pretrain`. None means: take the preset's training default."""
+
+    shards: str
+    targets: str
+    model: str = "cae2_vit_base"
+    out: str = "runs/cae2"
+    steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    epochs: float | None = None
+    batch_size: int = 64
+    """Per process and micro-batch. Global batch = batch_size x processes x grad_accum."""
+    grad_accum: int = 1
+    lr: float | None = None
+    """Peak lr at the global batch in use; default: preset lr x global_batch / lr_batch_ref (linear rule)."""
+    min_lr: float | None = None
+    warmup_epochs: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    clip_grad: float | None = None
+    drop_path: float | None = None
+    target_dim: int | None = None
+    """Head output dim; must equal the store's teacher dim (default: the preset's)."""
+    mask_strategy: MaskStrategy | None = None
+    loss: LossKind | None = None
+    loss_combine: LossCombine | None = None
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str | None = None
+    teacher_online: bool = False
+    allow_random_teacher: bool = False
+    compile: bool = False
+    workers: int = 4
+    shuffle_buffer: int = 1000
+    mixed_precision: str | None = None
+    """no | fp16 | bf16; None: Accelerate's launch config."""
+    log_keys: bool = False
+    """Write every sample key per step to RUN_DIR/keys/rank<r>.txt (audits of the data order)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise UserError("--steps must be >= 1")
+
+
+def lr_at(step: int, peak: float, min_lr: float, warmup: int, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _model_config(cfg: TrainConfig) -> ModelConfig:
+    names = ("drop_path", "mask_strategy", "target_dim")
+    overrides = {k: getattr(cfg, k) for k in names if getattr(cfg, k) is not None}
+    return cae2.resolve_model_config(cfg.model, **overrides)
+
+
+def preflight(cfg: TrainConfig) -> tuple[TargetStore, list, ModelConfig]:
+    """Every check that can fail before the first step, in the order a user would fix them."""
+    try:
+        cae2.get_preset(cfg.model)
+    except KeyError as e:
+        raise UserError(f"--model: {e.args[0]}") from None
+    shards = expand_shards(cfg.shards)
+    store = TargetStore.open(cfg.targets)
+    meta = store.meta
+    model_cfg = _model_config(cfg)
+    if meta.latent_dim != model_cfg.target_dim:
+        raise UserError(f"--targets {cfg.targets}: teacher latents are {meta.latent_dim}-d but {cfg.model}'s head "
+                        f"predicts {model_cfg.target_dim}-d; pass --target-dim {meta.latent_dim}, or use the preset "
+                        "made for this teacher (CLIP ViT-L/14 -> cae2_vit_large)")
+    if tuple(meta.grid) != model_cfg.grid_size:
+        raise UserError(f"--targets {cfg.targets}: the teacher's patch grid is {meta.grid[0]}x{meta.grid[1]} but "
+                        f"{cfg.model} has {model_cfg.grid_size[0]}x{model_cfg.grid_size[1]}; extract with a teacher "
+                        "input size giving the student's grid (e.g. --teacher-image-size 196 for ViT-L-14)")
+    if meta.teacher.get("random_init") and not cfg.allow_random_teacher:
+        raise UserError(f"--targets {cfg.targets} was made with a RANDOMLY INITIALISED teacher; pass "
+                        "--allow-random-teacher if that is intended (tests, demos)")
+    index = index_shards(store, shards)
+    return store, index, model_cfg
+
+
+class Metrics:
+    """metrics.jsonl (main process) + Accelerate trackers; on resume drops records past the checkpoint."""
+
+    def __init__(self, run_dir: Path, accelerator, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.accelerator = accelerator
+        if accelerator.is_main_process and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in kept))
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
+
+
+class _Preemption:
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    run_dir = Path(cfg.out)
+    store, index, model_cfg = preflight(cfg)
+    meta = store.meta
+    ckpt = resolve_resume(cfg.resume, run_dir)
+    if ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise UserError(f"--out {run_dir} already holds checkpoints; pass --resume latest to continue, or a new --out")
+    resume_state = read_state(ckpt) if ckpt else None
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
+                              shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
+                              teacher_views=cfg.teacher_online)
+    preset = cae2.get_preset(cfg.model).train
+    steps_per_epoch = plan_epoch(index, stream_cfg, 0).batches_per_rank // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise UserError(f"an epoch has fewer micro-batches than --grad-accum {cfg.grad_accum}")
+    total = cfg.steps or math.ceil((cfg.epochs or preset.epochs) * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else \
+        round((cfg.warmup_epochs if cfg.warmup_epochs is not None else preset.warmup_epochs) * steps_per_epoch)
+    warmup = min(warmup, total)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    peak = cfg.lr if cfg.lr is not None else preset.lr * global_batch / preset.lr_batch_ref
+    min_lr = cfg.min_lr if cfg.min_lr is not None else preset.min_lr
+    clip = cfg.clip_grad if cfg.clip_grad is not None else preset.clip_grad
+    loss_kind = cfg.loss or preset.loss
+    combine = cfg.loss_combine or preset.loss_combine
+    resolved = {
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg).items()},
+        "model": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(model_cfg).items()},
+        "derived": {"processes": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+                    "total_steps": total, "warmup_steps": warmup, "peak_lr": peak, "min_lr": min_lr,
+                    "lr_rule": "linear: lr = preset lr x global_batch / lr_batch_ref" if cfg.lr is None
+                    else "explicit --lr", "clip_grad": clip, "loss": str(loss_kind.value),
+                    "loss_combine": str(combine.value)},
+        "store": {"path": store.path, "teacher": meta.teacher, "views_per_image": meta.views_per_image},
+        "git_sha": _git_sha(), "cae2_version": cae2.__version__,
+    }
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+        log(f"pretrain: {cfg.model} on {world} process(es) ({accelerator.device}, "
+            f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
+            f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
+            f"{steps_per_epoch}/epoch, warmup {warmup}; targets {'ONLINE teacher' if cfg.teacher_online else 'cache'}")
+
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = cae2.CAEv2(model_cfg)
+    defaults = cae2.get_preset(cfg.model).train
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay if cfg.weight_decay is not None
+                                                     else defaults.weight_decay, defaults.decay_tokens),
+                                  lr=peak, betas=defaults.betas, eps=defaults.eps)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = None
+    if cfg.teacher_online:
+        teacher = Teacher(spec_from_identity(meta.teacher, meta.input_size), device=accelerator.device,
+                          precision=meta.teacher["precision"] if accelerator.device.type == "cuda" else "fp32")
+        if meta.teacher.get("weights_sha256") and teacher.weights_sha256 != meta.teacher["weights_sha256"]:
+            raise UserError("--teacher-online: the teacher weights differ from the ones the store was built with")
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if ckpt is not None:
+        try:
+            accelerator.load_state(str(ckpt))
+        except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
+            raise UserError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {e}); pass --resume with an "
+                            "older checkpoint") from None
+        step, epoch, batch_in_epoch = resume_state["step"], resume_state["epoch"], resume_state["batch_in_epoch"]
+        if accelerator.is_main_process:
+            log(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
+    else:
+        set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tensorboard", config=resolved["derived"])
+    metrics = Metrics(run_dir, accelerator, step)
+    keys_file = None
+    if cfg.log_keys:
+        (run_dir / "keys").mkdir(parents=True, exist_ok=True)
+        keys_file = (run_dir / "keys" / f"rank{rank}.txt").open("a")
+    n_visible = 1 + model_cfg.num_patches - model_cfg.num_masked
+    preempt = _Preemption()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "loss_v": 0.0, "loss_z": 0.0}
+    status = "finished"
+
+    def state_dict(epoch: int, batch_in_epoch: int) -> dict:
+        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": cfg.model,
+                "model_config": resolved["model"], "config": resolved["config"]}
+
+    try:
+        while step < total:
+            loader, plan = make_loader(store.path, meta, index, stream_cfg, model_cfg, epoch,
+                                       skip_batches=batch_in_epoch, pin_memory=accelerator.device.type == "cuda")
+            usable = (plan.batches_per_rank // cfg.grad_accum) * cfg.grad_accum
+            it = iter(loader)
+            while step < total and batch_in_epoch < usable:
+                model.train()
+                losses = torch.zeros(3, device=accelerator.device)
+                for micro in range(cfg.grad_accum):
+                    t_wait = time.perf_counter()
+                    batch = next(it)
+                    window["wait"] += time.perf_counter() - t_wait
+                    images = batch["images"].to(accelerator.device, non_blocking=True)
+                    mask = batch["mask"].to(accelerator.device, non_blocking=True)
+                    if teacher is not None:
+                        targets = teacher(batch["teacher_images"])
+                    else:
+                        targets = batch["targets"].to(accelerator.device, non_blocking=True)
+                    sync = micro == cfg.grad_accum - 1
+                    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+                    with ctx:
+                        pred = model(images, mask)
+                        out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), n_visible,
+                                                  loss_kind, combine)
+                        accelerator.backward(out.loss / cfg.grad_accum)
+                    losses += torch.stack([out.loss.detach(), out.loss_v.detach(), out.loss_z.detach()]).float()
+                    if keys_file:
+                        keys_file.write("".join(f"{step} {epoch} {k}\n" for k in batch["keys"]))
+                    batch_in_epoch += 1
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                lr = lr_at(step, peak, min_lr, warmup, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses /= cfg.grad_accum
+                window["steps"] += 1
+                if step % cfg.log_every == 0 or step == total:
+                    reduced = accelerator.reduce(losses, reduction="mean").tolist()
+                    elapsed = time.perf_counter() - window["t0"]
+                    record = {"step": step, "epoch": epoch, "loss": reduced[0], "loss_v": reduced[1],
+                              "loss_z": reduced[2], "lr": lr, "grad_norm": float(grad_norm),
+                              "samples_per_s": window["steps"] * global_batch / elapsed,
+                              "data_wait_frac": min(1.0, window["wait"] / elapsed)}
+                    metrics.log(record)
+                    bar.set_postfix_str(f"loss {reduced[0]:.4f}, {record['samples_per_s']:.1f} samples/s")
+                    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+                bar.update(1)
+                stop = _agree(accelerator, preempt.requested)
+                if step % cfg.save_every == 0 or step == total or stop:
+                    position = (epoch + 1, 0) if batch_in_epoch >= usable else (epoch, batch_in_epoch)
+                    save_checkpoint(accelerator, run_dir, step, state_dict(*position), cfg.keep_last)
+                if stop:
+                    status = "preempted"
+                    break
+            del it, loader
+            if status == "preempted":
+                break
+            if batch_in_epoch >= usable:
+                epoch, batch_in_epoch = epoch + 1, 0
+    finally:
+        preempt.restore()
+        bar.close()
+        if keys_file:
+            keys_file.close()
+        accelerator.end_training()
+    return {"status": status, "step": step, "run_dir": str(run_dir), "total_steps": total}
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """True on every process if any process was asked to stop (SIGTERM)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
