@@ -40,6 +40,14 @@ def _root(
     _state["debug"] = debug
 
 
+def _process_state():
+    """Accelerate's view of this process (gloo CPU ranks when no GPU is visible)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _jsonable(value):
     if isinstance(value, Enum):
         return value.value
@@ -155,9 +163,7 @@ def extract_targets_cmd(
         typer.echo("NOTE: --pretrained none: the teacher is RANDOMLY INITIALISED (tests and demos only); the store "
                    "records this and `cae2 pretrain` refuses it without --allow-random-teacher", err=True)
     stats = run_extract(cfg, log=lambda m: typer.echo(m, err=True))
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = _process_state()
     total = merge_stats(gather_object([stats])) if state.num_processes > 1 else stats
     if state.is_main_process:
         typer.echo(format_summary(total, state.num_processes))
@@ -270,9 +276,7 @@ def pretrain(
         if required not in options:
             raise UserError(f"--{required} is required (on the command line or in --config)")
     result = train(TrainConfig(**options), log=lambda m: typer.echo(m, err=True))
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if _process_state().is_main_process:
         if result["status"] == "preempted":
             typer.echo(f"preempted at step {result['step']}: checkpoint saved; rerun with --resume latest")
         else:

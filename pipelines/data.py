@@ -225,7 +225,10 @@ def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: 
                 epoch: int, skip_batches: int = 0, pin_memory: bool = False) -> tuple[DataLoader, EpochPlan]:
     plan = plan_epoch(index, cfg, epoch)
     stream = TrainStream(store_path, meta, plan, cfg, model_cfg, epoch, skip_batches)
+    # Its own generator: creating the iterator must not consume the global RNG that drop path uses,
+    # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
+    generator = torch.Generator().manual_seed(_stable_int("loader", cfg.seed, epoch, cfg.rank))
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
                         pin_memory=pin_memory, prefetch_factor=4 if cfg.workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, generator=generator)
     return loader, plan

@@ -71,3 +71,16 @@ def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
             "source_checkpoint": str(ckpt), "cae2_version": cae2.__version__}
     save_file(state, str(out), metadata=meta)
     return ckpt, timm_call(cfg, str(out))
+
+
+def load_model(src: Path) -> cae2.CAEv2:
+    """The whole student (encoder, regressor, head) of a checkpoint or a run dir's newest one."""
+    ckpt = find_checkpoint(src)
+    model = cae2.CAEv2(model_config_of(ckpt))
+    state = {}
+    for k, v in load_file(str(ckpt / "model.safetensors")).items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k.removeprefix(prefix)
+        state[k] = v
+    model.load_state_dict(state, strict=True)
+    return model

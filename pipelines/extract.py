@@ -203,7 +203,7 @@ def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStor
 def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo ranks when launched on CPUs
     shards = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download)
     meta = _meta(cfg, teacher)

@@ -170,7 +170,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise UserError(f"--out {run_dir} already holds checkpoints; pass --resume latest to continue, or a new --out")
     resume_state = read_state(ckpt) if ckpt else None
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo ranks when launched on CPUs
+                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                               project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
     world, rank = accelerator.num_processes, accelerator.process_index
     stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
@@ -202,8 +203,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "git_sha": _git_sha(), "cae2_version": cae2.__version__,
     }
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
         log(f"pretrain: {cfg.model} on {world} process(es) ({accelerator.device}, "
             f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
             f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
@@ -237,7 +236,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
     else:
         set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
         accelerator.init_trackers("tensorboard", config=resolved["derived"])
     metrics = Metrics(run_dir, accelerator, step)
     keys_file = None

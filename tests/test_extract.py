@@ -20,7 +20,7 @@ from pipelines.verify import verify_store
 from targets.cache import TargetStore
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import ViewParams, apply_view
-from tests.fixtures import TINY_TEACHER, write_bad_images, write_good_images
+from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_bad_images, write_good_images
 
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -210,12 +210,11 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_accelerate_two_processes_equal_one(shards, store, tmp_path):
     out = tmp_path / "two.zarr"
-    res = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipelines.cli",
+    res = subprocess.run([*ACCELERATE_2CPU, "-m", "pipelines.cli",
                           *extract_args(shards[0], out, views=3)],
                          capture_output=True, text=True, timeout=600, env=ENV, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "images: 16  views: 48  skipped: 2" in res.stdout
+    assert "images: 16  views: 48  skipped: 2" in res.stdout and "over 2 rank(s)" in res.stdout
     one, two = _unit_values(store[0]), _unit_values(out)
     assert one.keys() == two.keys()
     keys = [k for name in two for k in two[name][1]]

@@ -1,0 +1,256 @@
+"""Stage 2 on real shards, a real store, tiny models, real Accelerate (plain and 2-process launches)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+import cae2
+from cae2.encoder import timm_kwargs
+from pipelines.data import StreamConfig, index_shards, make_loader
+from pipelines.evaluate import alignment_cosine
+from pipelines.export import load_model
+from pipelines.extract import ExtractConfig, run_extract
+from pipelines.shards import expand_shards, make_shards
+from targets.cache import TargetStore
+from targets.teacher import Teacher, TeacherSpec
+from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_bad_images, write_good_images
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
+
+
+def _extract(shards: Path, out: Path, k: int = 2) -> Path:
+    run_extract(ExtractConfig(shards=str(shards), out=str(out), teacher=SPEC, views_per_image=k, workers=0,
+                              progress=False), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_good_images(root / "train_images", 46, seed=0)
+    write_bad_images(root / "train_images")  # 2 of them are skipped by stage 1
+    make_shards(root / "train_images", root / "shards", samples_per_shard=9)  # 6 shards, 54 samples, 52 valid
+    write_good_images(root / "heldout_images", 12, seed=99)
+    make_shards(root / "heldout_images", root / "heldout", samples_per_shard=6)
+    _extract(root / "shards", root / "targets.zarr")
+    _extract(root / "heldout", root / "heldout.zarr", k=1)
+    return root
+
+
+def pretrain_args(data, out, *extra, steps=20):
+    return ["pretrain", "--shards", str(data / "shards"), "--targets", str(data / "targets.zarr"),
+            "--model", "cae2_debug", "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--workers", "2",
+            "--log-every", "1", "--warmup-steps", "3", "--lr", "2e-3", "--allow-random-teacher", *extra]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_end_to_end_loss_falls_and_heldout_alignment_rises(data, tmp_path):
+    run = tmp_path / "run"
+    res = cli(*pretrain_args(data, run, "--save-every", "1000", steps=30))
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for key in ("loss", "loss_v", "loss_z", "lr", "grad_norm", "samples_per_s", "data_wait_frac"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    first, last = np.mean([r["loss"] for r in records[:5]]), np.mean([r["loss"] for r in records[-5:]])
+    assert last < first - 0.05, (first, last)
+    config = json.loads((run / "config.json").read_text())
+    assert config["derived"]["global_batch"] == 4 and config["git_sha"]
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    store = TargetStore.open(data / "heldout.zarr")
+    torch.manual_seed(0)
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    initial = cae2.CAEv2(cae2.resolve_model_config("cae2_debug"))  # the run's initial weights (same seed)
+    trained = load_model(run)
+    before = alignment_cosine(initial, store, str(data / "heldout"))
+    after = alignment_cosine(trained, store, str(data / "heldout"))
+    assert after > before + 0.1, (before, after)
+
+
+def test_resume_after_kill_9_reproduces_every_loss(data, tmp_path):
+    straight = tmp_path / "straight"
+    assert cli(*pretrain_args(data, straight, "--save-every", "10")).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *pretrain_args(data, killed, "--save-every", "10")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    marker = killed / "checkpoints" / "step_00000010" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    negative = tmp_path / "negative"  # same checkpoint, data position dropped
+    shutil.copytree(killed / "checkpoints" / "step_00000010", negative / "checkpoints" / "step_00000010")
+    state = json.loads((negative / "checkpoints/step_00000010/trainer_state.json").read_text())
+    assert state["batch_in_epoch"] > 0  # mid-epoch (13 micro-batches per epoch)
+    state["batch_in_epoch"] = 0
+    (negative / "checkpoints/step_00000010/trainer_state.json").write_text(json.dumps(state))
+
+    res = cli(*pretrain_args(data, killed, "--save-every", "10", "--resume", "latest"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr
+    a, b = losses(straight), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+
+    assert cli(*pretrain_args(data, negative, "--save-every", "10", "--resume", "latest")).returncode == 0
+    c = losses(negative)
+    assert any(a[s] != c[s] for s in range(11, 21)), "the negative control must differ"
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli",
+                             *pretrain_args(data, run, "--save-every", "1000", steps=500)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and
+                                          len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted at step" in out
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").exists()
+    step = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
+    assert 3 <= step < 500
+    res = cli(*pretrain_args(data, run, "--resume", "latest", steps=step + 2))
+    assert res.returncode == 0 and f"finished {step + 2} steps" in res.stdout, res.stderr[-2000:]
+
+
+def test_export_loads_into_timm_with_equal_features(data, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*pretrain_args(data, run, steps=3)).returncode == 0
+    res = cli("export", str(run), "--out", str(tmp_path / "enc.safetensors"))
+    assert res.returncode == 0 and "strict=True" in res.stdout
+    model = load_model(run).eval()
+    state = load_file(str(tmp_path / "enc.safetensors"))
+    assert not any(k.startswith(("head", "regressor", "mask_token")) for k in state)
+    vit = VisionTransformer(**timm_kwargs(model.cfg)).eval()
+    vit.load_state_dict(state, strict=True)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.encode_visible(x, torch.zeros(3, model.cfg.num_patches, dtype=torch.bool))
+        assert (ours - vit.forward_features(x)).abs().max() <= 1e-5
+
+
+def test_teacher_online_gives_the_cached_targets(data, tmp_path):
+    store = TargetStore.open(data / "targets.zarr")
+    index = index_shards(store, expand_shards(str(data / "shards")))
+    model_cfg = cae2.resolve_model_config("cae2_debug")
+    batches = {}
+    for online in (False, True):
+        cfg = StreamConfig(batch_size=8, seed=0, workers=0, student_size=64, teacher_views=online)
+        loader, _ = make_loader(store.path, store.meta, index, cfg, model_cfg, epoch=1)
+        batches[online] = next(iter(loader))
+    cached, online = batches[False], batches[True]
+    assert cached["keys"] == online["keys"] and cached["views"] == online["views"]
+    assert torch.equal(cached["images"], online["images"]) and torch.equal(cached["mask"], online["mask"])
+    teacher = Teacher(SPEC)
+    fresh = teacher(online["teacher_images"])
+    cos = F.cosine_similarity(fresh, cached["targets"].float(), dim=-1)
+    assert cos.min() >= 0.9999
+    # and the training loop with --teacher-online gives the same first-step loss
+    a, b = tmp_path / "cached", tmp_path / "online"
+    assert cli(*pretrain_args(data, a, steps=2)).returncode == 0
+    res = cli(*pretrain_args(data, b, "--teacher-online", steps=2))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert abs(losses(a)[1] - losses(b)[1]) < 1e-3
+
+
+def _other_store(data, tmp_path):
+    write_good_images(tmp_path / "other", 9, seed=5)
+    make_shards(tmp_path / "other", tmp_path / "other_shards", samples_per_shard=9, prefix="other")
+    return _extract(tmp_path / "other_shards", tmp_path / "other.zarr")
+
+
+@pytest.mark.parametrize("case", ["other_shards", "grid", "dim", "incomplete", "random_teacher", "corrupt_ckpt"])
+def test_bad_inputs_fail_before_the_first_step(case, data, tmp_path):
+    run = tmp_path / "run"
+    args = pretrain_args(data, run, steps=2)
+    expected = {"other_shards": "not in the target store", "grid": "patch grid is 4x4",
+                "dim": "--target-dim 32", "incomplete": "incomplete in the target store",
+                "random_teacher": "--allow-random-teacher", "corrupt_ckpt": "is corrupt"}[case]
+    if case == "other_shards":
+        args[args.index("--targets") + 1] = str(_other_store(data, tmp_path))
+    elif case == "grid":
+        args[args.index("--model") + 1] = "cae2_vit_tiny"
+        args += ["--target-dim", "32"]
+    elif case == "dim":
+        args += ["--target-dim", "48"]
+    elif case == "incomplete":
+        copy = tmp_path / "incomplete.zarr"
+        shutil.copytree(data / "targets.zarr", copy)
+        meta = copy / "units" / "shard-000002.tar" / "zarr.json"
+        doc = json.loads(meta.read_text())
+        del doc["attributes"]["complete"]
+        meta.write_text(json.dumps(doc))
+        args[args.index("--targets") + 1] = str(copy)
+    elif case == "random_teacher":
+        args.remove("--allow-random-teacher")
+    elif case == "corrupt_ckpt":
+        assert cli(*args).returncode == 0
+        ckpt = run / "checkpoints" / "step_00000002"
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        args = pretrain_args(data, run, "--resume", "latest", steps=4)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} if run.exists() else {}
+    res = cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], res.stderr[-2000:]
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} if run.exists() else {}
+    assert before == after  # nothing written, nothing overwritten
+
+
+@pytest.mark.slow
+def test_two_processes_equal_steps_and_each_sample_once_per_epoch(data, tmp_path):
+    run = tmp_path / "run"
+    res = subprocess.run([*ACCELERATE_2CPU, "-m", "pipelines.cli",
+                          *pretrain_args(data, run, "--log-keys", "--batch-size", "3", steps=24)],
+                         capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "on 2 process(es)" in res.stderr
+    per_rank = {}
+    for r in (0, 1):
+        rows = [line.split() for line in (run / "keys" / f"rank{r}.txt").read_text().splitlines()]
+        per_rank[r] = rows
+    steps = {r: sorted({int(s) for s, _, _ in rows}) for r, rows in per_rank.items()}
+    assert steps[0] == steps[1] == list(range(24))  # equal steps on every rank
+    by_epoch = defaultdict(list)
+    for rows in per_rank.values():
+        for _, epoch, key in rows:
+            by_epoch[int(epoch)].append(key)
+    valid = 52
+    assert len(by_epoch) >= 2
+    for epoch, keys in by_epoch.items():
+        assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample was used twice"
+        if epoch < max(by_epoch):  # complete epochs
+            assert valid - len(keys) < 2 * 3, f"epoch {epoch}: {valid - len(keys)} samples left out"
