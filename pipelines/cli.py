@@ -298,6 +298,20 @@ def export(
     typer.echo(f"exported the encoder of {ckpt} to {out}; load it with:\n{call}")
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for every output of the demo.")] = Path("demo"),
+    steps: Annotated[int, typer.Option(min=1, help="Pretraining steps.")] = 60,
+) -> None:
+    """Run the whole pipeline on a small embedded default (random tiny teacher, offline, CPU minutes).
+
+    Example: cae2 demo --out demo
+    """
+    from pipelines.demo import run_demo
+
+    run_demo(out, steps, echo=typer.echo)
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit status 2."""
     try:

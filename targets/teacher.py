@@ -130,7 +130,7 @@ class Teacher(nn.Module):
         self.quick_gelu = quick_gelu and not name.endswith("-quickgelu")
         kwargs = dict(force_quick_gelu=self.quick_gelu, force_image_size=spec.image_size)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(spec.is_random):
                 torch.manual_seed(spec.init_seed)
                 model = open_clip.create_model(name, pretrained=weights_file, **kwargs)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -185,6 +185,21 @@ class Teacher(nn.Module):
             x = v.ln_post(x)
             x = x @ v.proj  # [B, 1 + T, D]
         return x.float()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(asked_for: bool):
+    """open_clip logs a warning for random init; when it was asked for, cae2 says so itself."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    if asked_for:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
