@@ -22,7 +22,7 @@ def synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A smooth random 'photo' [h, w, 3] uint8 with structure at several scales."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     channels = []
-    for c in range(3):
+    for _ in range(3):
         fx, fy = rng.uniform(3, 25, 2)
         channels.append(np.sin(x / fx + rng.uniform(0, 6)) + np.cos(y / fy + rng.uniform(0, 6)))
     img = np.stack(channels, -1) + rng.normal(0, 0.25, (h, w, 3))

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.demo import synthetic_image
+
 # Two gloo CPU ranks. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process (its simple
 # launcher needs mpirun for more); `--multi_gpu` launches through torchrun, and cae2 picks gloo when no GPU is seen.
 ACCELERATE_2CPU = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -24,14 +26,6 @@ def _jpeg(arr: np.ndarray, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Smooth random image with structure (so crops and flips change the teacher's output)."""
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(x / (7 + 5 * c) + rng.uniform(0, 6)) + np.cos(y / (11 + 3 * c)) for c in range(3)], -1)
-    noise = rng.normal(0, 0.3, (h, w, 3))
-    return ((base + noise + 2) / 4 * 255).clip(0, 255).astype(np.uint8)
-
-
 def write_good_images(folder: Path, n: int, seed: int = 0, sizes=((96, 128), (120, 90), (80, 80))) -> list[Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +33,7 @@ def write_good_images(folder: Path, n: int, seed: int = 0, sizes=((96, 128), (12
     for i in range(n):
         h, w = sizes[i % len(sizes)]
         p = folder / f"img{i:04d}.jpg"
-        p.write_bytes(_jpeg(_photo(rng, h, w)))
+        p.write_bytes(_jpeg(synthetic_image(rng, h, w)))
         paths.append(p)
     return paths
 
@@ -54,15 +48,15 @@ def write_bad_images(folder: Path, seed: int = 1) -> dict[str, str]:
         (folder / name).write_bytes(data)
         files[name] = expect
 
-    put("cmyk.jpg", _jpeg(_photo(rng, 70, 90), "CMYK"), "ok")
-    put("gray.jpg", _jpeg(_photo(rng, 90, 70)[..., 0]), "ok")
+    put("cmyk.jpg", _jpeg(synthetic_image(rng, 70, 90), "CMYK"), "ok")
+    put("gray.jpg", _jpeg(synthetic_image(rng, 90, 70)[..., 0]), "ok")
     png = io.BytesIO()
-    Image.fromarray(_photo(rng, 64, 64)).save(png, format="PNG")
+    Image.fromarray(synthetic_image(rng, 64, 64)).save(png, format="PNG")
     put("png_named.jpg", png.getvalue(), "ok")
-    put("one_pixel.jpg", _jpeg(_photo(rng, 1, 1)), "ok")
-    put("huge.jpg", _jpeg(_photo(rng, 2000, 3000)), "ok")
-    full = _jpeg(_photo(rng, 200, 200))
+    put("one_pixel.jpg", _jpeg(synthetic_image(rng, 1, 1)), "ok")
+    put("huge.jpg", _jpeg(synthetic_image(rng, 2000, 3000)), "ok")
+    full = _jpeg(synthetic_image(rng, 200, 200))
     put("truncated.jpg", full[: len(full) // 2], "skip")
     put("zero_bytes.jpg", b"", "skip")
-    put("it's \"quoted\" - name.jpg", _jpeg(_photo(rng, 50, 300)), "ok")
+    put("it's \"quoted\" - name.jpg", _jpeg(synthetic_image(rng, 50, 300)), "ok")
     return files
