@@ -29,7 +29,7 @@ from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.shards import Shard, image_bytes, iter_shard
 from targets.cache import StoreMeta, TargetStore, UnitReader
-from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, apply_view, decode_image
+from targets.views import ViewParams, apply_view, decode_image
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class TrainStream(IterableDataset):
-    """Yields ready batches for one (epoch, rank): dict with images [B, 3, S, S] float32,
-    mask [B, N] bool, targets [B, 1 + T, D] float16 (or teacher_images), keys."""
+    """Yields ready batches for one (epoch, rank): dict with images [B, 3, S, S] uint8 (normalised on
+    the device), mask [B, N] bool, targets [B, 1 + T, D] float16 (or teacher_images, uint8), keys."""
 
     def __init__(self, store_path: str, meta: StoreMeta, plan: EpochPlan, cfg: StreamConfig, model_cfg, epoch: int,
                  skip_batches: int = 0):
@@ -179,10 +179,9 @@ class TrainStream(IterableDataset):
             k = view_index(cfg.seed, self.epoch, key, meta.views_per_image)
             p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
             image = decode_image(image_bytes(sample))
-            images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation, IMAGENET_MEAN,
-                                     IMAGENET_STD))
+            images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))
             if cfg.teacher_views:
-                teacher_images.append(apply_view(image, p, meta.input_size, meta.interpolation, meta.mean, meta.std))
+                teacher_images.append(apply_view(image, p, meta.input_size, meta.interpolation))
             else:
                 targets.append(torch.from_numpy(_read(unit, row, k)))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))

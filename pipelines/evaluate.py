@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import cae2
 from pipelines.shards import expand_shards, image_bytes, iter_shard
 from targets.cache import TargetStore
-from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, apply_view, decode_image
+from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, apply_view, decode_image, normalize
 
 
 @torch.no_grad()
@@ -23,7 +23,8 @@ def alignment_cosine(model: cae2.CAEv2, store: TargetStore, shards: str, limit: 
             if not unit.valid[row]:
                 continue
             p = ViewParams.from_record(unit.view_int[row, 0], unit.view_float[row, 0])
-            image = apply_view(decode_image(image_bytes(sample)), p, size, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+            image = normalize(apply_view(decode_image(image_bytes(sample)), p, size, "bicubic"), IMAGENET_MEAN,
+                              IMAGENET_STD)
             visible = torch.zeros(1, model.cfg.num_patches, dtype=torch.bool)
             pred = model.project(model.encoder_to_regressor(model.encode_visible(image[None], visible)))[0]
             target = torch.from_numpy(unit.read(row, 0)).float()

@@ -70,7 +70,7 @@ class UnitStart:
 class ImageViews:
     unit: str
     row: int
-    views: torch.Tensor  # [K, 3, S, S] teacher-normalised
+    views: torch.Tensor  # [K, 3, S, S] uint8 (the teacher normalises)
     view_int: np.ndarray  # [K, 9]
     view_float: np.ndarray  # [K, 4]
     image_hw: tuple[int, int]
@@ -95,9 +95,9 @@ class UnitViewStream(IterableDataset):
     Worker w of W takes units w, w + W, ...; each image is decoded once for all its K views."""
 
     def __init__(self, shards: list[Shard], settings: ViewSettings, seed: int, k: int, size: int,
-                 interpolation: str, mean, std):
+                 interpolation: str):
         self.shards, self.settings, self.seed, self.k = shards, settings, seed, k
-        self.size, self.interpolation, self.mean, self.std = size, interpolation, mean, std
+        self.size, self.interpolation = size, interpolation
 
     def __iter__(self):
         info = get_worker_info()
@@ -122,10 +122,9 @@ class UnitViewStream(IterableDataset):
             image = decode_image(data)
         except DecodeError as e:
             return Skip(unit, row, key, str(e))
-        hw = (int(image.shape[1]), int(image.shape[2]))
+        hw = (image.height, image.width)
         params = [sample_view(self.settings, self.seed, key, k, hw) for k in range(self.k)]
-        views = torch.stack([apply_view(image, p, self.size, self.interpolation, self.mean, self.std)
-                             for p in params])
+        views = torch.stack([apply_view(image, p, self.size, self.interpolation) for p in params])
         records = [p.to_record() for p in params]
         return ImageViews(unit, row, views, np.stack([r[0] for r in records]), np.stack([r[1] for r in records]), hw)
 
@@ -229,7 +228,7 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
     from tqdm import tqdm
 
     stream = UnitViewStream(todo, cfg.views, cfg.seed, cfg.views_per_image, teacher.image_size,
-                            teacher.interpolation, teacher.mean, teacher.std)
+                            teacher.interpolation)
     workers = min(cfg.workers, len(todo))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
                         pin_memory=teacher.device.type == "cuda", prefetch_factor=8 if workers else None,

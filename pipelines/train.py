@@ -28,6 +28,7 @@ from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch
 from pipelines.shards import expand_shards
 from targets.cache import TargetStore
 from targets.teacher import Teacher, spec_from_identity
+from targets.views import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 @dataclass(kw_only=True)
@@ -271,7 +272,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     t_wait = time.perf_counter()
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t_wait
-                    images = batch["images"].to(accelerator.device, non_blocking=True)
+                    images = normalize(batch["images"].to(accelerator.device, non_blocking=True), IMAGENET_MEAN,
+                                       IMAGENET_STD)
                     mask = batch["mask"].to(accelerator.device, non_blocking=True)
                     if teacher is not None:
                         targets = teacher(batch["teacher_images"])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cae2.errors import UserError
+from targets.views import normalize
 
 DEFAULT_TEACHER = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -113,7 +114,11 @@ def spec_from_identity(identity: dict, image_size: int, pretrained: str | None =
 
 
 class Teacher(nn.Module):
-    """Frozen open_clip vision tower. Call it on normalised images [B, 3, S, S] -> [B, 1 + T, D] float32."""
+    """Frozen open_clip vision tower that owns its normalisation.
+
+    Call it on uint8 views [B, 3, S, S] (normalised here with the tower's mean/std, on its device) or on
+    already normalised float images -> latents [B, 1 + T, D] float32.
+    """
 
     def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu", precision: str = "auto",
                  allow_download: bool = False):
@@ -177,6 +182,8 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
         images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = normalize(images, self.mean, self.std)
         ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if self.precision != "fp32" \
             else contextlib.nullcontext()
         with ctx:
