@@ -223,3 +223,14 @@ def test_accelerate_two_processes_equal_one(shards, store, tmp_path):
         np.testing.assert_allclose(one[name][0].astype(np.float32), two[name][0].astype(np.float32), atol=2e-3)
         for i in range(1, 5):
             assert np.array_equal(one[name][i], two[name][i])
+
+
+def test_fast_local_reads_equal_zarr_reads(store):
+    out, _ = store
+    ts = TargetStore.open(out)
+    for name in ts.unit_names():
+        unit = ts.unit(name)
+        assert unit._fast is not None  # the layout cae2 writes is recognised
+        for row in range(len(unit)):
+            for k in range(3):
+                assert np.array_equal(unit.read(row, k), unit.latents[row, k])

@@ -1,0 +1,88 @@
+"""Input pipeline of stage 2 on CPU: samples/s per core for decode + view + target read + mask on the
+real ImageNet sample, per component and end to end (the training data loader without a model).
+
+    python bench/data_pipeline.py [--batches 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench._common import fake_store, make_sample_shards, publish, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    import cae2
+    from pipelines.data import StreamConfig, index_shards, make_loader, sample_rng, view_index
+    from pipelines.shards import expand_shards, image_bytes, iter_shard
+    from targets.cache import TargetStore
+    from targets.views import ViewParams, apply_view, decode_image
+
+    work = Path(tempfile.mkdtemp(prefix="cae2-bench-data-"))
+    shards = make_sample_shards(work)
+    store_path = fake_store(shards, work / "targets.zarr", k=5)
+    store = TargetStore.open(store_path)
+    samples = [(sh, row, s) for sh in expand_shards(str(shards)) for row, s in enumerate(iter_shard(sh.url))]
+    units = {sh.name: store.unit(sh.name) for sh, _, _ in samples}
+    model_cfg = cae2.resolve_model_config("cae2_vit_base")
+    masker = cae2.create_mask_generator(model_cfg)
+
+    def timed(fn, items):
+        t0 = time.perf_counter()
+        out = [fn(x) for x in items]
+        return (time.perf_counter() - t0) / len(items) * 1e3, out
+
+    ms_decode, images = timed(lambda x: decode_image(image_bytes(x[2])), samples)
+    params = []
+    for sh, row, s in samples:
+        u = units[sh.name]
+        k = view_index(0, 0, u.keys[row], 5)
+        params.append(ViewParams.from_record(u.view_int[row, k], u.view_float[row, k]))
+    ms_view, _ = timed(lambda ip: apply_view(ip[0], ip[1], 224, "bicubic"), list(zip(images, params, strict=True)))
+    ms_read, _ = timed(lambda x: units[x[0].name].read(x[1], 1), samples)
+    ms_mask, _ = timed(lambda x: masker(sample_rng(0, 0, x[2]["__key__"])), samples)
+
+    index = index_shards(store, expand_shards(str(shards)))
+    results = {}
+    for workers in (0, 2):
+        cfg = StreamConfig(batch_size=32, seed=0, workers=workers, student_size=224, shuffle_buffer=256)
+        loader, plan = make_loader(str(store_path), store.meta, index, cfg, model_cfg, epoch=0)
+        n = min(args.batches, plan.batches_per_rank)
+        it = iter(loader)
+        next(it)  # start-up (worker spawn, first shard) is not steady state
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            next(it)
+        results[workers] = (n - 1) * 32 / (time.perf_counter() - t0)
+        del it, loader
+
+    total = ms_decode + ms_view + ms_read + ms_mask
+    rows = [["decode (Pillow, libjpeg-turbo)", ms_decode, 1e3 / ms_decode],
+            ["view: jitter, flip, crop, bicubic resize to 224", ms_view, 1e3 / ms_view],
+            ["target read: one view [197, 512] fp16 from zarr", ms_read, 1e3 / ms_read],
+            ["block mask (98 of 196)", ms_mask, 1e3 / ms_mask],
+            ["sum of components", total, 1e3 / total]]
+    body = ("## Input pipeline (stage 2 data loader, CPU)\n\n"
+            f"{len(samples)} real ImageNet JPEGs (mean {np.mean([i.width * i.height for i in images]) / 1e3:.0f}k "
+            "pixels), one thread, ViT-Base settings, K = 5 store of ViT-B/16-shaped latents.\n\n"
+            + table(["component", "ms / sample", "samples/s per core"], rows)
+            + "\n\nEnd to end through `pipelines.data` (WebDataset stream, join, shuffle buffer, collate):\n\n"
+            + table(["data-loader workers", "samples/s", "samples/s per core"],
+                    [["0 (in the main process, 1 core)", results[0], results[0]],
+                     ["2 (2 cores)", results[2], results[2] / 2]]))
+    publish("data-pipeline", body)
+
+
+if __name__ == "__main__":
+    main()
