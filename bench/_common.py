@@ -3,6 +3,7 @@ and fixtures built from the real ImageNet sample."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -47,7 +48,8 @@ def table(headers: list[str], rows: list[list]) -> str:
 def publish(section: str, body: str) -> None:
     """Print a section and write it between its markers in docs/benchmarks.md."""
     stamp = time.strftime("%Y-%m-%d")
-    block = f"<!-- bench:{section} -->\n{body.strip()}\n\n_Measured {stamp} on: {machine()}._\n<!-- /bench:{section} -->"
+    block = (f"<!-- bench:{section} -->\n{body.strip()}\n\n_Measured {stamp} on: {machine()}._\n"
+             f"<!-- /bench:{section} -->")
     print(block)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"<!-- bench:{section} -->.*?<!-- /bench:{section} -->", re.S)
@@ -114,7 +116,8 @@ def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int 
 
 
 class PeakRSS:
-    """Peak resident memory of a process tree (the process and its data-loader workers), sampled."""
+    """Peak memory of a process tree (the process and its data-loader workers), sampled, as PSS: pages
+    shared between the forked workers and their parent are counted once, not once per process."""
 
     def __init__(self, pid: int):
         import psutil
@@ -129,10 +132,8 @@ class PeakRSS:
             procs = [self.proc, *self.proc.children(recursive=True)]
             total = 0
             for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_full_info().pss
             self.peak = max(self.peak, total)
         except psutil.Error:
             pass

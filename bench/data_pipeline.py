@@ -45,7 +45,7 @@ def main() -> None:
 
     ms_decode, images = timed(lambda x: decode_image(image_bytes(x[2])), samples)
     params = []
-    for sh, row, s in samples:
+    for sh, row, _ in samples:
         u = units[sh.name]
         k = view_index(0, 0, u.keys[row], 5)
         params.append(ViewParams.from_record(u.view_int[row, k], u.view_float[row, k]))

@@ -283,7 +283,8 @@ class _LocalShardReader:
             return np.zeros(self.shape[2:], dtype=np.float16)
         if nbytes != self.view_bytes:
             raise OSError(f"{self.dir}: view ({row}, {view}) has {nbytes} bytes, expected {self.view_bytes}")
-        return np.frombuffer(os.pread(fd, int(nbytes), int(offset)), dtype="<f2").reshape(self.shape[2:])
+        data = bytearray(os.pread(fd, int(nbytes), int(offset)))  # writable: torch.from_numpy shares it
+        return np.frombuffer(data, dtype="<f2").reshape(self.shape[2:])
 
     def close(self) -> None:
         for fd in self._fds.values():
