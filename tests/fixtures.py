@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from pipelines.demo import synthetic_image
 
 # Two gloo CPU ranks. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process (its simple
 # launcher needs mpirun for more); `--multi_gpu` launches through torchrun, and cae2 picks gloo when no GPU is seen.
-ACCELERATE_2CPU = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no"]
+ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY_TEACHER = "cae2-tiny-clip"  # bundled open_clip config (targets/configs), random init in tests
 
 

