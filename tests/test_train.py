@@ -254,3 +254,26 @@ def test_two_processes_equal_steps_and_each_sample_once_per_epoch(data, tmp_path
         assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample was used twice"
         if epoch < max(by_epoch):  # complete epochs
             assert valid - len(keys) < 2 * 3, f"epoch {epoch}: {valid - len(keys)} samples left out"
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_config_file_with_flag_overrides_and_grad_accum(data, tmp_path, suffix):
+    run = tmp_path / "run"
+    if suffix == ".yaml":
+        text = (f"shards: {data / 'shards'}\ntargets: {data / 'targets.zarr'}\nmodel: cae2_debug\nsteps: 9\n"
+                "batch-size: 2\ngrad_accum: 2\nworkers: 0\nallow_random_teacher: true\nlog_every: 1\nlr: 0.001\n")
+    else:
+        text = (f'shards = "{data / "shards"}"\ntargets = "{data / "targets.zarr"}"\nmodel = "cae2_debug"\nsteps = 9\n'
+                'batch_size = 2\ngrad_accum = 2\nworkers = 0\nallow_random_teacher = true\nlog_every = 1\nlr = 0.001\n')
+    cfg = tmp_path / f"run{suffix}"
+    cfg.write_text(text)
+    res = cli("pretrain", "--config", str(cfg), "--out", str(run), "--steps", "3")  # the flag wins over the file
+    assert res.returncode == 0, res.stderr[-2000:]
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["config"]["steps"] == 3 and resolved["config"]["grad_accum"] == 2
+    assert resolved["derived"]["global_batch"] == 4 and resolved["derived"]["peak_lr"] == 0.001
+    assert sorted(losses(run)) == [1, 2, 3]
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_text(text.replace("workers", "wrokers"))
+    res = cli("pretrain", "--config", str(bad), "--out", str(tmp_path / "bad_run"))
+    assert res.returncode == 2 and "unknown option(s) wrokers" in res.stderr
