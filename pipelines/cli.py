@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import cae2
-from cae2.config import LossCombine, LossKind, MaskStrategy
+from cae2.config import LossCombine, LossKind, MaskStrategy, TrainDefaults
 from cae2.errors import UserError
 
 app = typer.Typer(
@@ -137,8 +137,10 @@ def extract_targets_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Views per teacher forward.")] = 256,
     workers: Annotated[int, typer.Option(min=0, help="Decode workers per process.")] = 4,
     precision: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
-    color_jitter: Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter strength.")] = 0.4,
-    crop_min: Annotated[float, typer.Option(help="Smallest RandomResizedCrop area fraction.")] = 0.4,
+    color_jitter: Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter strength.")]
+    = TrainDefaults.color_jitter,
+    crop_min: Annotated[float, typer.Option(help="Smallest RandomResizedCrop area fraction.")]
+    = TrainDefaults.crop_scale[0],
     teacher_image_size: Annotated[int | None, typer.Option(help="Teacher input size (196 for ViT-L-14).")] = None,
     quick_gelu: Annotated[str, typer.Option(help="auto (on for OpenAI weights), on, off.")] = "auto",
     images_per_shard: Annotated[int, typer.Option(min=1, help="Images per zarr shard file.")] = 32,

@@ -208,6 +208,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
             f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
             f"{steps_per_epoch}/epoch, warmup {warmup}; targets {'ONLINE teacher' if cfg.teacher_online else 'cache'}")
+        skipped = sum(store.marker(i.shard.name)["num_samples"] - len(i.rows) for i in index)
+        plan = plan_epoch(index, stream_cfg, 0)
+        log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
+            f"{plan.left_out} left out per epoch to keep {world} rank(s) in step")
 
     set_seed(cfg.seed)  # the same initial weights on every process
     model = cae2.CAEv2(model_cfg)

@@ -25,6 +25,8 @@ import torch
 import torchvision.transforms.functional as TF1
 from PIL import Image, ImageStat, UnidentifiedImageError
 
+from cae2.config import TrainDefaults
+
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 OP_NAMES = ("brightness", "contrast", "saturation", "hue")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,15 +38,15 @@ FLOAT_FIELDS = ("brightness", "contrast", "saturation", "hue")
 
 @dataclass(frozen=True, kw_only=True)
 class ViewSettings:
-    """Augmentation strengths (defaults: Table 7 and the official data pipeline)."""
+    """Augmentation strengths (defaults: the presets' TrainDefaults, i.e. Table 7 and the official pipeline)."""
 
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
+    brightness: float = TrainDefaults.color_jitter
+    contrast: float = TrainDefaults.color_jitter
+    saturation: float = TrainDefaults.color_jitter
     hue: float = 0.0
     flip_prob: float = 0.5
-    crop_scale: tuple[float, float] = (0.4, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_scale: tuple[float, float] = TrainDefaults.crop_scale
+    crop_ratio: tuple[float, float] = TrainDefaults.crop_ratio
 
     def __post_init__(self) -> None:
         for name in ("brightness", "contrast", "saturation"):
