@@ -33,7 +33,7 @@ class CAEv2(nn.Module):
             self.encoder_to_regressor = nn.Identity()
         self.register_buffer("regressor_pos_embed", sincos_pos_embed_2d(C, cfg.grid_size, cls_token=False),
                              persistent=False)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, C), requires_grad=cfg.regressor_depth > 0)  # unused at 0
         self.regressor = LatentContextualRegressor(C, cfg.regressor_depth, cfg.regressor_heads, cfg.mlp_ratio,
                                                    cfg.layer_scale_init, cfg.drop_path)
         # Shared head: LayerNorm then Linear (the official code; the paper's text says FC then LN).
