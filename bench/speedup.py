@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--students", default="cae2_vit_tiny,cae2_vit_small")
     ap.add_argument("--teacher", default="ViT-B-16")
     ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--workers", type=int, default=1, help="Data-loader workers of each training run.")
     args = ap.parse_args()
 
     from pipelines.extract import ExtractConfig, run_extract
@@ -82,7 +83,7 @@ def main() -> None:
             run = work / f"{student}-{mode}"
             cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", str(shards), "--targets", str(store),
                    "--model", student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
-                   str(args.batch_size), "--workers", "1", "--log-every", "2", "--save-every", "100000",
+                   str(args.batch_size), "--workers", str(args.workers), "--log-every", "2", "--save-every", "100000",
                    "--allow-random-teacher", "--mixed-precision", args.mixed_precision]
             if mode == "online":
                 cmd.append("--teacher-online")
@@ -96,8 +97,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     body = ("## Speedup of cached targets over an online teacher\n\n"
             f"Teacher {args.teacher} (random weights; speed only), batch {args.batch_size} per step, "
-            f"{args.steps} steps (first logging window dropped), {args.images} real ImageNet JPEGs, 1 data-loader "
-            f"worker, {device}, mixed precision {args.mixed_precision}.\n\n"
+            f"{args.steps} steps (first logging window dropped), {args.images} real ImageNet JPEGs, {args.workers} "
+            f"data-loader worker(s), {device}, mixed precision {args.mixed_precision}.\n\n"
             + table(["student", "student train GFLOPs/img", "teacher fwd GFLOPs/img", "online samples/s",
                      "cached samples/s", "measured speedup", "FLOPs-predicted",
                      "**measured / predicted** (goal >= 0.9)"], rows))
