@@ -229,8 +229,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if meta.teacher.get("weights_sha256") and teacher.weights_sha256 != meta.teacher["weights_sha256"]:
             raise UserError("--teacher-online: the teacher weights differ from the ones the store was built with")
 
+    import hashlib
+
+    data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                   "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
+                   "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
     step, epoch, batch_in_epoch = 0, 0, 0
     if ckpt is not None:
+        _check_resume(ckpt, resume_state, resolved["model"], data_layout)
         try:
             accelerator.load_state(str(ckpt))
         except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
@@ -256,12 +262,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and accelerator.is_main_process),
                dynamic_ncols=True)
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "loss_v": 0.0, "loss_z": 0.0}
+    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
     status = "finished"
 
     def state_dict(epoch: int, batch_in_epoch: int) -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": cfg.model,
-                "model_config": resolved["model"], "config": resolved["config"]}
+                "model_config": resolved["model"], "data_layout": data_layout, "config": resolved["config"]}
 
     try:
         while step < total:
@@ -333,6 +339,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
             keys_file.close()
         accelerator.end_training()
     return {"status": status, "step": step, "run_dir": str(run_dir), "total_steps": total}
+
+
+def _check_resume(ckpt: Path, state: dict, model: dict, data_layout: dict) -> None:
+    """The data position means something only under the same data layout; the weights only fit the same model."""
+    if state.get("model_config") != model:
+        diff = sorted(k for k in model if state.get("model_config", {}).get(k) != model[k])
+        raise UserError(f"--resume {ckpt}: the checkpoint is for another model configuration ({', '.join(diff)} "
+                        "differ); resume with the original --model and options, or start a new --out")
+    saved = state.get("data_layout", {})
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in data_layout.items() if saved.get(k) != v]
+    if diff:
+        raise UserError(f"--resume {ckpt}: the data layout changed ({'; '.join(diff)}); the saved position in the "
+                        "epoch only holds for the same shards, processes, batch size, grad accumulation, workers, "
+                        "seed and shuffle buffer")
 
 
 def _agree(accelerator, flag: bool) -> bool:

@@ -191,13 +191,15 @@ def _other_store(data, tmp_path):
     return _extract(tmp_path / "other_shards", tmp_path / "other.zarr")
 
 
-@pytest.mark.parametrize("case", ["other_shards", "grid", "dim", "incomplete", "random_teacher", "corrupt_ckpt"])
+@pytest.mark.parametrize("case", ["other_shards", "grid", "dim", "incomplete", "random_teacher", "corrupt_ckpt",
+                                  "layout_changed"])
 def test_bad_inputs_fail_before_the_first_step(case, data, tmp_path):
     run = tmp_path / "run"
     args = pretrain_args(data, run, steps=2)
     expected = {"other_shards": "not in the target store", "grid": "patch grid is 4x4",
                 "dim": "--target-dim 32", "incomplete": "incomplete in the target store",
-                "random_teacher": "--allow-random-teacher", "corrupt_ckpt": "is corrupt"}[case]
+                "random_teacher": "--allow-random-teacher", "corrupt_ckpt": "is corrupt",
+                "layout_changed": "batch_size: checkpoint 4, now 5"}[case]
     if case == "other_shards":
         args[args.index("--targets") + 1] = str(_other_store(data, tmp_path))
     elif case == "grid":
@@ -221,6 +223,9 @@ def test_bad_inputs_fail_before_the_first_step(case, data, tmp_path):
         weights = ckpt / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
         args = pretrain_args(data, run, "--resume", "latest", steps=4)
+    elif case == "layout_changed":
+        assert cli(*args).returncode == 0
+        args = pretrain_args(data, run, "--resume", "latest", "--batch-size", "5", steps=4)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} if run.exists() else {}
     res = cli(*args)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
