@@ -219,8 +219,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay if cfg.weight_decay is not None
                                                      else defaults.weight_decay, defaults.decay_tokens),
                                   lr=peak, betas=defaults.betas, eps=defaults.eps)
-    if cfg.compile:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None
     if cfg.teacher_online:
@@ -247,6 +245,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
     else:
         set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
+    # Compiled after prepare/load: checkpoints hold the plain module's keys, so runs with and without
+    # --compile resume each other's checkpoints.
+    forward = torch.compile(model) if cfg.compile else model
     if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
@@ -292,7 +293,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     sync = micro == cfg.grad_accum - 1
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
                     with ctx:
-                        pred = model(images, mask)
+                        pred = forward(images, mask)
                         out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), n_visible,
                                                   loss_kind, combine)
                         accelerator.backward(out.loss / cfg.grad_accum)
