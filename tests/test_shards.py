@@ -1,0 +1,67 @@
+"""Shard specs, make-shards inputs, and a teacher given as an open_clip config file."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cae2.errors import UserError
+from pipelines.extract import ExtractConfig, run_extract
+from pipelines.shards import expand_shards, iter_shard, make_shards
+from targets.cache import TargetStore
+from targets.teacher import BUNDLED_CONFIGS, TeacherSpec
+from tests.fixtures import write_good_images
+
+
+@pytest.fixture()
+def shard_dir(tmp_path):
+    write_good_images(tmp_path / "flat", 7)
+    make_shards(tmp_path / "flat", tmp_path / "shards", samples_per_shard=2)  # 4 shards
+    return tmp_path / "shards"
+
+
+def test_every_spec_form_resolves_to_the_same_shards(shard_dir, tmp_path):
+    names = [f"shard-{i:06d}.tar" for i in range(4)]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# shards\n" + "\n".join(str(shard_dir / n) for n in names) + "\n")
+    for spec in (str(shard_dir), str(shard_dir / "shard-{000000..000003}.tar"), str(shard_dir / "shard-*.tar"),
+                 str(listing)):
+        assert [s.name for s in expand_shards(spec)] == names, spec
+
+
+def test_spec_errors_name_the_problem(shard_dir, tmp_path):
+    with pytest.raises(UserError, match=r"shard-000004.tar does not exist \(and 5 more\)"):
+        expand_shards(str(shard_dir / "shard-{000000..000009}.tar"))
+    with pytest.raises(UserError, match="matches no files"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+    (tmp_path / "copy").mkdir()
+    shutil.copy(shard_dir / "shard-000000.tar", tmp_path / "copy" / "shard-000000.tar")
+    both = tmp_path / "both.txt"
+    both.write_text(f"{shard_dir / 'shard-000000.tar'}\n{tmp_path / 'copy' / 'shard-000000.tar'}\n")
+    with pytest.raises(UserError, match="share the file name shard-000000.tar"):
+        expand_shards(str(both))
+
+
+def test_make_shards_from_a_flat_folder_and_a_list_file(shard_dir, tmp_path):
+    samples = [s for sh in expand_shards(str(shard_dir)) for s in iter_shard(sh.url)]
+    assert len(samples) == 7 and all(s["cls"] == b"-1" for s in samples)
+    paths = sorted((tmp_path / "flat").glob("*.jpg"), reverse=True)
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(str(p) for p in paths))
+    make_shards(listing, tmp_path / "from_list", samples_per_shard=10)
+    listed = [s for sh in expand_shards(str(tmp_path / "from_list")) for s in iter_shard(sh.url)]
+    assert [json.loads(s["json"])["path"] for s in listed] == [str(p) for p in paths]  # the list's order
+    with pytest.raises(UserError, match="already holds"):
+        make_shards(listing, tmp_path / "from_list")
+
+
+def test_teacher_from_a_config_json_file(shard_dir, tmp_path):
+    config = tmp_path / "my-tiny-clip.json"
+    config.write_text((BUNDLED_CONFIGS / "cae2-tiny-clip.json").read_text())
+    out = tmp_path / "t.zarr"
+    run_extract(ExtractConfig(shards=str(shard_dir), out=str(out), views_per_image=1, workers=0, progress=False,
+                              teacher=TeacherSpec(name=str(config), pretrained="none")), log=lambda m: None)
+    teacher = TargetStore.open(out).meta.teacher
+    assert teacher["name"] == "my-tiny-clip" and teacher["config"]["embed_dim"] == 32
+    assert Path(out / "units" / "shard-000003.tar" / "keys").is_dir()
