@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.shards import Shard, image_bytes, iter_shard
-from targets.cache import StoreMeta, TargetStore, UnitReader
+from targets.cache import StoreMeta, TargetStore
 from targets.views import ViewParams, apply_view, decode_image
 
 
@@ -183,7 +183,7 @@ class TrainStream(IterableDataset):
             if cfg.teacher_views:
                 teacher_images.append(apply_view(image, p, meta.input_size, meta.interpolation))
             else:
-                targets.append(torch.from_numpy(_read(unit, row, k)))
+                targets.append(torch.from_numpy(unit.read(row, k)))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
             views.append(k)
@@ -193,10 +193,6 @@ class TrainStream(IterableDataset):
         else:
             out["targets"] = torch.stack(targets)
         return out
-
-
-def _read(unit: UnitReader, row: int, k: int) -> np.ndarray:
-    return unit.read(row, k)
 
 
 def _shuffled(items, size: int, rng: np.random.Generator):

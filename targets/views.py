@@ -27,13 +27,9 @@ from PIL import Image, ImageStat, UnidentifiedImageError
 
 from cae2.config import TrainDefaults
 
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-OP_NAMES = ("brightness", "contrast", "saturation", "hue")
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # jitter op ids, as in torchvision's ColorJitter order
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Record layout in the store: int fields then float fields.
-INT_FIELDS = ("order0", "order1", "order2", "order3", "flip", "top", "left", "height", "width")
-FLOAT_FIELDS = ("brightness", "contrast", "saturation", "hue")
 
 
 @dataclass(frozen=True, kw_only=True)
