@@ -270,13 +270,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": cfg.model,
                 "model_config": resolved["model"], "data_layout": data_layout, "config": resolved["config"]}
 
+    upcoming = None  # the next epoch's loader, started during the last step of the current one
     try:
+        def start_epoch(e: int, skip: int):
+            """Start an epoch's loader (its workers begin decoding at once)."""
+            loader, plan = make_loader(store.path, meta, index, stream_cfg, model_cfg, e, skip_batches=skip,
+                                       pin_memory=accelerator.device.type == "cuda")
+            return iter(loader), plan
+
         while step < total:
-            loader, plan = make_loader(store.path, meta, index, stream_cfg, model_cfg, epoch,
-                                       skip_batches=batch_in_epoch, pin_memory=accelerator.device.type == "cuda")
+            it, plan = upcoming or start_epoch(epoch, batch_in_epoch)
+            upcoming = None
             usable = (plan.batches_per_rank // cfg.grad_accum) * cfg.grad_accum
-            it = iter(loader)
             while step < total and batch_in_epoch < usable:
+                if upcoming is None and batch_in_epoch + cfg.grad_accum >= usable and step + 1 < total:
+                    upcoming = start_epoch(epoch + 1, 0)  # its start-up overlaps this epoch's last step
                 model.train()
                 losses = torch.zeros(3, device=accelerator.device)
                 for micro in range(cfg.grad_accum):
@@ -328,12 +336,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 if stop:
                     status = "preempted"
                     break
-            del it, loader
+            del it
             if status == "preempted":
                 break
             if batch_in_epoch >= usable:
                 epoch, batch_in_epoch = epoch + 1, 0
     finally:
+        del upcoming
         preempt.restore()
         bar.close()
         if keys_file:
