@@ -193,6 +193,7 @@ def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStor
         TargetStore.create_or_validate(cfg.out, meta)  # raises on a settings clash, on every rank
     if state.is_main_process:
         store = TargetStore.create_or_validate(cfg.out, meta)
+        store.remove_stale_partials()  # left by a killed run; nobody writes before the barrier below
     state.wait_for_everyone()
     if not state.is_main_process:
         store = TargetStore.open(cfg.out, mode="r+")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretr
     report = VerifyReport()
     shard_list = expand_shards(shards) if shards else None
     names = [s.name for s in shard_list] if shard_list else store.unit_names()
+    if "://" not in path:
+        stale = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*.partial"))
+        report.problems += [f"unfinished write left behind: {p} (rerun extract-targets to clean up)" for p in stale]
     for name in names:
         if store.marker(name) is None:
             report.problems.append(f"unit {name} is missing or incomplete")

@@ -91,6 +91,15 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
+def _unfinished_creation(path: Path) -> bool:
+    """True for a store whose creation was interrupted: no cae2 attribute (written last) and no units."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, json.JSONDecodeError):
+        return not any((path / "units").glob("*/zarr.json"))
+    return ROOT_ATTR not in attrs and not any((path / "units").glob("*/zarr.json"))
+
+
 class TargetStore:
     """A target store opened for reading (`open`) or for extraction (`create_or_validate`)."""
 
@@ -122,6 +131,8 @@ class TargetStore:
     def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
         """Create the store, or open an existing one whose settings equal `meta` (else a clear error)."""
         path = str(path)
+        if _is_local(path) and (Path(path) / "zarr.json").is_file() and _unfinished_creation(Path(path)):
+            shutil.rmtree(path)  # a run killed while creating the store: nothing in it yet
         if _is_local(path) and (Path(path) / "zarr.json").is_file():
             store = cls.open(path, mode="r+")
             diffs = store.meta.differences(meta)
@@ -135,6 +146,18 @@ class TargetStore:
         group.require_group("units")
         group.attrs[ROOT_ATTR] = meta.to_json()  # written last: the store exists once this does
         return cls(path, group, meta)
+
+    def remove_stale_partials(self) -> int:
+        """Delete temp files of writes that a killed process left behind (zarr's LocalStore writes
+        `<name>.<uuid>.partial`, then renames it). Creating a unit also (re)writes the metadata of the
+        store and of `units/`, so those two folders can hold some; an incomplete unit is removed whole
+        when it is redone. Call only while no other process writes to the store."""
+        if not _is_local(self.path):
+            return 0
+        stale = [*Path(self.path).glob("*.partial"), *(Path(self.path) / "units").glob("*.partial")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     # --- units --------------------------------------------------------------------------------
 
