@@ -38,6 +38,7 @@ class ShardIndex:
 
     shard: Shard
     rows: np.ndarray  # int64 rows (positions in the tar) of valid samples
+    num_samples: int  # all samples of the shard, skipped ones included
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +61,8 @@ def _stable_int(*parts) -> int:
 
 def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
     """Check the store covers every shard completely, and list each shard's valid rows."""
-    missing = [s.name for s in shards if store.marker(s.name) is None]
+    markers = {s.name: store.marker(s.name) for s in shards}
+    missing = [name for name, marker in markers.items() if marker is None]
     if missing:
         known = set(store.unit_names())
         absent = [m for m in missing if m not in known]
@@ -69,8 +71,9 @@ def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
         raise UserError(f"--targets {store.path}: {what}; run `cae2 extract-targets` with these --shards first")
     out = []
     for s in shards:
-        valid = store.group[f"units/{s.name}/valid"][:] if store.marker(s.name)["num_samples"] else np.zeros(0, bool)
-        out.append(ShardIndex(s, np.flatnonzero(valid)))
+        n = markers[s.name]["num_samples"]
+        valid = store.group[f"units/{s.name}/valid"][:] if n else np.zeros(0, bool)
+        out.append(ShardIndex(s, np.flatnonzero(valid), n))
     if not any(len(i.rows) for i in out):
         raise UserError("--shards: no valid samples in these shards")
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -27,7 +28,7 @@ from pipelines.checkpoint import read_state, resolve_resume, save_checkpoint
 from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch
 from pipelines.shards import expand_shards
 from targets.cache import TargetStore
-from targets.teacher import Teacher, spec_from_identity
+from targets.teacher import teacher_for_store
 from targets.views import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
@@ -179,7 +180,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                               shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
                               teacher_views=cfg.teacher_online)
     preset = cae2.get_preset(cfg.model).train
-    steps_per_epoch = plan_epoch(index, stream_cfg, 0).batches_per_rank // cfg.grad_accum
+    first_plan = plan_epoch(index, stream_cfg, 0)
+    steps_per_epoch = first_plan.batches_per_rank // cfg.grad_accum
     if steps_per_epoch < 1:
         raise UserError(f"an epoch has fewer micro-batches than --grad-accum {cfg.grad_accum}")
     total = cfg.steps or math.ceil((cfg.epochs or preset.epochs) * steps_per_epoch)
@@ -208,26 +210,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
             f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
             f"{steps_per_epoch}/epoch, warmup {warmup}; targets {'ONLINE teacher' if cfg.teacher_online else 'cache'}")
-        skipped = sum(store.marker(i.shard.name)["num_samples"] - len(i.rows) for i in index)
-        plan = plan_epoch(index, stream_cfg, 0)
+        skipped = sum(i.num_samples - len(i.rows) for i in index)
         log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
-            f"{plan.left_out} left out per epoch to keep {world} rank(s) in step")
+            f"{first_plan.left_out} left out per epoch to keep {world} rank(s) in step")
 
     set_seed(cfg.seed)  # the same initial weights on every process
     model = cae2.CAEv2(model_cfg)
-    defaults = cae2.get_preset(cfg.model).train
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay if cfg.weight_decay is not None
-                                                     else defaults.weight_decay, defaults.decay_tokens),
-                                  lr=peak, betas=defaults.betas, eps=defaults.eps)
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else preset.weight_decay
+    optimizer = torch.optim.AdamW(model.param_groups(weight_decay, preset.decay_tokens), lr=peak,
+                                  betas=preset.betas, eps=preset.eps)
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None
     if cfg.teacher_online:
-        teacher = Teacher(spec_from_identity(meta.teacher, meta.input_size), device=accelerator.device,
-                          precision=meta.teacher["precision"] if accelerator.device.type == "cuda" else "fp32")
-        if meta.teacher.get("weights_sha256") and teacher.weights_sha256 != meta.teacher["weights_sha256"]:
-            raise UserError("--teacher-online: the teacher weights differ from the ones the store was built with")
-
-    import hashlib
+        teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device)
 
     data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                    "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
@@ -271,6 +266,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 "model_config": resolved["model"], "data_layout": data_layout, "config": resolved["config"]}
 
     upcoming = None  # the next epoch's loader, started during the last step of the current one
+    model.train()
     try:
         def start_epoch(e: int, skip: int):
             """Start an epoch's loader (its workers begin decoding at once)."""
@@ -285,7 +281,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
             while step < total and batch_in_epoch < usable:
                 if upcoming is None and batch_in_epoch + cfg.grad_accum >= usable and step + 1 < total:
                     upcoming = start_epoch(epoch + 1, 0)  # its start-up overlaps this epoch's last step
-                model.train()
                 losses = torch.zeros(3, device=accelerator.device)
                 for micro in range(cfg.grad_accum):
                     t_wait = time.perf_counter()

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cae2.errors import UserError
 from pipelines.shards import expand_shards, image_bytes, iter_shard
 from targets.cache import TargetStore
-from targets.teacher import Teacher, spec_from_identity
+from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, sample_view
 
 
@@ -54,20 +55,19 @@ def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretr
     if "://" not in path:
         stale = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*.partial"))
         report.problems += [f"unfinished write left behind: {p} (rerun extract-targets to clean up)" for p in stale]
+    units = {}
     for name in names:
         if store.marker(name) is None:
             report.problems.append(f"unit {name} is missing or incomplete")
             continue
-        unit = store.unit(name)
+        units[name] = store.unit(name)
         report.units += 1
-        _check_unit(name, unit, meta, settings, report)
-    if shard_list:
-        for shard in shard_list:
-            if store.marker(shard.name) is None:
-                continue
+        _check_unit(name, units[name], meta, settings, report)
+    for shard in shard_list or []:
+        if shard.name in units:
             keys = [s["__key__"] for s in iter_shard(shard.url)]
-            if keys != store.unit(shard.name).keys:
-                report.problems.append(f"unit {shard.name}: {len(store.unit(shard.name).keys)} cached samples do not "
+            if keys != units[shard.name].keys:
+                report.problems.append(f"unit {shard.name}: {len(units[shard.name].keys)} cached samples do not "
                                        f"match the {len(keys)} samples of {shard.url}")
     if recompute:
         if not shard_list:
@@ -120,27 +120,24 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
 def _recompute(store: TargetStore, shard_list, count: int, pretrained, min_cosine: float, seed: int,
                report: VerifyReport) -> None:
     meta = store.meta
-    candidates = []
-    for shard in shard_list:
-        if store.marker(shard.name) is not None:
-            unit = store.unit(shard.name)
-            candidates += [(shard, row) for row in np.flatnonzero(unit.valid)]
+    units = {s.name: store.unit(s.name) for s in shard_list if store.marker(s.name) is not None}
+    candidates = [(s, row) for s in shard_list if s.name in units for row in np.flatnonzero(units[s.name].valid)]
     if not candidates:
         return
     rng = np.random.default_rng(seed)
     picks = sorted((candidates[i] for i in rng.choice(len(candidates), min(count, len(candidates)), replace=False)),
                    key=lambda c: (c[0].name, c[1]))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = Teacher(spec_from_identity(meta.teacher, meta.input_size, pretrained), device=device,
-                      precision=meta.teacher["precision"] if device == "cuda" else "fp32", allow_download=False)
-    if meta.teacher.get("weights_sha256") and teacher.weights_sha256 != meta.teacher["weights_sha256"]:
-        report.problems.append("the teacher weights found now differ from the ones the store was built with (sha256)")
+    try:
+        teacher = teacher_for_store(meta.teacher, meta.input_size, "cuda" if torch.cuda.is_available() else "cpu",
+                                    pretrained)
+    except UserError as e:
+        report.problems.append(str(e))
         return
     by_shard: dict = {}
     for shard, row in picks:
         by_shard.setdefault(shard, []).append(int(row))
     for shard, rows in by_shard.items():
-        unit = store.unit(shard.name)
+        unit = units[shard.name]
         wanted = set(rows)
         for row, sample in enumerate(iter_shard(shard.url)):
             if row not in wanted:

@@ -113,6 +113,19 @@ def spec_from_identity(identity: dict, image_size: int, pretrained: str | None =
                        image_size=image_size, init_seed=identity.get("init_seed") or 0)
 
 
+def teacher_for_store(identity: dict, input_size: int, device: torch.device | str,
+                      pretrained: str | None = None) -> Teacher:
+    """The teacher a target store was built with (its precision on a GPU, fp32 on a CPU); other weights
+    than the recorded ones (sha256) are refused."""
+    device = torch.device(device)
+    teacher = Teacher(spec_from_identity(identity, input_size, pretrained), device=device,
+                      precision=identity["precision"] if device.type == "cuda" else "fp32")
+    if identity.get("weights_sha256") and teacher.weights_sha256 != identity["weights_sha256"]:
+        raise UserError(f"the teacher weights {teacher.weights_file} differ from the ones the target store was built "
+                        "with (sha256); pass --pretrained with the original weights file")
+    return teacher
+
+
 class Teacher(nn.Module):
     """Frozen open_clip vision tower that owns its normalisation.
 
