@@ -87,7 +87,7 @@ def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int 
     (for pipeline benchmarks that need the store's layout and sizes, not the teacher's values)."""
     from pipelines.shards import expand_shards, image_bytes, iter_shard
     from targets.cache import StoreMeta, TargetStore
-    from targets.views import ViewSettings, decode_image, sample_view
+    from targets.views import ViewSettings, decode_image, measure_view, sample_view
 
     settings = ViewSettings()
     meta = StoreMeta(teacher={"name": "benchmark-random-latents", "random_init": True}, views=settings.to_dict(),
@@ -106,8 +106,8 @@ def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int 
             img = decode_image(image_bytes(s))
             hw = (img.height, img.width)
             for v in range(k):
-                writer.view_int[row, v], writer.view_float[row, v] = sample_view(settings, seed, s["__key__"], v,
-                                                                                 hw).to_record()
+                p = measure_view(sample_view(settings, seed, s["__key__"], v, hw), img)
+                writer.view_int[row, v], writer.view_float[row, v] = p.to_record()
             writer.image_hw[row], writer.valid[row] = hw, True
         for start in range(0, len(samples), meta.images_per_shard):
             writer.write_rows(start, lat[start:start + meta.images_per_shard])

@@ -184,7 +184,9 @@ class TrainStream(IterableDataset):
             image = decode_image(image_bytes(sample))
             images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))
             if cfg.teacher_views:
-                teacher_images.append(apply_view(image, p, meta.input_size, meta.interpolation))
+                same = (cfg.student_size, cfg.student_interpolation) == (meta.input_size, meta.interpolation)
+                teacher_images.append(images[-1] if same else apply_view(image, p, meta.input_size,
+                                                                          meta.interpolation))
             else:
                 targets.append(torch.from_numpy(unit.read(row, k)))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))

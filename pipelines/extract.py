@@ -27,7 +27,7 @@ from cae2.errors import UserError
 from pipelines.shards import Shard, expand_shards, image_bytes, iter_shard
 from targets.cache import StoreMeta, TargetStore, UnitWriter
 from targets.teacher import Teacher, TeacherSpec
-from targets.views import DecodeError, ViewSettings, apply_view, decode_image, sample_view
+from targets.views import DecodeError, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
 
 @dataclass(kw_only=True)
@@ -123,7 +123,7 @@ class UnitViewStream(IterableDataset):
         except DecodeError as e:
             return Skip(unit, row, key, str(e))
         hw = (image.height, image.width)
-        params = [sample_view(self.settings, self.seed, key, k, hw) for k in range(self.k)]
+        params = [measure_view(sample_view(self.settings, self.seed, key, k, hw), image) for k in range(self.k)]
         views = torch.stack([apply_view(image, p, self.size, self.interpolation) for p in params])
         records = [p.to_record() for p in params]
         return ImageViews(unit, row, views, np.stack([r[0] for r in records]), np.stack([r[1] for r in records]), hw)

@@ -7,7 +7,8 @@ Layout (see docs/cache.md):
         latents     [N, K, 1 + T, D] float16   chunk = one view, zarr shard = `images_per_shard` images
         keys        [N] str                    sample keys in shard order
         valid       [N] bool                   False: skipped in stage 1 (reason in the marker)
-        view_int    [N, K, 9] int32            jitter order (4), flip, crop top, left, height, width
+        view_int    [N, K, 10] int32           jitter order (4), flip, crop top, left, height, width,
+                                               contrast mean (-1: contrast off; schema 1 has 9 columns)
         view_float  [N, K, 4] float32          brightness, contrast, saturation, hue factors
         image_hw    [N, 2] int32               decoded image size (H, W)
 
@@ -32,10 +33,11 @@ import zarr
 
 from cae2.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: view_int without the contrast mean (stage 2 recomputes it from the image)
 ROOT_ATTR = "cae2"
 MARKER_ATTR = "complete"
-N_INT, N_FLOAT = 9, 4
+N_INT, N_FLOAT = 10, 4
 _EMPTY = np.uint64(2**64 - 1)  # sharding-index entry of a chunk that is not stored
 
 
@@ -60,7 +62,7 @@ class StoreMeta:
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     # Fields that do not change the values (layout/bookkeeping) are not compared.
-    _UNCOMPARED = ("cae2_version", "created", "images_per_shard")
+    _UNCOMPARED = ("cae2_version", "created", "images_per_shard", "schema_version")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -122,9 +124,10 @@ class TargetStore:
         raw = group.attrs.get(ROOT_ATTR)
         if not raw:
             raise UserError(f"{path} is a Zarr group but not a cae2 target store (no '{ROOT_ATTR}' attribute)")
-        if raw.get("schema_version") != SCHEMA_VERSION:
+        if raw.get("schema_version") not in READABLE_SCHEMAS:
             raise UserError(f"target store {path} has schema version {raw.get('schema_version')}, this cae2 "
-                            f"reads {SCHEMA_VERSION}; rebuild it with this version")
+                            f"reads {', '.join(map(str, READABLE_SCHEMAS))}; use the cae2 version that wrote "
+                            f"it ({raw.get('cae2_version') or 'unknown'}) or rebuild it with this one")
         return cls(path, group, StoreMeta.from_json(raw))
 
     @classmethod

@@ -9,8 +9,9 @@ re-applies stored parameters exactly.
 
 Pixel values follow the official pipeline exactly: torchvision's colour ops on PIL images (uint8
 after each op), a PIL crop and flip, and a PIL antialiased resize. Per-pixel ops commute with
-cropping, so they run on the crop only; contrast blends towards the grayscale mean of the whole
-image after the ops before it, which is computed on the full image, as the official order requires.
+cropping, so they run on the crop only. Contrast blends towards the grayscale mean of the whole
+image after the ops before it; stage 1 measures that mean once (`measure_view`) and stores it with
+the view, so stage 2 touches only the crop's pixels.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -82,18 +83,26 @@ class ViewParams:
     height: int
     width: int
     """Crop box in integer pixels of the flipped frame."""
+    contrast_mean: int | None = None
+    """Pillow's contrast mean: the grayscale mean of the whole image after the jitter ops before
+    contrast. A property of the image, so `sample_view` leaves it None and `measure_view` fills it in;
+    None makes `apply_view` compute it from the whole image."""
 
     def to_record(self) -> tuple[np.ndarray, np.ndarray]:
-        ints = np.array([*self.order, int(self.flip), self.top, self.left, self.height, self.width], dtype=np.int32)
+        mean = -1 if self.contrast_mean is None else self.contrast_mean
+        ints = np.array([*self.order, int(self.flip), self.top, self.left, self.height, self.width, mean],
+                        dtype=np.int32)
         floats = np.array([self.brightness, self.contrast, self.saturation, self.hue], dtype=np.float32)
         return ints, floats
 
     @classmethod
     def from_record(cls, ints: np.ndarray, floats: np.ndarray) -> ViewParams:
+        """Inverse of `to_record`; also reads 9-int records (written before the contrast mean was stored)."""
         i = [int(v) for v in ints]
         f = [float(v) for v in np.asarray(floats, dtype=np.float32)]
+        mean = i[9] if len(i) > 9 and i[9] >= 0 else None
         return cls(order=tuple(i[:4]), flip=bool(i[4]), top=i[5], left=i[6], height=i[7], width=i[8],
-                   brightness=f[0], contrast=f[1], saturation=f[2], hue=f[3])
+                   brightness=f[0], contrast=f[1], saturation=f[2], hue=f[3], contrast_mean=mean)
 
     def check(self, image_hw: tuple[int, int], settings: ViewSettings) -> list[str]:
         """Problems with these parameters for an image of this size (empty list: valid)."""
@@ -111,6 +120,8 @@ class ViewParams:
                 problems.append(f"{name} factor {v} is outside [{max(0.0, 1 - s)}, {1 + s}]")
         if abs(self.hue) > settings.hue + 1e-6:
             problems.append(f"hue factor {self.hue} is outside [-{settings.hue}, {settings.hue}]")
+        if self.contrast_mean is not None and not 0 <= self.contrast_mean <= 255:
+            problems.append(f"contrast mean {self.contrast_mean} is outside [0, 255]")
         return problems
 
 
@@ -185,39 +196,54 @@ def decode_image(data: bytes) -> Image.Image:
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-
-
-def _blend_lut(constant: float, factor: float) -> list[int]:
-    """Pillow's Image.blend(constant image, x, factor) per channel value, as a 3-band point() table.
-
-    Same float32 arithmetic and truncation as Pillow's C blend, so the result is bit-identical to
-    ImageEnhance.Brightness (constant 0) and ImageEnhance.Contrast (constant = mean) but ~4x faster.
-    """
-    c, a = np.float32(constant), np.float32(factor)
-    out = np.trunc(c + a * (_LEVELS - c)).clip(0, 255).astype(np.uint8)
-    return out.tolist() * 3
-
-
 _LEVELS = np.arange(256, dtype=np.float32)
 
 
-def _contrast_mean(image: Image.Image, p: ViewParams) -> int:
-    """Pillow's ImageEnhance.Contrast mean: of the *whole* image after the ops before contrast."""
-    full = image
-    for op in p.order[: p.order.index(CONTRAST)]:
-        full = _pixel_op(full, op, p, 0)
-    return int(ImageStat.Stat(full.convert("L")).mean[0] + 0.5)
+def _blend_table(constant: float, factor: float) -> np.ndarray:
+    """Pillow's Image.blend(constant image, x, factor) for every uint8 value x (one channel).
+
+    Same float32 arithmetic and truncation as Pillow's C blend, so applying it is bit-identical to
+    ImageEnhance.Brightness (constant 0) and ImageEnhance.Contrast (constant = mean) but faster.
+    """
+    c, a = np.float32(constant), np.float32(factor)
+    return np.trunc(c + a * (_LEVELS - c)).clip(0, 255).astype(np.uint8)
 
 
-def _pixel_op(x: Image.Image, op: int, p: ViewParams, contrast_mean: int) -> Image.Image:
-    """torchvision's PIL colour ops (ImageEnhance), which are per pixel except contrast's mean."""
+def _table(op: int, p: ViewParams, contrast_mean: int) -> np.ndarray | None:
+    """The per-channel lookup table of a brightness or contrast op; None for the other ops."""
     if op == BRIGHTNESS:
-        return x if p.brightness == 1.0 else x.point(_blend_lut(0, p.brightness))
+        return _blend_table(0, p.brightness)
     if op == CONTRAST:
-        return x if p.contrast == 1.0 else x.point(_blend_lut(contrast_mean, p.contrast))
-    if op == SATURATION:
-        return x if p.saturation == 1.0 else TF1.adjust_saturation(x, p.saturation)
-    return x if p.hue == 0.0 else TF1.adjust_hue(x, p.hue)
+        return _blend_table(contrast_mean, p.contrast)
+    return None
+
+
+def _enabled(op: int, p: ViewParams) -> bool:
+    """Whether the op changes pixels (torchvision's ColorJitter skips hue at 0; a factor of 1 is identity)."""
+    return p.hue != 0.0 if op == HUE else (p.brightness, p.contrast, p.saturation)[op] != 1.0
+
+
+def _jitter(x: Image.Image, p: ViewParams, contrast_mean: int, ops: tuple[int, ...]) -> Image.Image:
+    """torchvision's PIL colour ops (ImageEnhance) in order. Brightness and contrast are per-channel
+    lookup tables: adjacent ones are composed into a single table (exact: each op maps uint8 to uint8)."""
+    table = None
+    for op in (o for o in ops if _enabled(o, p)):
+        t = _table(op, p, contrast_mean)
+        if t is not None:
+            table = t if table is None else t[table]
+            continue
+        if table is not None:
+            x, table = x.point(table.tolist() * 3), None
+        x = TF1.adjust_saturation(x, p.saturation) if op == SATURATION else TF1.adjust_hue(x, p.hue)
+    return x if table is None else x.point(table.tolist() * 3)
+
+
+def measure_view(p: ViewParams, image: Image.Image) -> ViewParams:
+    """`p` with the image-wide statistic it needs (the contrast mean) measured on `image`."""
+    if not _enabled(CONTRAST, p):
+        return p
+    before = _jitter(image, p, 0, p.order[: p.order.index(CONTRAST)])
+    return replace(p, contrast_mean=int(ImageStat.Stat(before.convert("L")).mean[0] + 0.5))
 
 
 def apply_view(image: Image.Image, p: ViewParams, size: int | tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -230,14 +256,14 @@ def apply_view(image: Image.Image, p: ViewParams, size: int | tuple[int, int], i
     W, H = image.size
     if not (p.top + p.height <= H and p.left + p.width <= W):
         raise ValueError(f"view box {p} does not fit a {H}x{W} image")
+    if p.contrast_mean is None:
+        p = measure_view(p, image)
     # The box is in the flipped frame; in the original frame its columns are mirrored.
     left = W - p.left - p.width if p.flip else p.left
     x = image.crop((left, p.top, left + p.width, p.top + p.height))
     if p.flip:
         x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    contrast_mean = _contrast_mean(image, p) if p.contrast != 1.0 else 0
-    for op in p.order:
-        x = _pixel_op(x, op, p, contrast_mean)
+    x = _jitter(x, p, p.contrast_mean or 0, p.order)
     out_wh = (size, size) if isinstance(size, int) else (size[1], size[0])
     x = x.resize(out_wh, _RESAMPLE[interpolation])
     return torch.from_numpy(np.array(x)).permute(2, 0, 1)  # [3, S, S] uint8 (a view of an owned copy)

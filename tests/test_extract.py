@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
 from pipelines.verify import verify_store
 from targets.cache import TargetStore
 from targets.teacher import Teacher, TeacherSpec
-from targets.views import ViewParams, apply_view
+from targets.views import ViewParams, apply_view, measure_view
 from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_bad_images, write_good_images
 
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
@@ -71,7 +72,7 @@ def test_store_layout_opens_with_plain_zarr(store):
     assert units == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     u = g["units/shard-000000.tar"]
     assert u["latents"].shape == (6, 3, 17, 32) and u["latents"].dtype == np.float16
-    assert u["view_int"].shape == (6, 3, 9) and u["view_int"].dtype == np.int32
+    assert u["view_int"].shape == (6, 3, 10) and u["view_int"].dtype == np.int32
     assert u["view_float"].shape == (6, 3, 4) and u["view_float"].dtype == np.float32
     assert u["keys"].shape == (6,) and u["valid"].dtype == bool and u["image_hw"].shape == (6, 2)
     assert u.attrs["complete"]["num_samples"] == 6
@@ -105,6 +106,8 @@ def test_fidelity_cached_view_equals_teacher_on_reapplied_view(store, shards):
             img = Image.open(io.BytesIO(image_bytes(sample))).convert("RGB")  # decoded independently
             for k in range(3):
                 p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
+                # the stored contrast mean is the one of the whole (independently decoded) image
+                assert p.contrast_mean == measure_view(replace(p, contrast_mean=None), img).contrast_mean
                 flips += p.flip
                 jittered += p.brightness != 1.0
                 view = apply_view(img, p, teacher.image_size, "bicubic")
@@ -135,6 +138,16 @@ def test_verify_passes_and_detects_damage(store, shards, tmp_path):
     problems = "\n".join(verify_store(str(damaged), str(shards[0])).problems)
     assert "shard-000000.tar is missing or incomplete" in problems
     assert "outside" in problems and "NaN" in problems and "checksum" in problems
+
+    wrong_mean = tmp_path / "wrong-mean.zarr"
+    shutil.copytree(out, wrong_mean)
+    g = zarr.open_group(str(wrong_mean), mode="r+")
+    for unit in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        ints = g[f"units/{unit}/view_int"][:]
+        ints[..., 9] = (ints[..., 9] + 9) % 256
+        g[f"units/{unit}/view_int"][:] = ints
+    report = verify_store(str(wrong_mean), str(shards[0]), recompute=3)
+    assert not report.ok and "stored contrast mean" in "\n".join(report.problems), report.summary()
 
 
 def test_rerun_skips_complete_units_and_clash_is_refused(store, shards):

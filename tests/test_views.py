@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from targets.views import (
     ViewSettings,
     apply_view,
     decode_image,
+    measure_view,
     normalize,
     sample_view,
 )
@@ -44,7 +47,12 @@ def test_params_follow_the_settings():
 def test_record_roundtrip_is_exact():
     p = sample_view(ViewSettings(hue=0.1), 3, "abc", 2, (500, 375))
     ints, floats = p.to_record()
-    assert ViewParams.from_record(ints, floats) == p
+    assert ViewParams.from_record(ints, floats) == p and p.contrast_mean is None
+    measured = measure_view(p, _pil(500, 375))
+    assert measured.contrast_mean is not None
+    ints, floats = measured.to_record()
+    assert ViewParams.from_record(ints, floats) == measured
+    assert ViewParams.from_record(ints[:9], floats) == p  # a schema-1 record: no stored mean
 
 
 def _pil(h=90, w=120, seed=0):
@@ -74,9 +82,29 @@ def test_bit_exact_with_the_official_torchvision_pil_pipeline(hue):
     arr[:, :30] = 250  # a bright strip outside most crops: it moves the contrast mean
     img = Image.fromarray(arr)
     s = ViewSettings(hue=hue)
+    fused = 0
     for i in range(40):
         p = sample_view(s, 0, f"x{i}", 0, (80, 100))
-        assert torch.equal(apply_view(img, p, 32, "bicubic"), _official(img, p, 32)), p
+        official = _official(img, p, 32)
+        assert torch.equal(apply_view(img, p, 32, "bicubic"), official), p
+        # as stage 2 does it: the mean measured in stage 1, then only the crop's pixels
+        assert torch.equal(apply_view(img, measure_view(p, img), 32, "bicubic"), official), p
+        fused += abs(p.order.index(0) - p.order.index(1)) == 1  # brightness and contrast in one table
+    assert 5 <= fused <= 35
+
+
+def test_the_stored_contrast_mean_is_used():
+    """Stage 2 does not look outside the crop: the contrast mean comes from the record."""
+    arr = np.array(_pil(80, 100))
+    arr[:, :30] = 250
+    img = Image.fromarray(arr)
+    p = measure_view(ViewParams(order=(1, 0, 2, 3), brightness=1.0, contrast=0.6, saturation=1.0, hue=0.0,
+                                flip=False, top=0, left=40, height=80, width=60), img)
+    assert p.contrast_mean == int(np.array(img.convert("L")).mean() + 0.5)
+    other = replace(p, contrast_mean=p.contrast_mean + 20)
+    assert not torch.equal(apply_view(img, p, 16, "bilinear"), apply_view(img, other, 16, "bilinear"))
+    problems = replace(p, contrast_mean=300).check((80, 100), ViewSettings())
+    assert problems == ["contrast mean 300 is outside [0, 255]"]
 
 
 def test_flip_mirrors_the_box():
