@@ -217,8 +217,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     set_seed(cfg.seed)  # the same initial weights on every process
     model = cae2.CAEv2(model_cfg)
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else preset.weight_decay
+    # fused: one vectorised kernel per parameter on CPU and CUDA instead of ~6 elementwise ops each
     optimizer = torch.optim.AdamW(model.param_groups(weight_decay, preset.decay_tokens), lr=peak,
-                                  betas=preset.betas, eps=preset.eps)
+                                  betas=preset.betas, eps=preset.eps, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None
     if cfg.teacher_online:
