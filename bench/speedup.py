@@ -1,17 +1,23 @@
 """What the cache buys: training samples/s with cached targets vs `--teacher-online` (same student, data,
 batch), against the ratio predicted by FLOPs: (student train + teacher forward) / student train.
 
+Beside it, the same ratio from the measured speeds of the student's training step and the teacher's
+forward on in-memory synthetic batches (what this machine allows when both run at their own FLOP/s),
+and the input-pipeline overhead: cached samples/s / in-memory student step samples/s.
+
     python -m bench.speedup [--images 64] [--steps 12] [--batch-size 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +56,60 @@ def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
     return student_flops, counter.get_total_flops() / 2
 
 
+def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int,
+                    mixed_precision: str) -> tuple[float, float]:
+    """(student training steps, teacher forwards) in samples/s on in-memory synthetic batches: the step
+    of `cae2 pretrain` (same loss, fused AdamW, gradient clipping, precision) without any data loading."""
+    import numpy as np
+
+    import cae2
+    from targets.teacher import Teacher, TeacherSpec
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
+    preset = cae2.get_preset(student).train
+    model = cae2.create_model(student).to(device).train()
+    cfg = model.cfg
+    opt = torch.optim.AdamW(model.param_groups(preset.weight_decay, preset.decay_tokens), lr=1e-4,
+                            betas=preset.betas, eps=preset.eps, fused=True)
+    gen = cae2.create_mask_generator(cfg)
+    mask = torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(batch_size)])).to(device)
+    images = torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    teacher = Teacher(TeacherSpec(name=teacher_name, pretrained="none"), device=device)
+    targets = torch.randn(batch_size, teacher.num_tokens, teacher.dim, device=device).half()
+    n_visible = 1 + cfg.num_patches - cfg.num_masked
+
+    def step():
+        with autocast():
+            pred = model(images, mask)
+            out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), n_visible, preset.loss,
+                                      preset.loss_combine)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip_grad or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    views = torch.randint(0, 256, (batch_size, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8)
+
+    def forward():
+        with autocast():
+            teacher(views)
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch_size / (time.perf_counter() - t0)
+
+    return rate(step), rate(forward)
+
+
 def samples_per_s(run: Path, skip_first: int = 1) -> float:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steady = records[skip_first:] or records
@@ -80,10 +140,15 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     worker_counts = [int(w) for w in (args.workers or ("8" if device == "cuda" else "0,1")).split(",")]
-    rows = []
+    rows, ceilings = [], []
     for student in args.students.split(","):
         s_flops, t_flops = flops_per_sample(student, args.teacher)
         predicted = (s_flops + t_flops) / s_flops
+        step_rate, teacher_rate = in_memory_rates(student, args.teacher, args.batch_size, max(args.steps // 2, 3),
+                                                  args.mixed_precision)
+        measured_ceiling = 1 + step_rate / teacher_rate
+        ceilings.append([student, step_rate, teacher_rate, step_rate * s_flops / 1e9, teacher_rate * t_flops / 1e9,
+                         measured_ceiling, measured_ceiling / predicted])
         for workers in worker_counts:
             rates = {}
             for mode in ("cache", "online"):
@@ -98,14 +163,19 @@ def main() -> None:
                 rates[mode] = samples_per_s(run)
             measured = rates["cache"] / rates["online"]
             rows.append([student, workers, s_flops / 1e9, t_flops / 1e9, rates["online"], rates["cache"], measured,
-                         predicted, measured / predicted])
+                         predicted, measured / predicted, measured / measured_ceiling, rates["cache"] / step_rate])
     body = ("## Speedup of cached targets over an online teacher\n\n"
             f"Teacher {args.teacher} (random weights; speed only), batch {args.batch_size} per step, "
             f"{args.steps} steps (first logging window dropped), {args.images} real ImageNet JPEGs, {device}, "
             f"mixed precision {args.mixed_precision}. Both runs of a pair use the same data-loader workers.\n\n"
             + table(["student", "loader workers", "student train GFLOPs/img", "teacher fwd GFLOPs/img",
                      "online samples/s", "cached samples/s", "measured speedup", "FLOPs-predicted",
-                     "**measured / predicted** (goal >= 0.9)"], rows))
+                     "**measured / predicted** (goal >= 0.9)", "measured / in-memory ratio",
+                     "cached / in-memory step (pipeline efficiency)"], rows)
+            + "\n\nThe same student step and teacher forward on in-memory synthetic batches (no decoding, reading "
+              "or data loader), same batch and precision:\n\n"
+            + table(["student", "student step samples/s", "teacher fwd samples/s", "student GFLOP/s",
+                     "teacher GFLOP/s", "in-memory ratio 1 + step/fwd", "in-memory / FLOPs-predicted"], ceilings))
     publish("speedup", body)
 
 

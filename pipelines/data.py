@@ -18,6 +18,9 @@ j % W; resuming after j batches makes each worker skip its share without decodin
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 from dataclasses import dataclass, field
 
@@ -215,6 +218,21 @@ def _shuffled(items, size: int, rng: np.random.Generator):
         buf[i] = item
     while buf:
         yield buf.pop(int(rng.integers(len(buf))))
+
+
+def start_loader(loader: DataLoader):
+    """iter(loader), with the forked workers sharing as much of this process's memory as they can.
+
+    A worker forked from a process that has been training inherits its free-but-mapped heap, and its
+    own allocations land there as copy-on-write copies (~560 MiB PSS per worker instead of ~280 on
+    ViT-Tiny), so the free heap goes back to the OS first (glibc's malloc_trim; a no-op elsewhere).
+    """
+    if not loader.num_workers:
+        return iter(loader)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+    return iter(loader)
 
 
 def _worker_init(_: int) -> None:

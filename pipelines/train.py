@@ -25,7 +25,7 @@ import cae2
 from cae2.config import LossCombine, LossKind, MaskStrategy, ModelConfig
 from cae2.errors import UserError
 from pipelines.checkpoint import read_state, resolve_resume, save_checkpoint
-from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch
+from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch, start_loader
 from pipelines.shards import expand_shards
 from targets.cache import TargetStore
 from targets.teacher import teacher_for_store
@@ -273,7 +273,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             """Start an epoch's loader (its workers begin decoding at once)."""
             loader, plan = make_loader(store.path, meta, index, stream_cfg, model_cfg, e, skip_batches=skip,
                                        pin_memory=accelerator.device.type == "cuda")
-            return iter(loader), plan
+            return start_loader(loader), plan
 
         while step < total:
             it, plan = upcoming or start_epoch(epoch, batch_in_epoch)
