@@ -255,14 +255,22 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
             while len(writes) > 16:  # bound memory held by queued blocks; surface writer errors
                 writes.pop(0).result()
 
-        def flush() -> None:
-            if not pending:
-                return
-            views = torch.cat([item.views for item in pending])  # [sum K, 3, S, S]
-            out = torch.cat([teacher(chunk) for chunk in views.split(cfg.batch_size)])
-            latents = out.to(torch.float16).cpu().numpy()
+        carried = np.zeros((0, meta.num_tokens, meta.latent_dim), np.float16)  # latents of pending[0]'s first views
+
+        def flush(final: bool = False) -> None:
+            """Run the teacher on whole batches of the pending views (all of them when final) and hand
+            every image whose K views are done to its unit; a partly done image waits for the next batch."""
+            nonlocal carried
             k = cfg.views_per_image
-            for i, item in enumerate(pending):
+            todo = len(pending) * k - len(carried)
+            n = todo if final else todo // cfg.batch_size * cfg.batch_size
+            if n == 0:
+                return
+            views = torch.cat([item.views for item in pending])[len(carried):len(carried) + n]  # [n, 3, S, S]
+            out = torch.cat([teacher(chunk) for chunk in views.split(cfg.batch_size)])
+            latents = np.concatenate([carried, out.to(torch.float16).cpu().numpy()])
+            complete = len(latents) // k
+            for i, item in enumerate(pending[:complete]):
                 asm = units[item.unit]
                 w = asm.writer
                 w.view_int[item.row], w.view_float[item.row] = item.view_int, item.view_float
@@ -270,7 +278,8 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                 stats.images += 1
                 stats.views += k
                 submit(item.unit, asm.put(item.row, latents[i * k:(i + 1) * k]))
-            pending.clear()
+            del pending[:complete]
+            carried = latents[complete * k:].copy()
             elapsed = time.perf_counter() - t0
             bar.set_postfix_str(f"{stats.views / elapsed:.0f} views/s, {stats.images} images")
 
@@ -289,9 +298,9 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                 bar.update(1)
             else:
                 pending.append(item)
-                if len(pending) * cfg.views_per_image >= cfg.batch_size:
+                if len(pending) * cfg.views_per_image - len(carried) >= cfg.batch_size:
                     flush()
-        flush()
+        flush(final=True)
         for f in writes:
             f.result()
     bar.close()
