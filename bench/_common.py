@@ -57,6 +57,31 @@ def publish(section: str, body: str) -> None:
     DOC.write_text(text)
 
 
+def rate(fn, calls: int, items_per_call: int) -> float:
+    """Items/s of `calls` calls of fn (after one warm-up call), synchronising CUDA around the timing."""
+    import torch
+
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return calls * items_per_call / (time.perf_counter() - t0)
+
+
+def synthetic_masks(model_cfg, n: int):
+    """n block masks of a student ([n, N] bool tensor), as the data loader makes them."""
+    import torch
+
+    from cae2.masking import create_mask_generator
+
+    gen = create_mask_generator(model_cfg)
+    return torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(n)]))
+
+
 def sample_images(n: int | None = None) -> list[Path]:
     if not SAMPLE.is_dir():
         raise SystemExit(f"benchmark images not found at {SAMPLE}; set CAE2_BENCH_IMAGES to a folder of JPEGs")

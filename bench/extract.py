@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench._common import make_sample_shards, publish, table
+from bench._common import make_sample_shards, publish, rate, table
 
 
 def du(path: Path) -> int:
@@ -40,20 +39,11 @@ def main() -> None:
     teacher = Teacher(spec, device=device)
     n_views = args.images * args.views
     batch = torch.randint(0, 256, (args.batch_size, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8)
-    teacher(batch)  # warm-up
+    calls = -(-n_views // args.batch_size)  # the same number of views as the extraction
 
     def forward_only() -> float:
-        """Views/s of the teacher alone on the same number of views, in-memory."""
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        done = 0
-        while done < n_views:
-            teacher(batch)
-            done += args.batch_size
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return done / (time.perf_counter() - t0)
+        """Views/s of the teacher alone on in-memory batches."""
+        return rate(lambda: teacher(batch), calls, args.batch_size)
 
     before = forward_only()
     store = work / "targets.zarr"

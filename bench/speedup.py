@@ -17,12 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench._common import ROOT, make_sample_shards, publish, table
+from bench._common import ROOT, make_sample_shards, publish, rate, synthetic_masks, table
 
 
 def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
@@ -40,10 +39,7 @@ def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
 
     model = cae2.create_model(student)
     cfg = model.cfg
-    gen = cae2.create_mask_generator(cfg)
-    import numpy as np
-
-    mask = torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(2)]))
+    mask = synthetic_masks(cfg, 2)
     images = torch.randn(2, 3, cfg.img_size, cfg.img_size)
     torch.backends.mha.set_fastpath_enabled(False)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -59,10 +55,9 @@ def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
 def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int,
                     mixed_precision: str) -> tuple[float, float]:
     """(student training steps, teacher forwards) in samples/s on in-memory synthetic batches: the step
-    of `cae2 pretrain` (same loss, fused AdamW, gradient clipping, precision) without any data loading."""
-    import numpy as np
-
+    of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision) without any data loading."""
     import cae2
+    from pipelines.train import make_optimizer
     from targets.teacher import Teacher, TeacherSpec
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,13 +66,12 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     preset = cae2.get_preset(student).train
     model = cae2.create_model(student).to(device).train()
     cfg = model.cfg
-    opt = torch.optim.AdamW(model.param_groups(preset.weight_decay, preset.decay_tokens), lr=1e-4,
-                            betas=preset.betas, eps=preset.eps, fused=True)
-    gen = cae2.create_mask_generator(cfg)
-    mask = torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(batch_size)])).to(device)
+    opt = make_optimizer(model, preset, preset.weight_decay, 1e-4)
+    mask = synthetic_masks(cfg, batch_size).to(device)
     images = torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     teacher = Teacher(TeacherSpec(name=teacher_name, pretrained="none"), device=device)
     targets = torch.randn(batch_size, teacher.num_tokens, teacher.dim, device=device).half()
+    views = torch.randint(0, 256, (batch_size, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8)
     n_visible = 1 + cfg.num_patches - cfg.num_masked
 
     def step():
@@ -90,24 +84,11 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    views = torch.randint(0, 256, (batch_size, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8)
-
     def forward():
         with autocast():
             teacher(views)
 
-    def rate(fn) -> float:
-        fn()  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return steps * batch_size / (time.perf_counter() - t0)
-
-    return rate(step), rate(forward)
+    return rate(step, steps, batch_size), rate(forward, steps, batch_size)
 
 
 def samples_per_s(run: Path, skip_first: int = 1) -> float:

@@ -135,6 +135,8 @@ class TrainStream(IterableDataset):
                  skip_batches: int = 0):
         self.store_path, self.meta, self.plan, self.cfg = store_path, meta, plan, cfg
         self.model_cfg, self.epoch, self.skip_batches = model_cfg, epoch, skip_batches
+        # --teacher-online with the teacher's input size and resampling: its view is the student's
+        self.same_views = (cfg.student_size, cfg.student_interpolation) == (meta.input_size, meta.interpolation)
 
     def __iter__(self):
         info = get_worker_info()
@@ -187,9 +189,8 @@ class TrainStream(IterableDataset):
             image = decode_image(image_bytes(sample))
             images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))
             if cfg.teacher_views:
-                same = (cfg.student_size, cfg.student_interpolation) == (meta.input_size, meta.interpolation)
-                teacher_images.append(images[-1] if same else apply_view(image, p, meta.input_size,
-                                                                          meta.interpolation))
+                teacher_images.append(images[-1] if self.same_views else apply_view(image, p, meta.input_size,
+                                                                                     meta.interpolation))
             else:
                 targets.append(torch.from_numpy(unit.read(row, k)))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
