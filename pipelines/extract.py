@@ -12,7 +12,6 @@ Complete units are skipped on a rerun; an incomplete one is removed and redone.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -188,9 +187,10 @@ def _meta(cfg: ExtractConfig, teacher: Teacher) -> StoreMeta:
 
 
 def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStore:
-    """Every rank refuses a clashing store; rank 0 creates a new one while the others wait."""
-    if os.path.isfile(os.path.join(cfg.out, "zarr.json")):
-        TargetStore.create_or_validate(cfg.out, meta)  # raises on a settings clash, on every rank
+    """Every rank refuses a clashing store before anyone writes; then rank 0 creates a new store (or
+    clears a half-created one) while the others wait, and they open it after."""
+    TargetStore.check_settings(cfg.out, meta)  # read-only, so ranks may run it side by side
+    state.wait_for_everyone()  # no rank inspects the store while rank 0 creates it
     if state.is_main_process:
         store = TargetStore.create_or_validate(cfg.out, meta)
         store.remove_stale_partials()  # left by a killed run; nobody writes before the barrier below

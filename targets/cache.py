@@ -131,20 +131,31 @@ class TargetStore:
         return cls(path, group, StoreMeta.from_json(raw))
 
     @classmethod
-    def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
-        """Create the store, or open an existing one whose settings equal `meta` (else a clear error)."""
+    def check_settings(cls, path: str | Path, meta: StoreMeta) -> None:
+        """Read-only: raise the error `create_or_validate` would raise for an existing store built with
+        other settings, or for a directory that is not a store. Every rank calls this before any writes."""
         path = str(path)
+        if not _is_local(path) or not Path(path).exists():
+            return
+        if (Path(path) / "zarr.json").is_file():
+            if not _unfinished_creation(Path(path)):
+                diffs = cls.open(path).meta.differences(meta)
+                if diffs:
+                    raise UserError(f"target store {path} was built with other settings ({'; '.join(diffs)}); "
+                                    "use a new --out, or rerun with the store's settings")
+        elif any(Path(path).iterdir()):
+            raise UserError(f"--out {path} exists and is not a cae2 target store; choose an empty or new directory")
+
+    @classmethod
+    def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
+        """Create the store, or open an existing one whose settings equal `meta` (else a clear error).
+        Only one process may call this at a time (it removes a store whose creation was interrupted)."""
+        path = str(path)
+        cls.check_settings(path, meta)
         if _is_local(path) and (Path(path) / "zarr.json").is_file() and _unfinished_creation(Path(path)):
             shutil.rmtree(path)  # a run killed while creating the store: nothing in it yet
         if _is_local(path) and (Path(path) / "zarr.json").is_file():
-            store = cls.open(path, mode="r+")
-            diffs = store.meta.differences(meta)
-            if diffs:
-                raise UserError(f"target store {path} was built with other settings ({'; '.join(diffs)}); "
-                                "use a new --out, or rerun with the store's settings")
-            return store
-        if _is_local(path) and Path(path).exists() and any(Path(path).iterdir()):
-            raise UserError(f"--out {path} exists and is not a cae2 target store; choose an empty or new directory")
+            return cls.open(path, mode="r+")
         group = zarr.open_group(path, mode="w")
         group.require_group("units")
         group.attrs[ROOT_ATTR] = meta.to_json()  # written last: the store exists once this does

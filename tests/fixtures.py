@@ -18,6 +18,13 @@ ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_
 TINY_TEACHER = "cae2-tiny-clip"  # bundled open_clip config (targets/configs), random init in tests
 
 
+def launch_errors(stderr: str, tail: int = 2000) -> str:
+    """A failed multi-rank launch's error lines from every rank (the failing rank's cause is often far
+    above the launcher's own traceback), then the tail of stderr."""
+    hits = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    return "\n".join(hits[:40]) + "\n...\n" + stderr[-tail:]
+
+
 def _jpeg(arr: np.ndarray, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     img = Image.fromarray(arr)

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 import zarr
 from PIL import Image
 
+from cae2.errors import UserError
 from pipelines.extract import ExtractConfig, run_extract
 from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
 from pipelines.verify import verify_store
 from targets.cache import TargetStore
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import ViewParams, apply_view, measure_view
-from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_bad_images, write_good_images
+from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, launch_errors, write_bad_images, write_good_images
 
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -161,6 +162,22 @@ def test_rerun_skips_complete_units_and_clash_is_refused(store, shards):
     assert len(err) == 1 and "views_per_image: store has 3, this run 2" in err[0]
 
 
+def test_settings_check_is_read_only_and_creation_clears_a_half_created_store(store, tmp_path):
+    meta = TargetStore.open(store[0]).meta
+    half = tmp_path / "half.zarr"
+    zarr.open_group(str(half), mode="w")  # a creation killed before the cae2 attribute was written
+    TargetStore.check_settings(half, meta)  # what every rank runs side by side: must not touch it
+    assert (half / "zarr.json").is_file()
+    assert TargetStore.create_or_validate(half, meta).meta.differences(meta) == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not a cae2 target store"):
+        TargetStore.check_settings(other, meta)
+    with pytest.raises(UserError, match="views_per_image: store has 3, this run 2"):
+        TargetStore.check_settings(store[0], replace(meta, views_per_image=2))
+
+
 @pytest.mark.parametrize("case", ["missing_shard", "unknown_teacher", "missing_weights", "bad_tag"])
 def test_bad_inputs_give_one_clear_line(case, shards, tmp_path):
     args = {
@@ -226,7 +243,7 @@ def test_accelerate_two_processes_equal_one(shards, store, tmp_path):
     res = subprocess.run([*ACCELERATE_2CPU, "-m", "pipelines.cli",
                           *extract_args(shards[0], out, views=3)],
                          capture_output=True, text=True, timeout=600, env=ENV, cwd=Path(__file__).parent.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_errors(res.stderr)
     assert "images: 16  views: 48  skipped: 2" in res.stdout and "over 2 rank(s)" in res.stdout
     one, two = _unit_values(store[0]), _unit_values(out)
     assert one.keys() == two.keys()

@@ -26,7 +26,7 @@ from pipelines.extract import ExtractConfig, run_extract
 from pipelines.shards import expand_shards, make_shards
 from targets.cache import TargetStore
 from targets.teacher import Teacher, TeacherSpec
-from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_bad_images, write_good_images
+from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, launch_errors, write_bad_images, write_good_images
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -241,7 +241,7 @@ def test_two_processes_equal_steps_and_each_sample_once_per_epoch(data, tmp_path
     res = subprocess.run([*ACCELERATE_2CPU, "-m", "pipelines.cli",
                           *pretrain_args(data, run, "--log-keys", "--batch-size", "3", steps=24)],
                          capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, launch_errors(res.stderr)
     assert "on 2 process(es)" in res.stderr
     per_rank = {}
     for r in (0, 1):
