@@ -46,7 +46,14 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def publish(section: str, body: str) -> None:
-    """Print a section and write it between its markers in docs/benchmarks.md."""
+    """Print a section and write it between its markers in docs/benchmarks.md. On a machine with a GPU
+    the section is a separate one (`<section>-gpu`, the GPU named in its heading): CPU figures stay."""
+    import torch
+
+    if torch.cuda.is_available():
+        section += "-gpu"
+        heading, _, rest = body.strip().partition("\n")
+        body = f"{heading} ({torch.cuda.get_device_name(0)})\n{rest}"
     stamp = time.strftime("%Y-%m-%d")
     block = (f"<!-- bench:{section} -->\n{body.strip()}\n\n_Measured {stamp} on: {machine()}._\n"
              f"<!-- /bench:{section} -->")

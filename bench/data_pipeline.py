@@ -20,6 +20,9 @@ from bench._common import fake_store, make_sample_shards, publish, table
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--workers", default="0,2", help="Comma-separated data-loader worker counts to run.")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="Use each image this many times (under other keys), so that many workers each get batches.")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -30,10 +33,11 @@ def main() -> None:
     from targets.views import ViewParams, apply_view, decode_image
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-data-"))
-    shards = make_sample_shards(work)
+    shards = make_sample_shards(work, repeat=args.repeat)
     store_path = fake_store(shards, work / "targets.zarr", k=5)
     store = TargetStore.open(store_path)
     samples = [(sh, row, s) for sh in expand_shards(str(shards)) for row, s in enumerate(iter_shard(sh.url))]
+    samples = [x for x in samples if x[2]["__key__"].split("_", 2)[1] == "r0"]  # components: each image once
     units = {sh.name: store.unit(sh.name) for sh, _, _ in samples}
     model_cfg = cae2.resolve_model_config("cae2_vit_base")
     masker = cae2.create_mask_generator(model_cfg)
@@ -55,7 +59,8 @@ def main() -> None:
 
     index = index_shards(store, expand_shards(str(shards)))
     results = {}
-    for workers in (0, 2):
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    for workers in worker_counts:
         cfg = StreamConfig(batch_size=32, seed=0, workers=workers, student_size=224, shuffle_buffer=256)
         loader, plan = make_loader(str(store_path), store.meta, index, cfg, model_cfg, epoch=0)
         n = min(args.batches, plan.batches_per_rank)
@@ -77,10 +82,11 @@ def main() -> None:
             f"{len(samples)} real ImageNet JPEGs (mean {np.mean([i.width * i.height for i in images]) / 1e3:.0f}k "
             "pixels), one thread, ViT-Base settings, K = 5 store of ViT-B/16-shaped latents.\n\n"
             + table(["component", "ms / sample", "samples/s per core"], rows)
-            + "\n\nEnd to end through `pipelines.data` (WebDataset stream, join, shuffle buffer, collate):\n\n"
+            + "\n\nEnd to end through `pipelines.data` (WebDataset stream, join, shuffle buffer, collate)"
+            + (f", the images used {args.repeat} times each" if args.repeat > 1 else "") + ":\n\n"
             + table(["data-loader workers", "samples/s", "samples/s per core"],
-                    [["0 (in the main process, 1 core)", results[0], results[0]],
-                     ["2 (2 cores)", results[2], results[2] / 2]]))
+                    [[f"{w} ({f'{w} cores' if w else 'in the main process, 1 core'})", r, r / max(w, 1)]
+                     for w, r in results.items()]))
     publish("data-pipeline", body)
 
 

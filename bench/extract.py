@@ -22,6 +22,7 @@ def du(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--repeat", type=int, default=1, help="Use each image this many times (under other keys).")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--teacher", default="ViT-B-16")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -33,11 +34,12 @@ def main() -> None:
     from targets.teacher import Teacher, TeacherSpec
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-extract-"))
-    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images // 4, 1))
+    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images * args.repeat // 4, 1),
+                                repeat=args.repeat)
     spec = TeacherSpec(name=args.teacher, pretrained="none")  # random weights: the speed is the same
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = Teacher(spec, device=device)
-    n_views = args.images * args.views
+    n_views = args.images * args.repeat * args.views
     batch = torch.randint(0, 256, (args.batch_size, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8)
     calls = -(-n_views // args.batch_size)  # the same number of views as the extraction
 
@@ -57,7 +59,8 @@ def main() -> None:
     on_disk = du(store / "units")
     body = ("## Stage 1 efficiency and storage\n\n"
             f"Teacher {args.teacher} (random weights; speed only) on {device}, {teacher.precision}, batch "
-            f"{args.batch_size}; {args.images} real ImageNet JPEGs x K = {args.views}; {args.workers} decode "
+            f"{args.batch_size}; {args.images} real ImageNet JPEGs{f' x {args.repeat}' if args.repeat > 1 else ''} "
+            f"x K = {args.views}; {args.workers} decode "
             "worker(s).\n\n"
             + table(["measure", "value"], [
                 ["teacher forward only, in-memory uint8 batches (views/s; mean of before and after)", forward],

@@ -5,7 +5,7 @@ Beside it, the same ratio from the measured speeds of the student's training ste
 forward on in-memory synthetic batches (what this machine allows when both run at their own FLOP/s),
 and the input-pipeline overhead: cached samples/s / in-memory student step samples/s.
 
-    python -m bench.speedup [--images 64] [--steps 12] [--batch-size 16]
+    python -m bench.speedup [--images 64] [--repeat 1] [--steps 12] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def samples_per_s(run: Path, skip_first: int = 1) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="Use each image this many times (under other keys): a data set of images x repeat samples, "
+                         "so that a fast device runs many steps per epoch.")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--students", default="cae2_vit_tiny,cae2_vit_small")
@@ -114,13 +117,15 @@ def main() -> None:
     from targets.teacher import TeacherSpec
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-speedup-"))
-    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images // 2, 1))
+    n_samples = args.images * args.repeat
+    shards = make_sample_shards(work, n=args.images, per_shard=max(n_samples // 8, 1), repeat=args.repeat)
     store = work / "targets.zarr"
-    run_extract(ExtractConfig(shards=str(shards), out=str(store), views_per_image=1, workers=1, progress=False,
-                              teacher=TeacherSpec(name=args.teacher, pretrained="none")), log=lambda m: None)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     worker_counts = [int(w) for w in (args.workers or ("8" if device == "cuda" else "0,1")).split(",")]
+    run_extract(ExtractConfig(shards=str(shards), out=str(store), views_per_image=1, workers=max(max(worker_counts), 1),
+                              progress=False, teacher=TeacherSpec(name=args.teacher, pretrained="none")),
+                log=lambda m: None)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows, ceilings = [], []
     for student in args.students.split(","):
         s_flops, t_flops = flops_per_sample(student, args.teacher)
@@ -140,14 +145,17 @@ def main() -> None:
                        "--allow-random-teacher", "--mixed-precision", args.mixed_precision]
                 if mode == "online":
                     cmd.append("--teacher-online")
-                subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+                res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+                if res.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
                 rates[mode] = samples_per_s(run)
             measured = rates["cache"] / rates["online"]
             rows.append([student, workers, s_flops / 1e9, t_flops / 1e9, rates["online"], rates["cache"], measured,
                          predicted, measured / predicted, measured / measured_ceiling, rates["cache"] / step_rate])
     body = ("## Speedup of cached targets over an online teacher\n\n"
             f"Teacher {args.teacher} (random weights; speed only), batch {args.batch_size} per step, "
-            f"{args.steps} steps (first logging window dropped), {args.images} real ImageNet JPEGs, {device}, "
+            f"{args.steps} steps (first logging window dropped), {args.images} real ImageNet JPEGs"
+            f"{f' x {args.repeat} (as {n_samples} samples)' if args.repeat > 1 else ''}, {device}, "
             f"mixed precision {args.mixed_precision}. Both runs of a pair use the same data-loader workers.\n\n"
             + table(["student", "loader workers", "student train GFLOPs/img", "teacher fwd GFLOPs/img",
                      "online samples/s", "cached samples/s", "measured speedup", "FLOPs-predicted",
