@@ -34,7 +34,8 @@ def main() -> None:
     from targets.teacher import Teacher, TeacherSpec
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-extract-"))
-    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images * args.repeat // 4, 1),
+    units = max(4, 2 * args.workers)  # stage 1 gives each decode worker whole shards
+    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images * args.repeat // units, 1),
                                 repeat=args.repeat)
     spec = TeacherSpec(name=args.teacher, pretrained="none")  # random weights: the speed is the same
     device = "cuda" if torch.cuda.is_available() else "cpu"

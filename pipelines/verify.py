@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from cae2.errors import UserError
 from pipelines.shards import expand_shards, image_bytes, iter_shard
 from targets.cache import TargetStore
+from targets.shard_files import LatentsChecksum
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
@@ -94,18 +94,23 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
     if len(marker["skipped"]) != n - int(unit.valid.sum()):
         report.problems.append(f"unit {name}: {n - int(unit.valid.sum())} invalid rows but "
                                f"{len(marker['skipped'])} skip records")
-    digest = hashlib.blake2b(digest_size=16)
+    try:
+        digest = LatentsChecksum.like(marker["checksum"])
+    except ValueError as e:
+        digest = None
+        report.problems.append(f"unit {name}: {e}")
     step = meta.images_per_shard
     for start in range(0, n, step):
         block = unit.latents[start:start + step]
-        digest.update(np.ascontiguousarray(block).tobytes())
+        if digest is not None:
+            digest.update(np.ascontiguousarray(block, dtype="<f2").tobytes())
         bad = ~np.isfinite(block).all(axis=(1, 2, 3))
         for r in np.flatnonzero(bad):
             report.problems.append(f"unit {name} row {start + r} (key {unit.keys[start + r]}): NaN or inf latents")
         zero = unit.valid[start:start + step] & ~block.any(axis=(1, 2, 3))
         for r in np.flatnonzero(zero):
             report.problems.append(f"unit {name} row {start + r}: latents are all zero (never written)")
-    if "blake2b-128:" + digest.hexdigest() != marker["checksum"]:
+    if digest is not None and digest.value() != marker["checksum"]:
         report.problems.append(f"unit {name}: latents checksum differs from the completion marker")
     for row in np.flatnonzero(unit.valid):
         hw = tuple(int(v) for v in unit.image_hw[row])

@@ -21,9 +21,7 @@ checksum, skipped samples) is written last: a unit without it is incomplete and 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,13 +30,13 @@ import numpy as np
 import zarr
 
 from cae2.errors import UserError
+from targets.shard_files import LatentsChecksum, LocalShardReader, LocalShardWriter
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: view_int without the contrast mean (stage 2 recomputes it from the image)
 ROOT_ATTR = "cae2"
 MARKER_ATTR = "complete"
 N_INT, N_FLOAT = 10, 4
-_EMPTY = np.uint64(2**64 - 1)  # sharding-index entry of a chunk that is not stored
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +195,8 @@ class TargetStore:
                                   dtype="float16", chunks=(1, 1, m.num_tokens, m.latent_dim),
                                   shards=(m.images_per_shard, m.views_per_image, m.num_tokens, m.latent_dim),
                                   compressors=None, fill_value=0)
-        return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard)
+        return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard,
+                          LocalShardWriter.for_array(latents, self.path, f"units/{unit}/latents"))
 
     def _remove_unit(self, unit: str) -> None:
         if f"units/{unit}" not in self.group:
@@ -217,9 +216,11 @@ class TargetStore:
 class UnitWriter:
     """Writes one unit: whole zarr shards of latents as rows complete, then metadata and the marker."""
 
-    def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_shard: int):
+    def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_shard: int,
+                 direct: LocalShardWriter | None = None):
         self.group = group
         self.latents = latents
+        self._direct = direct  # whole shard files written as bytes (local stores); else through zarr
         self.keys = keys
         n = len(keys)
         self.view_int = np.zeros((n, k, N_INT), np.int32)
@@ -228,7 +229,7 @@ class UnitWriter:
         self.valid = np.zeros(n, bool)
         self.skipped: list[dict] = []
         self.rows_per_shard = rows_per_shard
-        self._hash = hashlib.blake2b(digest_size=16)
+        self._checksum = LatentsChecksum()
         self._written = 0
 
     def write_rows(self, start: int, latents: np.ndarray) -> None:
@@ -238,9 +239,12 @@ class UnitWriter:
         if start != self._written or (start % self.rows_per_shard) or \
                 (len(latents) != self.rows_per_shard and stop != len(self.keys)):
             raise ValueError(f"rows {start}:{stop} are not the next whole zarr shard")
-        latents = np.ascontiguousarray(latents, dtype=np.float16)
-        self.latents[start:stop] = latents
-        self._hash.update(latents.tobytes())
+        data = np.ascontiguousarray(latents, dtype="<f2").tobytes()
+        if self._direct is not None:
+            self._direct.write(start // self.rows_per_shard, data)
+        else:
+            self.latents[start:stop] = latents
+        self._checksum.update(data)
         self._written = stop
 
     def finish(self, source: str) -> dict:
@@ -258,78 +262,12 @@ class UnitWriter:
             "num_samples": n,
             "num_valid": int(self.valid.sum()),
             "skipped": self.skipped,
-            "checksum": "blake2b-128:" + self._hash.hexdigest(),
+            "checksum": self._checksum.value(),
             "source": source,
             "completed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         g.attrs[MARKER_ATTR] = marker  # last write: the unit counts only from here on
         return marker
-
-
-class _LocalShardReader:
-    """Reads single views straight from the local files of the uncompressed sharded `latents` array.
-
-    zarr-python spends ~1.4 ms on one small chunk read of a sharded array (it re-reads the shard
-    index every time); this reads each shard file's index once (Zarr v3 sharding codec, index at the
-    end: one little-endian (offset, nbytes) uint64 pair per inner chunk, then a crc32c) and then one
-    pread per view. It is used only when the array's metadata is exactly the layout cae2 writes.
-    """
-
-    EXPECTED_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
-    EXPECTED_INDEX = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-
-    def __init__(self, array_dir: Path, shape: tuple, shard_rows: int):
-        self.dir, self.shape, self.shard_rows = array_dir, shape, shard_rows
-        self.view_bytes = int(np.prod(shape[2:])) * 2
-        self._index: dict[int, np.ndarray] = {}
-        self._fds: dict[int, int] = {}
-
-    @classmethod
-    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> _LocalShardReader | None:
-        if not _is_local(store_path):
-            return None
-        meta = json.loads((Path(store_path) / array_path / "zarr.json").read_text())
-        codecs = meta.get("codecs", [])
-        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or meta.get("data_type") != "float16":
-            return None
-        conf = codecs[0]["configuration"]
-        k, t, d = array.shape[1:]
-        if conf.get("codecs") != cls.EXPECTED_CODECS or conf.get("index_codecs") != cls.EXPECTED_INDEX \
-                or conf.get("index_location", "end") != "end" or conf.get("chunk_shape") != [1, 1, t, d] \
-                or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}} \
-                or meta["chunk_grid"]["configuration"]["chunk_shape"][1:] != [k, t, d]:
-            return None
-        return cls(Path(store_path) / array_path, array.shape, meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = os.open(self.dir / "c" / str(shard) / "0" / "0" / "0", os.O_RDONLY)
-            self._fds[shard] = fd
-            n = self.shard_rows * self.shape[1]
-            size = os.fstat(fd).st_size
-            raw = os.pread(fd, 16 * n, size - 16 * n - 4)
-            self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(n, 2)
-        return fd
-
-    def read(self, row: int, view: int) -> np.ndarray:
-        shard, local = divmod(row, self.shard_rows)
-        fd = self._fd(shard)
-        offset, nbytes = self._index[shard][local * self.shape[1] + view]
-        if offset == _EMPTY and nbytes == _EMPTY:  # a chunk equal to the fill value is not stored
-            return np.zeros(self.shape[2:], dtype=np.float16)
-        if nbytes != self.view_bytes:
-            raise OSError(f"{self.dir}: view ({row}, {view}) has {nbytes} bytes, expected {self.view_bytes}")
-        data = bytearray(os.pread(fd, int(nbytes), int(offset)))  # writable: torch.from_numpy shares it
-        return np.frombuffer(data, dtype="<f2").reshape(self.shape[2:])
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class UnitReader:
@@ -339,7 +277,7 @@ class UnitReader:
         self.group = group
         self.marker = group.attrs[MARKER_ATTR]
         self.latents = group["latents"]
-        self._fast = _LocalShardReader.for_array(self.latents, store_path, f"{group.path}/latents") \
+        self._fast = LocalShardReader.for_array(self.latents, store_path, f"{group.path}/latents") \
             if store_path and self.latents.shape[0] else None
         self.keys = [str(k) for k in group["keys"][:]] if self.marker["num_samples"] else []
         n = len(self.keys)

@@ -1,0 +1,160 @@
+"""Direct access to the shard files of a local, uncompressed, sharded `latents` array, and the checksum
+of a unit's latents.
+
+zarr-python spends ~1.4 ms on one small chunk read of a sharded array (it re-reads the shard index
+every time) and ~3.5 ms per MB on a whole-shard write (its codec pipeline handles each inner chunk
+on its own). The layout cae2 writes is simple enough to read and write as bytes: a shard file
+(Zarr v3 sharding codec, index at the end) is the inner chunks back to back, then one little-endian
+(offset, nbytes) uint64 pair per inner chunk, then the crc32c of that index. Both classes are used
+only when the array's metadata is exactly this layout; anything else goes through zarr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+
+EMPTY = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not stored (zarr: equal to the fill value)
+_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+def _layout(array: zarr.Array, store_path: str, array_path: str) -> tuple[Path, tuple, int] | None:
+    """(array folder, shape, rows per shard) when the array is a local float16 [N, K, T, D] array
+    sharded as cae2 writes it (one view per inner chunk, K views of `rows` images per shard)."""
+    if "://" in store_path:
+        return None
+    folder = Path(store_path) / array_path
+    meta = json.loads((folder / "zarr.json").read_text())
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or meta.get("data_type") != "float16":
+        return None
+    conf = codecs[0]["configuration"]
+    k, t, d = array.shape[1:]
+    if conf.get("codecs") != _CODECS or conf.get("index_codecs") != _INDEX_CODECS \
+            or conf.get("index_location", "end") != "end" or conf.get("chunk_shape") != [1, 1, t, d] \
+            or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}} \
+            or meta["chunk_grid"]["configuration"]["chunk_shape"][1:] != [k, t, d]:
+        return None
+    return folder, array.shape, meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+
+
+def _shard_file(folder: Path, shard: int) -> Path:
+    return folder / "c" / str(shard) / "0" / "0" / "0"
+
+
+class LocalShardReader:
+    """Reads single views: each shard file's index once, then one pread per view."""
+
+    def __init__(self, folder: Path, shape: tuple, shard_rows: int):
+        self.dir, self.shape, self.shard_rows = folder, shape, shard_rows
+        self.view_bytes = int(np.prod(shape[2:])) * 2
+        self._index: dict[int, np.ndarray] = {}
+        self._fds: dict[int, int] = {}
+
+    @classmethod
+    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> LocalShardReader | None:
+        layout = _layout(array, store_path, array_path)
+        return cls(*layout) if layout else None
+
+    def _fd(self, shard: int) -> int:
+        """The shard file's descriptor, -1 where zarr stored no file (every view equal to the fill value)."""
+        fd = self._fds.get(shard)
+        if fd is None:
+            n = self.shard_rows * self.shape[1]
+            try:
+                fd = os.open(_shard_file(self.dir, shard), os.O_RDONLY)
+            except FileNotFoundError:
+                fd, index = -1, np.full((n, 2), EMPTY, dtype="<u8")
+            else:
+                size = os.fstat(fd).st_size
+                index = np.frombuffer(os.pread(fd, 16 * n, size - 16 * n - 4), dtype="<u8").reshape(n, 2)
+            self._fds[shard], self._index[shard] = fd, index
+        return fd
+
+    def read(self, row: int, view: int) -> np.ndarray:
+        shard, local = divmod(row, self.shard_rows)
+        fd = self._fd(shard)
+        offset, nbytes = self._index[shard][local * self.shape[1] + view]
+        if offset == EMPTY and nbytes == EMPTY:  # a chunk equal to the fill value is not stored
+            return np.zeros(self.shape[2:], dtype=np.float16)
+        if nbytes != self.view_bytes:
+            raise OSError(f"{self.dir}: view ({row}, {view}) has {nbytes} bytes, expected {self.view_bytes}")
+        data = bytearray(os.pread(fd, int(nbytes), int(offset)))  # writable: torch.from_numpy shares it
+        return np.frombuffer(data, dtype="<f2").reshape(self.shape[2:])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LocalShardWriter:
+    """Writes whole shards as one file each: the rows' views in order, then the index and its crc32c.
+    Like zarr's local store it writes a `.partial` file and renames it, so a shard file is whole or absent."""
+
+    def __init__(self, folder: Path, shape: tuple, shard_rows: int):
+        self.dir, self.shape, self.shard_rows = folder, shape, shard_rows
+        self.view_bytes = int(np.prod(shape[2:])) * 2
+
+    @classmethod
+    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> LocalShardWriter | None:
+        layout = _layout(array, store_path, array_path)
+        return cls(*layout) if layout else None
+
+    def write(self, shard: int, data: bytes) -> None:
+        """`data`: the C-order float16 bytes of rows [shard * shard_rows, ...) (all of them but in the last shard)."""
+        n_views = len(data) // self.view_bytes
+        index = np.full((self.shard_rows * self.shape[1], 2), EMPTY, dtype="<u8")
+        index[:n_views, 0] = np.arange(n_views, dtype=np.uint64) * self.view_bytes
+        index[:n_views, 1] = self.view_bytes
+        raw = index.tobytes()
+        path = _shard_file(self.dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.write(raw)
+            f.write(google_crc32c.value(raw).to_bytes(4, "little"))
+        os.replace(tmp, path)
+
+
+class LatentsChecksum:
+    """Running checksum of a unit's latents bytes in row order, as its completion marker records it:
+    `crc32c:<8 hex>` (C-accelerated, ~6 GB/s); stores written by cae2 0.1 record `blake2b-128:<32 hex>`,
+    which verifies the same way."""
+
+    KINDS = ("crc32c", "blake2b-128")
+
+    def __init__(self, kind: str = "crc32c"):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown latents checksum {kind!r} (known: {', '.join(self.KINDS)})")
+        self.kind = kind
+        self._crc = 0
+        self._blake = hashlib.blake2b(digest_size=16) if kind == "blake2b-128" else None
+
+    @classmethod
+    def like(cls, recorded: str) -> LatentsChecksum:
+        """A fresh checksum of the kind that `recorded` (a marker's value) was made with."""
+        return cls(recorded.split(":", 1)[0])
+
+    def update(self, data: bytes) -> None:
+        if self._blake is not None:
+            self._blake.update(data)
+        else:
+            self._crc = google_crc32c.extend(self._crc, data)
+
+    def value(self) -> str:
+        digest = self._blake.hexdigest() if self._blake is not None else f"{self._crc:08x}"
+        return f"{self.kind}:{digest}"
