@@ -142,8 +142,8 @@ class UnitAssembler:
         n = len(writer.keys)
         self.resolved = np.zeros(n, bool)
         self.rows_per_shard = meta.images_per_shard
-        self.block = np.zeros((min(n, self.rows_per_shard), meta.views_per_image, meta.num_tokens, meta.latent_dim),
-                              np.float16)
+        self.block_shape = (min(n, self.rows_per_shard), meta.views_per_image, meta.num_tokens, meta.latent_dim)
+        self.block = np.zeros(self.block_shape, np.float16)
         self.next_row = 0
 
     def put(self, row: int, latents: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
@@ -157,8 +157,8 @@ class UnitAssembler:
             self.next_row += 1
             if self.next_row % self.rows_per_shard == 0 or self.next_row == n:
                 start = (self.next_row - 1) // self.rows_per_shard * self.rows_per_shard
-                ready.append((start, self.block[: self.next_row - start].copy()))
-                self.block[:] = 0
+                ready.append((start, self.block[: self.next_row - start]))
+                self.block = np.zeros(self.block_shape, np.float16)  # the writer owns the full one
         return ready
 
     @property
@@ -268,7 +268,8 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                 return
             views = torch.cat([item.views for item in pending])[len(carried):len(carried) + n]  # [n, 3, S, S]
             out = torch.cat([teacher(chunk) for chunk in views.split(cfg.batch_size)])
-            latents = np.concatenate([carried, out.to(torch.float16).cpu().numpy()])
+            out = out.to(torch.float16).cpu().numpy()
+            latents = np.concatenate([carried, out]) if len(carried) else out
             complete = len(latents) // k
             for i, item in enumerate(pending[:complete]):
                 asm = units[item.unit]
