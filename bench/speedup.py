@@ -131,6 +131,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipelines.extract import ExtractConfig, run_extract
+    from targets.cache import TargetStore
     from targets.teacher import TeacherSpec
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-speedup-"))
@@ -143,6 +144,7 @@ def main() -> None:
                               progress=False, teacher=TeacherSpec(name=args.teacher, pretrained="none")),
                 log=lambda m: None)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    target_dim = TargetStore.open(store).meta.latent_dim  # e.g. ViT-Large's preset head is 768-d (ViT-L/14)
     rows, ceilings = [], []
     for student in args.students.split(","):
         s_flops, t_flops = flops_per_sample(student, args.teacher)
@@ -159,7 +161,8 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", str(shards), "--targets",
                        str(store), "--model", student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
                        str(args.batch_size), "--workers", str(workers), "--log-every", "2", "--save-every", "100000",
-                       "--allow-random-teacher", "--mixed-precision", args.mixed_precision]
+                       "--allow-random-teacher", "--mixed-precision", args.mixed_precision, "--target-dim",
+                       str(target_dim)]
                 if mode == "online":
                     cmd.append("--teacher-online")
                 res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
