@@ -132,7 +132,7 @@ class LocalShardWriter:
 
 class LatentsChecksum:
     """Running checksum of a unit's latents bytes in row order, as its completion marker records it:
-    `crc32c:<8 hex>` (C-accelerated, ~6 GB/s); stores written by cae2 0.1 record `blake2b-128:<32 hex>`,
+    `crc32c:<8 hex>` (C-accelerated, ~6 GB/s); older stores record `blake2b-128:<32 hex>`,
     which verifies the same way."""
 
     KINDS = ("crc32c", "blake2b-128")

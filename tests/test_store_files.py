@@ -86,7 +86,7 @@ def test_checksum_kinds_and_old_markers_verify(tmp_path):
     with pytest.raises(ValueError, match="unknown latents checksum 'md5'"):
         LatentsChecksum.like("md5:abc")
 
-    # A unit whose marker holds a cae2 0.1 blake2b checksum verifies; a wrong or unknown one is reported.
+    # A unit whose marker holds an older store's blake2b checksum verifies; a wrong or unknown one is reported.
     latents = np.random.default_rng(1).standard_normal((6, K, T, D)).astype(np.float16)
     store = TargetStore.create_or_validate(str(tmp_path / "t.zarr"), _meta())
     _write_unit(store, "u", latents, direct=True)
