@@ -28,8 +28,8 @@ bench() {  # one benchmark under a time limit; a failure is reported and the oth
   "$PY" -c "import torch, open_clip, zarr, webdataset; print('torch', torch.__version__, 'open_clip',
   open_clip.__version__, 'zarr', zarr.__version__)"; } 2>&1 | tee -a "$LOG"
 
-bench 150 bench.extract --images 300 --repeat 8 --views 5 --batch-size 512 --workers "$W"
-bench 330 bench.speedup --images 300 --repeat 20 --steps 40 --batch-size 128 --mixed-precision bf16 \
+bench 120 bench.extract --images 300 --repeat 8 --views 5 --batch-size 512 --workers "$W"
+bench 300 bench.speedup --images 300 --repeat 20 --steps 40 --batch-size 128 --mixed-precision bf16 \
     --workers "$W" --students cae2_vit_tiny,cae2_vit_small,cae2_vit_base,cae2_vit_large
-bench 120 bench.data_pipeline --repeat 6 --batches 56 --workers "0,$W"
+bench 100 bench.data_pipeline --repeat 6 --batches 56 --workers "0,$W"
 exit $status
