@@ -130,10 +130,14 @@ class TargetStore:
 
     @classmethod
     def check_settings(cls, path: str | Path, meta: StoreMeta) -> None:
-        """Read-only: raise the error `create_or_validate` would raise for an existing store built with
-        other settings, or for a directory that is not a store. Every rank calls this before any writes."""
+        """Read-only: raise the error `create_or_validate` would raise for this path (not a local path,
+        a store built with other settings, a directory that is not a store). Every rank calls this
+        before anyone writes."""
         path = str(path)
-        if not _is_local(path) or not Path(path).exists():
+        if not _is_local(path):
+            raise UserError(f"--out {path}: target stores are written to a local or mounted file system path "
+                            "(the writer relies on atomic renames); copy the finished store elsewhere afterwards")
+        if not Path(path).exists():
             return
         if (Path(path) / "zarr.json").is_file():
             if not _unfinished_creation(Path(path)):
@@ -150,10 +154,10 @@ class TargetStore:
         Only one process may call this at a time (it removes a store whose creation was interrupted)."""
         path = str(path)
         cls.check_settings(path, meta)
-        if _is_local(path) and (Path(path) / "zarr.json").is_file() and _unfinished_creation(Path(path)):
+        if (Path(path) / "zarr.json").is_file():
+            if not _unfinished_creation(Path(path)):
+                return cls.open(path, mode="r+")
             shutil.rmtree(path)  # a run killed while creating the store: nothing in it yet
-        if _is_local(path) and (Path(path) / "zarr.json").is_file():
-            return cls.open(path, mode="r+")
         group = zarr.open_group(path, mode="w")
         group.require_group("units")
         group.attrs[ROOT_ATTR] = meta.to_json()  # written last: the store exists once this does
@@ -164,8 +168,6 @@ class TargetStore:
         `<name>.<uuid>.partial`, then renames it). Creating a unit also (re)writes the metadata of the
         store and of `units/`, so those two folders can hold some; an incomplete unit is removed whole
         when it is redone. Call only while no other process writes to the store."""
-        if not _is_local(self.path):
-            return 0
         stale = [*Path(self.path).glob("*.partial"), *(Path(self.path) / "units").glob("*.partial")]
         for p in stale:
             p.unlink(missing_ok=True)
@@ -199,12 +201,8 @@ class TargetStore:
                           LocalShardWriter.for_array(latents, self.path, f"units/{unit}/latents"))
 
     def _remove_unit(self, unit: str) -> None:
-        if f"units/{unit}" not in self.group:
-            return
-        if _is_local(self.path):
-            shutil.rmtree(Path(self.path) / "units" / unit)
-        else:
-            del self.group[f"units/{unit}"]
+        if f"units/{unit}" in self.group:
+            shutil.rmtree(Path(self.path) / "units" / unit)  # stores are written on local paths only
 
     def unit(self, unit: str) -> UnitReader:
         if self.marker(unit) is None:

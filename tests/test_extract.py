@@ -178,7 +178,7 @@ def test_settings_check_is_read_only_and_creation_clears_a_half_created_store(st
         TargetStore.check_settings(store[0], replace(meta, views_per_image=2))
 
 
-@pytest.mark.parametrize("case", ["missing_shard", "unknown_teacher", "missing_weights", "bad_tag"])
+@pytest.mark.parametrize("case", ["missing_shard", "unknown_teacher", "missing_weights", "bad_tag", "remote_out"])
 def test_bad_inputs_give_one_clear_line(case, shards, tmp_path):
     args = {
         "missing_shard": extract_args(tmp_path / "nope-{000..003}.tar", tmp_path / "a.zarr"),
@@ -187,6 +187,7 @@ def test_bad_inputs_give_one_clear_line(case, shards, tmp_path):
         "missing_weights": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "c.zarr")],
         "bad_tag": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "d.zarr"),
                     "--pretrained", "no-such-tag"],
+        "remote_out": extract_args(shards[0], "s3://bucket/targets.zarr"),
     }[case]
     t0 = time.time()
     res = cli(*args)
@@ -194,7 +195,8 @@ def test_bad_inputs_give_one_clear_line(case, shards, tmp_path):
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1, res.stderr
     expected = {"missing_shard": "nope-000.tar does not exist", "unknown_teacher": "unknown open_clip model",
-                "missing_weights": "--pretrained /path/to/weights", "bad_tag": "no pretrained tag"}[case]
+                "missing_weights": "--pretrained /path/to/weights", "bad_tag": "no pretrained tag",
+                "remote_out": "local or mounted file system path"}[case]
     assert expected in err[0]
     assert time.time() - t0 < 60
     assert not (tmp_path / "a.zarr").exists()
