@@ -244,9 +244,9 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                             teacher.interpolation)
     workers = min(cfg.workers, len(todo))
     _leave_cores_to_workers(teacher.device, workers)
+    # No pin_memory: it pins tensors, not ImageViews records, so its thread would only add a queue hop.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
-                        pin_memory=teacher.device.type == "cuda", prefetch_factor=8 if workers else None,
-                        persistent_workers=False)
+                        prefetch_factor=8 if workers else None, persistent_workers=False)
     units: dict[str, UnitAssembler] = {}
     pending: list[ImageViews] = []
     writes: list[Future] = []
