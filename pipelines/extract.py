@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import cae2
 from cae2.errors import UserError
 from pipelines.shards import Shard, expand_shards, image_bytes, iter_shard
-from targets.cache import StoreMeta, TargetStore, UnitWriter
+from targets.cache import StoreMeta, TargetStore, UnitWriter, require_local_out
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import DecodeError, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
@@ -56,6 +56,7 @@ class ExtractConfig:
             raise UserError("--batch-size must be >= 1")
         if self.workers < 0:
             raise UserError("--workers must be >= 0")
+        require_local_out(self.out)  # before the teacher is loaded
 
 
 # --- data-loader side ----------------------------------------------------------------------------

@@ -100,6 +100,12 @@ def _unfinished_creation(path: Path) -> bool:
     return ROOT_ATTR not in attrs and not any((path / "units").glob("*/zarr.json"))
 
 
+def require_local_out(path: str) -> None:
+    if not _is_local(path):
+        raise UserError(f"--out {path}: target stores are written to a local or mounted file system path "
+                        "(the writer relies on atomic renames); copy the finished store elsewhere afterwards")
+
+
 class TargetStore:
     """A target store opened for reading (`open`) or for extraction (`create_or_validate`)."""
 
@@ -134,9 +140,7 @@ class TargetStore:
         a store built with other settings, a directory that is not a store). Every rank calls this
         before anyone writes."""
         path = str(path)
-        if not _is_local(path):
-            raise UserError(f"--out {path}: target stores are written to a local or mounted file system path "
-                            "(the writer relies on atomic renames); copy the finished store elsewhere afterwards")
+        require_local_out(path)
         if not Path(path).exists():
             return
         if (Path(path) / "zarr.json").is_file():
