@@ -99,11 +99,10 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
     except ValueError as e:
         digest = None
         report.problems.append(f"unit {name}: {e}")
-    step = meta.images_per_shard
-    for start in range(0, n, step):
-        block = unit.latents[start:start + step]
+    for start, block in unit.blocks():
+        step = len(block)
         if digest is not None:
-            digest.update(np.ascontiguousarray(block, dtype="<f2").tobytes())
+            digest.update(block.tobytes())
         bad = ~np.isfinite(block).all(axis=(1, 2, 3))
         for r in np.flatnonzero(bad):
             report.problems.append(f"unit {name} row {start + r} (key {unit.keys[start + r]}): NaN or inf latents")

@@ -296,3 +296,10 @@ class UnitReader:
         if self._fast is not None:
             return self._fast.read(row, view)
         return self.latents[row, view]
+
+    def blocks(self):
+        """(first row, latents [rows, K, 1 + T, D]) for each zarr shard of the unit, in row order."""
+        step = self.latents.shards[0]
+        for shard, start in enumerate(range(0, len(self), step)):
+            yield start, (self._fast.read_shard(shard) if self._fast is not None
+                          else self.latents[start:start + step])
