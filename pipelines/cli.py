@@ -145,6 +145,9 @@ def extract_targets_cmd(
     quick_gelu: Annotated[str, typer.Option(help="auto (on for OpenAI weights), on, off.")] = "auto",
     images_per_shard: Annotated[int, typer.Option(min=1, help="Images per zarr shard file.")] = 32,
     download: Annotated[bool, typer.Option(help="Allow downloading CLIP weights (else local cache only).")] = False,
+    view_path: Annotated[str, typer.Option(help="Where views are cut: pillow (decode workers, the reference), "
+                                                "device (the teacher's device, bit-identical), auto (device on "
+                                                "a GPU).")] = "auto",
 ) -> None:
     """Stage 1: cache the CLIP teacher's per-token latents for K views of every image.
 
@@ -157,7 +160,7 @@ def extract_targets_cmd(
 
     cfg = ExtractConfig(
         shards=shards, out=out, views_per_image=views, seed=seed, batch_size=batch_size, workers=workers,
-        precision=precision, images_per_shard=images_per_shard, allow_download=download,
+        precision=precision, images_per_shard=images_per_shard, allow_download=download, view_path=view_path,
         teacher=_teacher_spec(teacher, pretrained, quick_gelu, teacher_image_size, seed),
         views=_view_settings(ViewSettings, color_jitter, crop_min),
     )

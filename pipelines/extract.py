@@ -2,9 +2,12 @@
 
 Data flow on each rank (whole shards = units, `shards[rank::world]`):
 
-    data-loader workers: read a whole shard -> decode each image once -> cut its K views
-        (targets.views) -> yield per-image view tensors (or a skip record)
-    main process: batch views across images -> teacher forward -> float16 latents
+    data-loader workers: read a whole shard -> decode each image once -> draw its K views and
+        measure their contrast means -> Pillow view path: cut the views (targets.views);
+        device view path: hand on the decoded image -> yield per image (or a skip record)
+    main process: device view path: cut the views of a batch on the teacher's device
+        (targets.device_views, bit-identical) -> teacher forward of batch i on the device while the
+        host prepares batch i + 1 -> float16 latents
     writer thread: whole zarr shards of each unit as their rows complete, then the unit's marker
 
 Complete units are skipped on a rerun; an incomplete one is removed and redone.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,8 +29,19 @@ import cae2
 from cae2.errors import UserError
 from pipelines.shards import Shard, expand_shards, image_bytes, iter_shard
 from targets.cache import StoreMeta, TargetStore, UnitWriter, require_local_out
+from targets.device_views import DeviceViews, check_supported, crop_box
 from targets.teacher import Teacher, TeacherSpec
-from targets.views import DecodeError, ViewSettings, apply_view, decode_image, measure_view, sample_view
+from targets.views import (
+    DecodeError,
+    ViewParams,
+    ViewSettings,
+    apply_view,
+    decode_image,
+    measure_view,
+    sample_view,
+)
+
+VIEW_PATHS = ("auto", "pillow", "device")
 
 
 @dataclass(kw_only=True)
@@ -47,9 +61,14 @@ class ExtractConfig:
     images_per_shard: int = 32
     """Images per zarr shard of the latents array (one write each)."""
     allow_download: bool = False
+    view_path: str = "auto"
+    """pillow: views cut by the decode workers (the exact reference); device: the workers decode, the
+    views are cut batched on the teacher's device (bit-identical); auto: device when that is a GPU."""
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.view_path not in VIEW_PATHS:
+            raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
         if self.views_per_image < 1:
             raise UserError("--views must be >= 1")
         if self.batch_size < 1:
@@ -71,10 +90,12 @@ class UnitStart:
 class ImageViews:
     unit: str
     row: int
-    views: torch.Tensor  # [K, 3, S, S] uint8 (the teacher normalises)
-    view_int: np.ndarray  # [K, 9]
+    views: torch.Tensor | None  # [K, 3, S, S] uint8 (the teacher normalises); None until cut (device path)
+    view_int: np.ndarray  # [K, 10]
     view_float: np.ndarray  # [K, 4]
     image_hw: tuple[int, int]
+    image: torch.Tensor | None = None  # device path: the decoded image, uint8 [H, W, 3]
+    params: list[ViewParams] | None = None  # device path: the K views' parameters
 
 
 @dataclass
@@ -96,9 +117,9 @@ class UnitViewStream(IterableDataset):
     Worker w of W takes units w, w + W, ...; each image is decoded once for all its K views."""
 
     def __init__(self, shards: list[Shard], settings: ViewSettings, seed: int, k: int, size: int,
-                 interpolation: str):
+                 interpolation: str, device_views: bool = False):
         self.shards, self.settings, self.seed, self.k = shards, settings, seed, k
-        self.size, self.interpolation = size, interpolation
+        self.size, self.interpolation, self.device_views = size, interpolation, device_views
 
     def __iter__(self):
         info = get_worker_info()
@@ -125,9 +146,12 @@ class UnitViewStream(IterableDataset):
             return Skip(unit, row, key, str(e))
         hw = (image.height, image.width)
         params = [measure_view(sample_view(self.settings, self.seed, key, k, hw), image) for k in range(self.k)]
-        views = torch.stack([apply_view(image, p, self.size, self.interpolation) for p in params])
         records = [p.to_record() for p in params]
-        return ImageViews(unit, row, views, np.stack([r[0] for r in records]), np.stack([r[1] for r in records]), hw)
+        view_int, view_float = np.stack([r[0] for r in records]), np.stack([r[1] for r in records])
+        if self.device_views:
+            return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.array(image)), params)
+        views = torch.stack([apply_view(image, p, self.size, self.interpolation) for p in params])
+        return ImageViews(unit, row, views, view_int, view_float, hw)
 
 
 def _worker_init(_: int) -> None:
@@ -191,12 +215,29 @@ class ExtractStats:
     seconds: float = 0.0
 
 
-def _meta(cfg: ExtractConfig, teacher: Teacher) -> StoreMeta:
+def _meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMeta:
     return StoreMeta(teacher=teacher.identity(), views=cfg.views.to_dict(), seed=cfg.seed,
                      views_per_image=cfg.views_per_image, input_size=teacher.image_size, grid=teacher.grid_size,
                      num_tokens=teacher.num_tokens, latent_dim=teacher.dim, mean=teacher.mean, std=teacher.std,
                      interpolation=teacher.interpolation, images_per_shard=cfg.images_per_shard,
-                     cae2_version=cae2.__version__)
+                     view_path=view_path, cae2_version=cae2.__version__)
+
+
+def where_views_are_cut(view_path: str, device: torch.device) -> str:
+    return f"on {device} (device view path)" if view_path == "device" else "by Pillow on the host (Pillow view path)"
+
+
+def resolve_view_path(choice: str, device: torch.device, interpolation: str, settings: ViewSettings) -> str:
+    """'auto' -> 'device' on a GPU when the device path reproduces these settings, else 'pillow'."""
+    if choice == "pillow" or (choice == "auto" and device.type != "cuda"):
+        return "pillow"
+    try:
+        check_supported(interpolation, settings.hue)
+    except ValueError as e:
+        if choice == "device":
+            raise UserError(f"--view-path device: {e}") from None
+        return "pillow"
+    return "device"
 
 
 def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStore:
@@ -219,7 +260,8 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo ranks when launched on CPUs
     shards = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download)
-    meta = _meta(cfg, teacher)
+    view_path = resolve_view_path(cfg.view_path, teacher.device, teacher.interpolation, cfg.views)
+    meta = _meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
     mine = shards[state.process_index::state.num_processes]
     todo = [s for s in mine if store.marker(s.name) is None]
@@ -229,27 +271,102 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
             f"already complete), {state.num_processes} rank(s), K={cfg.views_per_image}, teacher "
             f"{meta.teacher['name']} ({'RANDOM INIT' if cfg.teacher.is_random else meta.teacher['pretrained']}) "
             f"on {state.device} {teacher.precision}, grid {teacher.grid_size[0]}x{teacher.grid_size[1]}, "
-            f"dim {teacher.dim}")
+            f"dim {teacher.dim}; views cut {where_views_are_cut(view_path, teacher.device)}")
     t0 = time.perf_counter()
     if todo:
-        _extract_units(cfg, todo, teacher, store, meta, stats, show_progress=cfg.progress and state.is_main_process)
+        _extract_units(cfg, todo, teacher, store, meta, stats, show_progress=cfg.progress and state.is_main_process,
+                       view_path=view_path)
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
+class TeacherQueue:
+    """Views go in, in image order; the teacher runs on whole batches, and each image's K latents come
+    out once all of them are back. On a GPU, batch i's forward and its copy to the host run while the
+    host prepares batch i + 1 (one batch in flight)."""
+
+    def __init__(self, teacher: Teacher, k: int, batch_size: int, meta: StoreMeta):
+        self.teacher, self.k, self.batch_size = teacher, k, batch_size
+        self.views: deque[torch.Tensor] = deque()  # view tensors not yet sent, in order
+        self.queued = 0  # views in self.views
+        self.waiting: deque[ImageViews] = deque()  # images whose latents are not all back, in order
+        self.carried = np.zeros((0, meta.num_tokens, meta.latent_dim), np.float16)
+        self.in_flight: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+
+    def put(self, item: ImageViews) -> None:
+        self.views.append(item.views)
+        self.queued += len(item.views)
+        self.waiting.append(item)
+
+    def launch(self, final: bool = False) -> None:
+        """Send whole batches of the queued views to the teacher (all of them when final)."""
+        while self.queued >= self.batch_size or (final and self.queued):
+            n, parts = min(self.batch_size, self.queued), []
+            while sum(len(p) for p in parts) < n:
+                v = self.views.popleft()
+                need = n - sum(len(p) for p in parts)
+                if len(v) > need:
+                    self.views.appendleft(v[need:])
+                    v = v[:need]
+                parts.append(v)
+            self.queued -= n
+            out = self.teacher(torch.cat(parts) if len(parts) > 1 else parts[0]).to(torch.float16)
+            if out.device.type == "cuda":
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                self.in_flight.append((host, done))
+            else:
+                self.in_flight.append((out, None))
+
+    def collect(self, keep_in_flight: int = 1) -> list[tuple[ImageViews, np.ndarray]]:
+        """(image, latents [K, 1 + T, D]) of every image completed by the batches that came back,
+        leaving up to `keep_in_flight` batches running."""
+        done = []
+        while len(self.in_flight) > keep_in_flight:
+            out, event = self.in_flight.popleft()
+            if event is not None:
+                event.synchronize()
+            latents = out.numpy()
+            latents = np.concatenate([self.carried, latents]) if len(self.carried) else latents
+            complete = len(latents) // self.k
+            done += [(self.waiting.popleft(), latents[i * self.k:(i + 1) * self.k]) for i in range(complete)]
+            self.carried = latents[complete * self.k:].copy()
+        return done
+
+
+def _cut_views(items: list[ImageViews], views: DeviceViews) -> None:
+    """Device view path: cut the views of these images on the teacher's device, in one batch."""
+    crops, params = [], []
+    for item in items:
+        image = item.image.to(views.device, non_blocking=True)
+        crops += [crop_box(image, p) for p in item.params]
+        params += item.params
+        item.image = None
+    out = views.make(crops, params)
+    start = 0
+    for item in items:
+        item.views = out[start:start + len(item.params)]
+        start += len(item.params)
+
+
 def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, store: TargetStore, meta: StoreMeta,
-                   stats: ExtractStats, show_progress: bool) -> None:
+                   stats: ExtractStats, show_progress: bool, view_path: str) -> None:
     from tqdm import tqdm
 
+    device_views = DeviceViews(teacher.image_size, teacher.interpolation, teacher.device) \
+        if view_path == "device" else None
     stream = UnitViewStream(todo, cfg.views, cfg.seed, cfg.views_per_image, teacher.image_size,
-                            teacher.interpolation)
+                            teacher.interpolation, device_views=device_views is not None)
     workers = min(cfg.workers, len(todo))
     _leave_cores_to_workers(teacher.device, workers)
     # No pin_memory: it pins tensors, not ImageViews records, so its thread would only add a queue hop.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
                         prefetch_factor=8 if workers else None, persistent_workers=False)
     units: dict[str, UnitAssembler] = {}
-    pending: list[ImageViews] = []
+    queue = TeacherQueue(teacher, cfg.views_per_image, cfg.batch_size, meta)
+    uncut: list[ImageViews] = []  # device path: images whose views are not cut yet
     writes: list[Future] = []
     bar = tqdm(total=len(todo), unit="shard", disable=not show_progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -269,38 +386,31 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
             while len(writes) > 16:  # bound memory held by queued blocks; surface writer errors
                 writes.pop(0).result()
 
-        carried = np.zeros((0, meta.num_tokens, meta.latent_dim), np.float16)  # latents of pending[0]'s first views
-
-        def flush(final: bool = False) -> None:
-            """Run the teacher on whole batches of the pending views (all of them when final) and hand
-            every image whose K views are done to its unit; a partly done image waits for the next batch."""
-            nonlocal carried
-            k = cfg.views_per_image
-            todo = len(pending) * k - len(carried)
-            n = todo if final else todo // cfg.batch_size * cfg.batch_size
-            if n == 0:
-                return
-            views = torch.cat([item.views for item in pending])[len(carried):len(carried) + n]  # [n, 3, S, S]
-            out = torch.cat([teacher(chunk) for chunk in views.split(cfg.batch_size)])
-            out = out.to(torch.float16).cpu().numpy()
-            latents = np.concatenate([carried, out]) if len(carried) else out
-            complete = len(latents) // k
-            for i, item in enumerate(pending[:complete]):
+        def hand_out(done: list[tuple[ImageViews, np.ndarray]]) -> None:
+            for item, latents in done:
                 asm = units[item.unit]
                 w = asm.writer
                 w.view_int[item.row], w.view_float[item.row] = item.view_int, item.view_float
                 w.image_hw[item.row], w.valid[item.row] = item.image_hw, True
                 stats.images += 1
-                stats.views += k
-                submit(item.unit, asm.put(item.row, latents[i * k:(i + 1) * k]))
-            del pending[:complete]
-            carried = latents[complete * k:].copy()
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix_str(f"{stats.views / elapsed:.0f} views/s, {stats.images} images")
+                stats.views += len(latents)
+                submit(item.unit, asm.put(item.row, latents))
+            if done:
+                bar.set_postfix_str(f"{stats.views / (time.perf_counter() - t0):.0f} views/s, {stats.images} images")
+
+        def feed(final: bool = False) -> None:
+            if uncut and (final or sum(len(i.params) for i in uncut) + queue.queued >= cfg.batch_size):
+                _cut_views(uncut, device_views)
+                for item in uncut:
+                    queue.put(item)
+                uncut.clear()
+            queue.launch(final)
+            hand_out(queue.collect(keep_in_flight=0 if final else 1))
 
         for item in loader:
             if isinstance(item, UnitStart):
                 writer = store.begin_unit(item.shard.name, item.shard.url, item.keys)
+                writer.view_path = view_path
                 units[item.shard.name] = UnitAssembler(writer, item.shard.url, meta)
                 if not item.keys:
                     submit(item.shard.name, [])
@@ -312,10 +422,12 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                 stats.units_failed.append(item.message)
                 bar.update(1)
             else:
-                pending.append(item)
-                if len(pending) * cfg.views_per_image - len(carried) >= cfg.batch_size:
-                    flush()
-        flush(final=True)
+                if item.views is None:
+                    uncut.append(item)
+                else:
+                    queue.put(item)
+                feed()
+        feed(final=True)
         for f in writes:
             f.result()
     bar.close()

@@ -55,12 +55,17 @@ class StoreMeta:
     std: tuple[float, float, float]
     interpolation: str
     images_per_shard: int = 32
+    decoder: str = "pillow"
+    """Image decoder whose pixels the views were cut from (the view ops are exact on both view paths)."""
+    view_path: str = "pillow"
+    """View path of the run that created the store (pillow | device: bit-identical views; each unit's
+    marker records its own)."""
     schema_version: int = SCHEMA_VERSION
     cae2_version: str = ""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     # Fields that do not change the values (layout/bookkeeping) are not compared.
-    _UNCOMPARED = ("cae2_version", "created", "images_per_shard", "schema_version")
+    _UNCOMPARED = ("cae2_version", "created", "images_per_shard", "schema_version", "view_path")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -230,6 +235,7 @@ class UnitWriter:
         self.image_hw = np.zeros((n, 2), np.int32)
         self.valid = np.zeros(n, bool)
         self.skipped: list[dict] = []
+        self.view_path = "pillow"
         self.rows_per_shard = rows_per_shard
         self._checksum = LatentsChecksum()
         self._written = 0
@@ -266,6 +272,7 @@ class UnitWriter:
             "skipped": self.skipped,
             "checksum": self._checksum.value(),
             "source": source,
+            "view_path": self.view_path,
             "completed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         g.attrs[MARKER_ATTR] = marker  # last write: the unit counts only from here on
