@@ -258,6 +258,9 @@ def pretrain(
                                                               help="Accept a store made by a random teacher.")]
     = None,
     compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the student.")] = None,
+    view_path: Annotated[str | None, typer.Option(help="Where views are cut: pillow (loader workers), device "
+                                                       "(the training device, bit-identical), auto (device on a "
+                                                       "GPU; the default).")] = None,
     workers: Annotated[int | None, typer.Option(help="Data-loader workers per process (default 4).")] = None,
     shuffle_buffer: Annotated[int | None, typer.Option(help="Samples in each worker's shuffle buffer.")] = None,
     mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (default: accelerate config).")]

@@ -11,6 +11,9 @@ the same number of steps and the data position is a single number:
                      shards it spans with WebDataset, and shuffles within a bounded buffer
     5. per sample    the view index and the mask are drawn from generators keyed by
                      (seed, epoch, key), so they do not depend on order, workers or ranks
+    6. views         Pillow view path: the worker cuts each view; device view path: the worker
+                     decodes, crops and pads the crops of a batch into groups of similar size, and
+                     the training process cuts the views on its device (bit-identical)
 
 The DataLoader returns worker batches round-robin, so micro-batch j of an epoch comes from worker
 j % W; resuming after j batches makes each worker skip its share without decoding anything.
@@ -32,6 +35,7 @@ from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.shards import Shard, image_bytes, iter_shard
 from targets.cache import StoreMeta, TargetStore
+from targets.device_views import crop_box, group_inputs, pad_crops, plan_groups
 from targets.views import ViewParams, apply_view, decode_image
 
 
@@ -56,6 +60,8 @@ class StreamConfig:
     student_interpolation: str = "bicubic"
     teacher_views: bool = False
     """Also return the teacher's view of each sample (for --teacher-online) instead of cached latents."""
+    view_path: str = "pillow"
+    """pillow: the workers cut the views; device: they return padded crops (`DeviceViews.make_batch`)."""
 
 
 def _stable_int(*parts) -> int:
@@ -181,27 +187,44 @@ class TrainStream(IterableDataset):
 
     def _collate(self, batch, masker) -> dict:
         meta, cfg = self.meta, self.cfg
-        images, masks, targets, teacher_images, keys, views = [], [], [], [], [], []
+        images, masks, targets, teacher_images, keys, views, params = [], [], [], [], [], [], []
         for unit, row, sample in batch:
             key = unit.keys[row]
             k = view_index(cfg.seed, self.epoch, key, meta.views_per_image)
             p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
             image = decode_image(image_bytes(sample))
-            images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))
-            if cfg.teacher_views:
-                teacher_images.append(images[-1] if self.same_views else apply_view(image, p, meta.input_size,
-                                                                                     meta.interpolation))
+            if cfg.view_path == "device":
+                images.append(crop_box(np.asarray(image), p))
+                params.append(p)
             else:
+                images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))
+                if cfg.teacher_views:
+                    teacher_images.append(images[-1] if self.same_views else apply_view(image, p, meta.input_size,
+                                                                                         meta.interpolation))
+            if not cfg.teacher_views:
                 targets.append(torch.from_numpy(unit.read(row, k)))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
             views.append(k)
-        out = {"images": torch.stack(images), "mask": torch.stack(masks), "keys": keys, "views": views}
-        if cfg.teacher_views:
-            out["teacher_images"] = torch.stack(teacher_images)
+        out = {"mask": torch.stack(masks), "keys": keys, "views": views}
+        if cfg.view_path == "device":
+            out["view_groups"] = _padded_groups(images, params, cfg.student_size, cfg.student_interpolation)
+            if cfg.teacher_views and not self.same_views:
+                out["teacher_view_groups"] = _padded_groups(images, params, meta.input_size, meta.interpolation)
         else:
+            out["images"] = torch.stack(images)
+            if cfg.teacher_views:
+                out["teacher_images"] = torch.stack(teacher_images)
+        if not cfg.teacher_views:
             out["targets"] = torch.stack(targets)
         return out
+
+
+def _padded_groups(crops: list[np.ndarray], params: list[ViewParams], size: int, interpolation: str) -> list[dict]:
+    """A batch's crops, padded into groups of similar size with their inputs for `DeviceViews.make_batch`."""
+    out_hw = (size, size)
+    return [{**group_inputs(params, plan, out_hw, interpolation), "pixels": pad_crops(crops, plan)}
+            for plan in plan_groups([c.shape[:2] for c in crops], out_hw)]
 
 
 def _shuffled(items, size: int, rng: np.random.Generator):

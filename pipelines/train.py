@@ -26,10 +26,12 @@ from cae2.config import LossCombine, LossKind, MaskStrategy, ModelConfig, TrainD
 from cae2.errors import UserError
 from pipelines.checkpoint import read_state, resolve_resume, save_checkpoint
 from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch, start_loader
+from pipelines.extract import VIEW_PATHS, resolve_view_path, where_views_are_cut
 from pipelines.shards import expand_shards
-from targets.cache import TargetStore
+from targets.cache import StoreMeta, TargetStore
+from targets.device_views import DECODERS, DeviceViews
 from targets.teacher import teacher_for_store
-from targets.views import IMAGENET_MEAN, IMAGENET_STD, normalize
+from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewSettings, normalize
 
 
 @dataclass(kw_only=True)
@@ -67,6 +69,9 @@ class TrainConfig:
     teacher_online: bool = False
     allow_random_teacher: bool = False
     compile: bool = False
+    view_path: str = "auto"
+    """pillow: the loader workers cut the views; device: they decode and crop, the views are cut on the
+    training device (bit-identical); auto: device when training on a GPU."""
     workers: int = 4
     shuffle_buffer: int = 1000
     mixed_precision: str | None = None
@@ -81,6 +86,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise UserError("--steps must be >= 1")
+        if self.view_path not in VIEW_PATHS:
+            raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
 
 
 def lr_at(step: int, peak: float, min_lr: float, warmup: int, total: int) -> float:
@@ -183,9 +190,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
                               mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                               project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
     world, rank = accelerator.num_processes, accelerator.process_index
+    view_path = _view_path(cfg.view_path, accelerator.device, meta)
     stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
                               shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
-                              teacher_views=cfg.teacher_online)
+                              teacher_views=cfg.teacher_online, view_path=view_path)
     preset = cae2.get_preset(cfg.model).train
     first_plan = plan_epoch(index, stream_cfg, 0)
     steps_per_epoch = first_plan.batches_per_rank // cfg.grad_accum
@@ -217,6 +225,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
             f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
             f"{steps_per_epoch}/epoch, warmup {warmup}; targets {'ONLINE teacher' if cfg.teacher_online else 'cache'}")
+        log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
+            f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
+            + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)"))
         skipped = sum(i.num_samples - len(i.rows) for i in index)
         log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
             f"{first_plan.left_out} left out per epoch to keep {world} rank(s) in step")
@@ -229,6 +240,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     teacher = None
     if cfg.teacher_online:
         teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device)
+    student_views = teacher_views = None
+    if view_path == "device":
+        student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
+        teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
 
     data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                    "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
@@ -292,11 +307,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     t_wait = time.perf_counter()
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t_wait
-                    images = normalize(batch["images"].to(accelerator.device, non_blocking=True), IMAGENET_MEAN,
-                                       IMAGENET_STD)
+                    raw = student_views.make_batch(batch["view_groups"], len(batch["keys"])) if student_views \
+                        else batch["images"].to(accelerator.device, non_blocking=True)
+                    images = normalize(raw, IMAGENET_MEAN, IMAGENET_STD)
                     mask = batch["mask"].to(accelerator.device, non_blocking=True)
                     if teacher is not None:
-                        targets = teacher(batch["teacher_images"])
+                        targets = teacher(_teacher_views(batch, raw, teacher_views))
                     else:
                         targets = batch["targets"].to(accelerator.device, non_blocking=True)
                     sync = micro == cfg.grad_accum - 1
@@ -350,6 +366,23 @@ def train(cfg: TrainConfig, log=print) -> dict:
             keys_file.close()
         accelerator.end_training()
     return {"status": status, "step": step, "run_dir": str(run_dir), "total_steps": total}
+
+
+def _view_path(choice: str, device: torch.device, meta: StoreMeta) -> str:
+    """The view path of this run; views must come from the decoder the store's views came from."""
+    if meta.decoder not in DECODERS:
+        raise UserError(f"--targets: the store's views were cut from images decoded by {meta.decoder!r}; this "
+                        f"cae2 decodes with {', '.join(DECODERS)}: use the cae2 version that made the store")
+    return resolve_view_path(choice, device, meta.interpolation, ViewSettings.from_dict(meta.views))
+
+
+def _teacher_views(batch: dict, student: torch.Tensor, views: DeviceViews | None) -> torch.Tensor:
+    """The teacher's view of each sample (--teacher-online): the student's when sizes match."""
+    if "teacher_images" in batch:
+        return batch["teacher_images"]
+    if "teacher_view_groups" in batch:
+        return views.make_batch(batch["teacher_view_groups"], len(batch["keys"]))
+    return student
 
 
 def _check_resume(ckpt: Path, state: dict, model: dict, data_layout: dict) -> None:

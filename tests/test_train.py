@@ -185,6 +185,35 @@ def test_teacher_online_gives_the_cached_targets(data, tmp_path):
     assert abs(losses(a)[1] - losses(b)[1]) < 1e-3
 
 
+def test_device_view_path_trains_like_the_pillow_path(data, tmp_path):
+    """The device path (run here on CPU tensors) gives the student and the online teacher the same
+    views, so training and the first steps' losses are the same."""
+    from targets.device_views import DeviceViews
+
+    store = TargetStore.open(data / "targets.zarr")
+    index = index_shards(store, expand_shards(str(data / "shards")))
+    model_cfg = cae2.resolve_model_config("cae2_debug")
+    for online in (False, True):
+        batches = {}
+        for path in ("pillow", "device"):
+            cfg = StreamConfig(batch_size=8, seed=0, workers=0, student_size=64, teacher_views=online, view_path=path)
+            loader, _ = make_loader(store.path, store.meta, index, cfg, model_cfg, epoch=1)
+            batches[path] = next(iter(loader))
+        pillow, device = batches["pillow"], batches["device"]
+        assert pillow["keys"] == device["keys"] and torch.equal(pillow["mask"], device["mask"])
+        assert "images" not in device and len(device["view_groups"]) >= 1
+        views = DeviceViews(64, "bicubic").make_batch(device["view_groups"], len(device["keys"]))
+        assert torch.equal(views, pillow["images"])
+        if not online:
+            assert torch.equal(device["targets"], pillow["targets"])
+    a, b = tmp_path / "pillow", tmp_path / "device"
+    assert cli(*pretrain_args(data, a, "--view-path", "pillow", steps=3)).returncode == 0
+    res = cli(*pretrain_args(data, b, "--view-path", "device", steps=3))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "device view path" in res.stderr and "bit-identical" in res.stderr
+    assert losses(a) == losses(b)
+
+
 def _other_store(data, tmp_path):
     write_good_images(tmp_path / "other", 9, seed=5)
     make_shards(tmp_path / "other", tmp_path / "other_shards", samples_per_shard=9, prefix="other")
