@@ -27,9 +27,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import cae2
-    from pipelines.data import StreamConfig, index_shards, make_loader, sample_rng, view_index
+    from pipelines.data import StreamConfig, index_shards, make_loader, padded_groups, sample_rng, view_index
     from pipelines.shards import expand_shards, image_bytes, iter_shard
     from targets.cache import TargetStore
+    from targets.device_views import crop_box
     from targets.views import ViewParams, apply_view, decode_image
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-data-"))
@@ -54,14 +55,20 @@ def main() -> None:
         k = view_index(0, 0, u.keys[row], 5)
         params.append(ViewParams.from_record(u.view_int[row, k], u.view_float[row, k]))
     ms_view, _ = timed(lambda ip: apply_view(ip[0], ip[1], 224, "bicubic"), list(zip(images, params, strict=True)))
+    ms_crop, crops = timed(lambda ip: crop_box(np.asarray(ip[0]), ip[1]), list(zip(images, params, strict=True)))
+    t0 = time.perf_counter()
+    for start in range(0, len(crops), 32):  # the worker's share of the device path: pad a batch into groups
+        padded_groups(crops[start:start + 32], params[start:start + 32], 224, "bicubic")
+    ms_pad = (time.perf_counter() - t0) / len(crops) * 1e3
     ms_read, _ = timed(lambda x: units[x[0].name].read(x[1], 1), samples)
     ms_mask, _ = timed(lambda x: masker(sample_rng(0, 0, x[2]["__key__"])), samples)
 
     index = index_shards(store, expand_shards(str(shards)))
     results = {}
     worker_counts = [int(w) for w in args.workers.split(",")]
-    for workers in worker_counts:
-        cfg = StreamConfig(batch_size=32, seed=0, workers=workers, student_size=224, shuffle_buffer=256)
+    for workers, view_path in [(w, p) for p in ("pillow", "device") for w in worker_counts]:
+        cfg = StreamConfig(batch_size=32, seed=0, workers=workers, student_size=224, shuffle_buffer=256,
+                           view_path=view_path)
         loader, plan = make_loader(str(store_path), store.meta, index, cfg, model_cfg, epoch=0)
         n = min(args.batches, plan.batches_per_rank)
         it = iter(loader)
@@ -69,24 +76,30 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(n - 1):
             next(it)
-        results[workers] = (n - 1) * 32 / (time.perf_counter() - t0)
+        results[workers, view_path] = (n - 1) * 32 / (time.perf_counter() - t0)
         del it, loader
 
     total = ms_decode + ms_view + ms_read + ms_mask
+    total_device = ms_decode + ms_crop + ms_pad + ms_read + ms_mask
     rows = [["decode (Pillow, libjpeg-turbo)", ms_decode, 1e3 / ms_decode],
-            ["view: jitter, flip, crop, bicubic resize to 224", ms_view, 1e3 / ms_view],
+            ["Pillow view path: jitter, flip, crop, bicubic resize to 224", ms_view, 1e3 / ms_view],
+            ["device view path: the crop as an array", ms_crop, 1e3 / ms_crop],
+            ["device view path: pad a batch's crops into groups, jitter tables, resampling weights", ms_pad,
+             1e3 / ms_pad],
             ["target read: one view [197, 512] fp16 from zarr", ms_read, 1e3 / ms_read],
             ["block mask (98 of 196)", ms_mask, 1e3 / ms_mask],
-            ["sum of components", total, 1e3 / total]]
+            ["sum, Pillow view path", total, 1e3 / total],
+            ["sum, device view path (the views are then cut on the training device)", total_device,
+             1e3 / total_device]]
     body = ("## Input pipeline (stage 2 data loader, CPU)\n\n"
             f"{len(samples)} real ImageNet JPEGs (mean {np.mean([i.width * i.height for i in images]) / 1e3:.0f}k "
             "pixels), one thread, ViT-Base settings, K = 5 store of ViT-B/16-shaped latents.\n\n"
             + table(["component", "ms / sample", "samples/s per core"], rows)
             + "\n\nEnd to end through `pipelines.data` (WebDataset stream, join, shuffle buffer, collate)"
             + (f", the images used {args.repeat} times each" if args.repeat > 1 else "") + ":\n\n"
-            + table(["data-loader workers", "samples/s", "samples/s per core"],
-                    [[f"{w} ({f'{w} cores' if w else 'in the main process, 1 core'})", r, r / max(w, 1)]
-                     for w, r in results.items()]))
+            + table(["view path", "data-loader workers", "samples/s", "samples/s per core"],
+                    [[p, f"{w} ({f'{w} cores' if w else 'in the main process, 1 core'})", r, r / max(w, 1)]
+                     for (w, p), r in results.items()]))
     publish("data-pipeline", body)
 
 

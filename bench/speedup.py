@@ -53,9 +53,10 @@ def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
 
 
 def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int,
-                    mixed_precision: str) -> tuple[float, float]:
+                    mixed_precision: str, compile: bool = False) -> tuple[float, float]:
     """(student training steps, teacher forwards) in samples/s on in-memory synthetic batches: the step
-    of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision) without any data loading."""
+    of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision, --compile) without any data
+    loading."""
     import cae2
     from pipelines.train import make_optimizer
     from targets.teacher import Teacher, TeacherSpec
@@ -64,8 +65,10 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
     preset = cae2.get_preset(student).train
-    teacher = Teacher(TeacherSpec(name=teacher_name, pretrained="none"), device=device)
+    teacher = Teacher(TeacherSpec(name=teacher_name, pretrained="none"), device=device,
+                      compile=compile and (teacher_name, batch_size, mixed_precision, compile) not in _TEACHER_RATES)
     model = cae2.create_model(student, target_dim=teacher.dim).to(device).train()
+    net = torch.compile(model) if compile else model
     cfg = model.cfg
     opt = make_optimizer(model, preset, preset.weight_decay, 1e-4)
     mask = synthetic_masks(cfg, batch_size).to(device)
@@ -76,7 +79,7 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
 
     def step():
         with autocast():
-            pred = model(images, mask)
+            pred = net(images, mask)
             out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), n_visible, preset.loss,
                                       preset.loss_combine)
         out.loss.backward()
@@ -84,11 +87,13 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def forward():
-        with autocast():
-            teacher(views)
+    key = (teacher_name, batch_size, mixed_precision, compile)
+    if key not in _TEACHER_RATES:  # the same for every student
+        _TEACHER_RATES[key] = rate(lambda: teacher(views), steps, batch_size)
+    return rate(step, steps, batch_size), _TEACHER_RATES[key]
 
-    return rate(step, steps, batch_size), rate(forward, steps, batch_size)
+
+_TEACHER_RATES: dict[tuple, float] = {}
 
 
 def samples_per_s(run: Path, skip_first: int = 1) -> float:
@@ -97,12 +102,14 @@ def samples_per_s(run: Path, skip_first: int = 1) -> float:
     return sum(r["samples_per_s"] for r in steady) / len(steady)
 
 
-def publish_speedup(args, n_samples: int, device: str, rows: list, ceilings: list) -> None:
+def publish_speedup(args, n_samples: int, device: str, rows: list, ceilings: list, steps_table: list) -> None:
     body = ("## Speedup of cached targets over an online teacher\n\n"
             f"Teacher {args.teacher} (random weights; speed only), batch {args.batch_size} per step, "
             f"{args.steps} steps (first logging window dropped), {args.images} real ImageNet JPEGs"
             f"{f' x {args.repeat} (as {n_samples} samples)' if args.repeat > 1 else ''}, {device}, "
-            f"mixed precision {args.mixed_precision}. Both runs of a pair use the same data-loader workers.\n\n"
+            f"mixed precision {args.mixed_precision}, {'--compile' if args.compile else 'not compiled'}, views on "
+            f"the {args.view_path} view path. Both runs of a pair use the same data-loader workers and "
+            "settings.\n\n"
             + table(["student", "loader workers", "student train GFLOPs/img", "teacher fwd GFLOPs/img",
                      "online samples/s", "cached samples/s", "measured speedup", "FLOPs-predicted",
                      "**measured / predicted** (goal >= 0.9)", "measured / in-memory ratio",
@@ -111,6 +118,9 @@ def publish_speedup(args, n_samples: int, device: str, rows: list, ceilings: lis
               "or data loader), same batch and precision:\n\n"
             + table(["student", "student step samples/s", "teacher fwd samples/s", "student GFLOP/s",
                      "teacher GFLOP/s", "in-memory ratio 1 + step/fwd", "in-memory / FLOPs-predicted"], ceilings))
+    if steps_table:
+        body += ("\n\nThe students' in-memory training step by batch and `--compile` (same precision):\n\n"
+                 + table(["student", "batch", "compiled", "samples/s", "TFLOP/s"], steps_table))
     publish("speedup", body)
 
 
@@ -125,6 +135,10 @@ def main() -> None:
     ap.add_argument("--students", default="cae2_vit_tiny,cae2_vit_small")
     ap.add_argument("--teacher", default="ViT-B-16")
     ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--compile", action="store_true", help="Run pretrain and the in-memory step compiled.")
+    ap.add_argument("--view-path", default="auto")
+    ap.add_argument("--step-table", default="",
+                    help="Also time the in-memory step at these batch:compile pairs, e.g. '128:0,256:0,256:1'.")
     ap.add_argument("--workers", default=None,
                     help="Comma-separated data-loader worker counts, one pair of runs each (default: 0,1 on CPU, "
                          "where a worker process competes with the training threads for the cores; 8 on a GPU).")
@@ -145,12 +159,20 @@ def main() -> None:
                 log=lambda m: None)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     target_dim = TargetStore.open(store).meta.latent_dim  # e.g. ViT-Large's preset head is 768-d (ViT-L/14)
-    rows, ceilings = [], []
+    rows, ceilings, steps_table = [], [], []
     for student in args.students.split(","):
         s_flops, t_flops = flops_per_sample(student, args.teacher)
         predicted = (s_flops + t_flops) / s_flops
         step_rate, teacher_rate = in_memory_rates(student, args.teacher, args.batch_size, max(args.steps // 2, 3),
-                                                  args.mixed_precision)
+                                                  args.mixed_precision, args.compile)
+        for pair in filter(None, args.step_table.split(",")):
+            batch, compiled = (int(v) for v in pair.split(":"))
+            if (batch, bool(compiled)) == (args.batch_size, args.compile):
+                rate_ = step_rate
+            else:
+                rate_, _ = in_memory_rates(student, args.teacher, batch, max(args.steps // 2, 3), args.mixed_precision,
+                                           bool(compiled))
+            steps_table.append([student, batch, "yes" if compiled else "no", rate_, rate_ * s_flops / 1e12])
         measured_ceiling = 1 + step_rate / teacher_rate
         ceilings.append([student, step_rate, teacher_rate, step_rate * s_flops / 1e9, teacher_rate * t_flops / 1e9,
                          measured_ceiling, measured_ceiling / predicted])
@@ -162,7 +184,9 @@ def main() -> None:
                        str(store), "--model", student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
                        str(args.batch_size), "--workers", str(workers), "--log-every", "2", "--save-every", "100000",
                        "--allow-random-teacher", "--mixed-precision", args.mixed_precision, "--target-dim",
-                       str(target_dim)]
+                       str(target_dim), "--view-path", args.view_path]
+                if args.compile:
+                    cmd.append("--compile")
                 if mode == "online":
                     cmd.append("--teacher-online")
                 res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -172,7 +196,7 @@ def main() -> None:
             measured = rates["cache"] / rates["online"]
             rows.append([student, workers, s_flops / 1e9, t_flops / 1e9, rates["online"], rates["cache"], measured,
                          predicted, measured / predicted, measured / measured_ceiling, rates["cache"] / step_rate])
-        publish_speedup(args, n_samples, device, rows, ceilings)  # after each student: a cut-off run keeps its rows
+        publish_speedup(args, n_samples, device, rows, ceilings, steps_table)  # a cut-off run keeps its rows
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ def extract_targets_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the view parameters (and of a random teacher).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Views per teacher forward.")] = 256,
     workers: Annotated[int, typer.Option(min=0, help="Decode workers per process.")] = 4,
-    precision: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, bf16, fp16 (autocast), or "
+                                                "bf16-weights, fp16-weights (the weights cast).")] = "auto",
+    compile_teacher: Annotated[bool, typer.Option(help="torch.compile the teacher's tower.")] = False,
     color_jitter: Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter strength.")]
     = TrainDefaults.color_jitter,
     crop_min: Annotated[float, typer.Option(help="Smallest RandomResizedCrop area fraction.")]
@@ -161,6 +163,7 @@ def extract_targets_cmd(
     cfg = ExtractConfig(
         shards=shards, out=out, views_per_image=views, seed=seed, batch_size=batch_size, workers=workers,
         precision=precision, images_per_shard=images_per_shard, allow_download=download, view_path=view_path,
+        compile_teacher=compile_teacher,
         teacher=_teacher_spec(teacher, pretrained, quick_gelu, teacher_image_size, seed),
         views=_view_settings(ViewSettings, color_jitter, crop_min),
     )
@@ -257,7 +260,8 @@ def pretrain(
     allow_random_teacher: Annotated[bool | None, typer.Option("--allow-random-teacher",
                                                               help="Accept a store made by a random teacher.")]
     = None,
-    compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the student.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the student (and the online "
+                                                                   "teacher).")] = None,
     view_path: Annotated[str | None, typer.Option(help="Where views are cut: pillow (loader workers), device "
                                                        "(the training device, bit-identical), auto (device on a "
                                                        "GPU; the default).")] = None,

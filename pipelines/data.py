@@ -208,9 +208,9 @@ class TrainStream(IterableDataset):
             views.append(k)
         out = {"mask": torch.stack(masks), "keys": keys, "views": views}
         if cfg.view_path == "device":
-            out["view_groups"] = _padded_groups(images, params, cfg.student_size, cfg.student_interpolation)
+            out["view_groups"] = padded_groups(images, params, cfg.student_size, cfg.student_interpolation)
             if cfg.teacher_views and not self.same_views:
-                out["teacher_view_groups"] = _padded_groups(images, params, meta.input_size, meta.interpolation)
+                out["teacher_view_groups"] = padded_groups(images, params, meta.input_size, meta.interpolation)
         else:
             out["images"] = torch.stack(images)
             if cfg.teacher_views:
@@ -220,7 +220,7 @@ class TrainStream(IterableDataset):
         return out
 
 
-def _padded_groups(crops: list[np.ndarray], params: list[ViewParams], size: int, interpolation: str) -> list[dict]:
+def padded_groups(crops: list[np.ndarray], params: list[ViewParams], size: int, interpolation: str) -> list[dict]:
     """A batch's crops, padded into groups of similar size with their inputs for `DeviceViews.make_batch`."""
     out_hw = (size, size)
     return [{**group_inputs(params, plan, out_hw, interpolation), "pixels": pad_crops(crops, plan)}

@@ -61,6 +61,8 @@ class ExtractConfig:
     images_per_shard: int = 32
     """Images per zarr shard of the latents array (one write each)."""
     allow_download: bool = False
+    compile_teacher: bool = False
+    """torch.compile the teacher's tower (one static batch shape; the last batch is padded to it)."""
     view_path: str = "auto"
     """pillow: views cut by the decode workers (the exact reference); device: the workers decode, the
     views are cut batched on the teacher's device (bit-identical); auto: device when that is a GPU."""
@@ -259,7 +261,8 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
 
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo ranks when launched on CPUs
     shards = expand_shards(cfg.shards)
-    teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download)
+    teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download,
+                      compile=cfg.compile_teacher)
     view_path = resolve_view_path(cfg.view_path, teacher.device, teacher.interpolation, cfg.views)
     meta = _meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
@@ -270,8 +273,9 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
         log(f"extract-targets: {len(shards)} shards, {len(todo)} to do on this rank ({stats.units_already_complete} "
             f"already complete), {state.num_processes} rank(s), K={cfg.views_per_image}, teacher "
             f"{meta.teacher['name']} ({'RANDOM INIT' if cfg.teacher.is_random else meta.teacher['pretrained']}) "
-            f"on {state.device} {teacher.precision}, grid {teacher.grid_size[0]}x{teacher.grid_size[1]}, "
-            f"dim {teacher.dim}; views cut {where_views_are_cut(view_path, teacher.device)}")
+            f"on {state.device} {teacher.precision}{' (compiled)' if teacher.compiled else ''}, "
+            f"grid {teacher.grid_size[0]}x{teacher.grid_size[1]}, dim {teacher.dim}; "
+            f"views cut {where_views_are_cut(view_path, teacher.device)}")
     t0 = time.perf_counter()
     if todo:
         _extract_units(cfg, todo, teacher, store, meta, stats, show_progress=cfg.progress and state.is_main_process,

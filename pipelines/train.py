@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None
     if cfg.teacher_online:
-        teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device)
+        teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
     student_views = teacher_views = None
     if view_path == "device":
         student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)

@@ -38,61 +38,59 @@ VIEW_PATHS = ("pillow", "device")
 DECODERS = ("pillow",)
 
 
-def _bicubic(x: float) -> float:
-    a = -0.5
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
-
-
-def _bilinear(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
-
-
-_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
+_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # Pillow's filter support
 
 
 def check_supported(interpolation: str, hue: float = 0.0) -> None:
     """Raise ValueError for what the device path does not reproduce."""
-    if interpolation not in _FILTERS:
-        raise ValueError(f"the device view path resamples with {' or '.join(_FILTERS)}, not {interpolation!r}; "
+    if interpolation not in _SUPPORT:
+        raise ValueError(f"the device view path resamples with {' or '.join(_SUPPORT)}, not {interpolation!r}; "
                          "use the Pillow view path (--view-path pillow)")
     if hue:
         raise ValueError(f"the device view path has no hue jitter (settings hue = {hue}); "
                          "use the Pillow view path (--view-path pillow)")
 
 
+def _bicubic_array(x: np.ndarray) -> np.ndarray:
+    """`_bicubic` of every element, with the same double operations."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _bilinear_array(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTER_ARRAYS = {"bicubic": _bicubic_array, "bilinear": _bilinear_array}
+
+
 @functools.lru_cache(maxsize=8192)
 def pillow_coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
     """Pillow's resampling of one axis, in_size -> out_size, as (first input index [out] int64,
     fixed-point weights [out, ksize] int64): precompute_coeffs + normalize_coeffs_8bpc of
-    libImaging/Resample.c, with the same double arithmetic in the same order."""
-    filt, support = _FILTERS[interpolation]
+    libImaging/Resample.c, with the same double operations in the same order (the weights' sum is
+    accumulated left to right, as in its loop)."""
+    support = _SUPPORT[interpolation]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = support * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
     ss = 1.0 / filterscale
-    first = np.zeros(out_size, np.int64)
-    weights = np.zeros((out_size, ksize), np.int64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)  # C casts truncate towards zero
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        k = [filt((x + xmin - center + 0.5) * ss) for x in range(xmax)]
-        ww = 0.0
-        for w in k:
-            ww += w
-        if ww != 0.0:
-            k = [w / ww for w in k]
-        first[xx] = xmin
-        weights[xx, :xmax] = [int(-0.5 + w * (1 << PRECISION_BITS)) if w < 0 else int(0.5 + w * (1 << PRECISION_BITS))
-                              for w in k]
-    return first, weights
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C casts truncate towards zero
+    taps = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    x = np.arange(ksize)
+    k = _FILTER_ARRAYS[interpolation](((x[None] + first[:, None]).astype(np.float64) - center[:, None] + 0.5) * ss)
+    k = np.where(x[None] < taps[:, None], k, 0.0)
+    ww = np.add.accumulate(k, axis=1)[:, -1]  # sequential, as Pillow's loop (+0.0 for unused taps)
+    k = np.divide(k, ww[:, None], out=k.copy(), where=ww[:, None] != 0.0)
+    scaled = k * (1 << PRECISION_BITS)
+    weights = np.where(k < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int64)
+    return first, np.where(x[None] < taps[:, None], weights, 0)
 
 
 def resampling_matrix(in_size: int, out_size: int, interpolation: str) -> np.ndarray:

@@ -114,12 +114,12 @@ def spec_from_identity(identity: dict, image_size: int, pretrained: str | None =
 
 
 def teacher_for_store(identity: dict, input_size: int, device: torch.device | str,
-                      pretrained: str | None = None) -> Teacher:
+                      pretrained: str | None = None, compile: bool = False) -> Teacher:
     """The teacher a target store was built with (its precision on a GPU, fp32 on a CPU); other weights
     than the recorded ones (sha256) are refused."""
     device = torch.device(device)
     teacher = Teacher(spec_from_identity(identity, input_size, pretrained), device=device,
-                      precision=identity["precision"] if device.type == "cuda" else "fp32")
+                      precision=identity["precision"] if device.type == "cuda" else "fp32", compile=compile)
     if identity.get("weights_sha256") and teacher.weights_sha256 != identity["weights_sha256"]:
         raise UserError(f"the teacher weights {teacher.weights_file} differ from the ones the target store was built "
                         "with (sha256); pass --pretrained with the original weights file")
@@ -134,12 +134,15 @@ class Teacher(nn.Module):
     """
 
     def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu", precision: str = "auto",
-                 allow_download: bool = False):
+                 allow_download: bool = False, compile: bool = False):
         super().__init__()
         import open_clip
 
         self.spec = spec
         self.device = torch.device(device)
+        self.compiled = compile
+        self._tower = torch.compile(self._latents, dynamic=False) if compile else self._latents
+        self._batch = 0  # the largest batch seen: a compiled tower pads smaller ones to it (no recompile)
         name = _model_name(spec.name)
         weights_file, pcfg = (None, {}) if spec.is_random else resolve_weights(name, spec.pretrained, allow_download)
         quick_gelu = spec.quick_gelu
@@ -164,6 +167,8 @@ class Teacher(nn.Module):
         self.weights_file = weights_file
         self.weights_sha256 = sha256_file(weights_file) if weights_file else None
         self.precision = _resolve_precision(precision, self.device)
+        if self.precision.endswith("-weights"):  # OpenAI CLIP's own fp16 mode: weights cast, no autocast
+            self.visual.to(_DTYPES[self.precision.removesuffix("-weights")])
         pp = visual.preprocess_cfg
         self.mean = tuple(float(v) for v in pp["mean"])
         self.std = tuple(float(v) for v in pp["std"])
@@ -193,18 +198,27 @@ class Teacher(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        v = self.visual
         images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = normalize(images, self.mean, self.std)
-        ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if self.precision != "fp32" \
-            else contextlib.nullcontext()
-        with ctx:
-            x = v._embeds(images)  # [B, 1 + T, W], CLS first
-            x = v.transformer(x)
-            x = v.ln_post(x)
-            x = x @ v.proj  # [B, 1 + T, D]
-        return x.float()
+        n = len(images)
+        if self.compiled:  # one static shape: smaller batches are padded to the largest one seen
+            self._batch = max(self._batch, n)
+            if n < self._batch:
+                images = torch.cat([images, images.new_zeros((self._batch - n, *images.shape[1:]))])
+        if self.precision in ("fp16", "bf16"):
+            with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
+                x = self._tower(images)
+        else:
+            x = self._tower(images.to(self.visual.proj.dtype))
+        return x[:n].float()
+
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v._embeds(images)  # [B, 1 + T, W], CLS first
+        x = v.transformer(x)
+        x = v.ln_post(x)
+        return x @ v.proj  # [B, 1 + T, D]
 
 
 @contextlib.contextmanager
@@ -225,11 +239,15 @@ def _quiet_random_init_warning(asked_for: bool):
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-weights", "fp16-weights")
+
+
 def _resolve_precision(precision: str, device: torch.device) -> str:
+    """fp16 / bf16: autocast over fp32 weights; *-weights: the weights themselves in that type."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"  # the official code runs the teacher in fp16
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision.startswith("fp16") and device.type == "cpu":
+        raise UserError(f"--precision {precision} needs a GPU; use fp32 or bf16 on CPU")
     return precision
