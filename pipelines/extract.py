@@ -99,6 +99,12 @@ class ImageViews:
     image: torch.Tensor | None = None  # device path: the decoded image, uint8 [H, W, 3]
     params: list[ViewParams] | None = None  # device path: the K views' parameters
 
+    def pin_memory(self) -> ImageViews:
+        """The DataLoader's pin-memory thread pins the image, so that its copy to the GPU waits for nothing."""
+        if self.image is not None:
+            self.image = self.image.pin_memory()
+        return self
+
 
 @dataclass
 class Skip:
@@ -365,9 +371,10 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                             teacher.interpolation, device_views=device_views is not None)
     workers = min(cfg.workers, len(todo))
     _leave_cores_to_workers(teacher.device, workers)
-    # No pin_memory: it pins tensors, not ImageViews records, so its thread would only add a queue hop.
+    # Pinned images for the device path on a GPU; the Pillow path's views are copied in whole batches.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
-                        prefetch_factor=8 if workers else None, persistent_workers=False)
+                        prefetch_factor=8 if workers else None, persistent_workers=False,
+                        pin_memory=device_views is not None and teacher.device.type == "cuda")
     units: dict[str, UnitAssembler] = {}
     queue = TeacherQueue(teacher, cfg.views_per_image, cfg.batch_size, meta)
     uncut: list[ImageViews] = []  # device path: images whose views are not cut yet

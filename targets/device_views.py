@@ -286,15 +286,15 @@ def _dense(first: torch.Tensor, weights: torch.Tensor, in_pad: int, size: torch.
     return dense.scatter_add_(2, cols, weights.to(torch.float64))
 
 
-def render_group(pixels: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor:
+def render_group(pixels: torch.Tensor, g: dict[str, torch.Tensor], vertical_first: bool) -> torch.Tensor:
     """Device side: padded crops uint8 [n, hp, wp, 3] and `group_inputs` (on the same device) ->
-    views uint8 [n, 3, oh, ow]."""
+    views uint8 [n, 3, oh, ow]. Nothing here waits for the device."""
     n, hp, wp, _ = pixels.shape
     oh, ow = g["v_weights"].shape[1], g["h_weights"].shape[1]
     x = _run_programs(pixels, g.get("pre"), g.get("saturation"), g.get("post"))
     wh = _dense(g["h_first"], g["h_weights"], wp, g["width"], g["flip"]).transpose(1, 2)  # [n, wp, ow]
     wv = _dense(g["v_first"], g["v_weights"], hp)  # [n, oh, hp]
-    if bool(g["vertical_first"]):  # [n, oh, hp] @ [n, hp, wp * 3], then [n, oh * 3, wp] @ [n, wp, ow]
+    if vertical_first:  # [n, oh, hp] @ [n, hp, wp * 3], then [n, oh * 3, wp] @ [n, wp, ow]
         cols = _fixed_point_round(torch.bmm(wv, x.to(torch.float64).view(n, hp, wp * 3)))
         cols = cols.view(n, oh, wp, 3).permute(0, 1, 3, 2).reshape(n, oh * 3, wp)
         out = _fixed_point_round(torch.bmm(cols, wh)).view(n, oh, 3, ow)
@@ -307,6 +307,10 @@ def render_group(pixels: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def to_device(g: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copies that do not wait for the device: from pinned memory on a GPU (a copy from pageable memory
+    may wait for the work queued before it)."""
+    if device.type == "cuda":
+        g = {k: v if v.is_pinned() else v.pin_memory() for k, v in g.items()}
     return {k: v.to(device, non_blocking=True) for k, v in g.items()}
 
 
@@ -335,11 +339,13 @@ class DeviceViews:
                 raise ValueError(f"crop of shape {tuple(c.shape)} for a {p.height}x{p.width} view box")
         out = torch.empty((len(crops), 3, *self.out_hw), dtype=torch.uint8, device=self.device)
         for plan in plan_groups([(p.height, p.width) for p in params], self.out_hw, self.group_elements):
-            g = to_device(group_inputs(params, plan, self.out_hw, self.interpolation), self.device)
+            inputs = group_inputs(params, plan, self.out_hw, self.interpolation)
+            vertical = bool(inputs.pop("vertical_first"))
+            g = to_device(inputs, self.device)
             x = torch.zeros((len(plan.index), plan.hp, plan.wp, 3), dtype=torch.uint8, device=self.device)
             for j, i in enumerate(plan.index):
                 x[j, :params[i].height, :params[i].width] = crops[i]
-            out[g["index"]] = render_group(x, g)
+            out[g["index"]] = render_group(x, g, vertical)
         return out
 
     def make_batch(self, groups: Sequence[dict[str, torch.Tensor]], n: int) -> torch.Tensor:
@@ -347,8 +353,10 @@ class DeviceViews:
         `group_inputs`) -> uint8 [n, 3, S, S] on the device."""
         out = torch.empty((n, 3, *self.out_hw), dtype=torch.uint8, device=self.device)
         for g in groups:
+            g = dict(g)
+            vertical = bool(g.pop("vertical_first"))  # read on the host: no wait for the device
             g = to_device(g, self.device)
-            out[g["index"]] = render_group(g.pop("pixels"), g)
+            out[g["index"]] = render_group(g.pop("pixels"), g, vertical)
         return out
 
 
