@@ -139,6 +139,10 @@ def extract_targets_cmd(
     precision: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, bf16, fp16 (autocast), or "
                                                 "bf16-weights, fp16-weights (the weights cast).")] = "auto",
     compile_teacher: Annotated[bool, typer.Option(help="torch.compile the teacher's tower.")] = False,
+    latent_format: Annotated[str, typer.Option(help="fp16, or int8 with one scale per token (half the size).")]
+    = "fp16",
+    min_cosine: Annotated[float, typer.Option(help="int8: fail a unit whose token cosine to the teacher's output "
+                                                   "falls below this.")] = 0.999,
     color_jitter: Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter strength.")]
     = TrainDefaults.color_jitter,
     crop_min: Annotated[float, typer.Option(help="Smallest RandomResizedCrop area fraction.")]
@@ -163,7 +167,7 @@ def extract_targets_cmd(
     cfg = ExtractConfig(
         shards=shards, out=out, views_per_image=views, seed=seed, batch_size=batch_size, workers=workers,
         precision=precision, images_per_shard=images_per_shard, allow_download=download, view_path=view_path,
-        compile_teacher=compile_teacher,
+        compile_teacher=compile_teacher, latent_format=latent_format, min_cosine=min_cosine,
         teacher=_teacher_spec(teacher, pretrained, quick_gelu, teacher_image_size, seed),
         views=_view_settings(ViewSettings, color_jitter, crop_min),
     )
@@ -177,6 +181,27 @@ def extract_targets_cmd(
         typer.echo(format_summary(total, state.num_processes))
         typer.echo(f"store: {out}")
     if total.units_failed:
+        raise typer.Exit(1)
+
+
+@app.command("convert-targets")
+def convert_targets_cmd(
+    src: Annotated[str, typer.Argument(help="An fp16 target store (only read).")],
+    dst: Annotated[str, typer.Argument(help="The new store; rerun to resume.")],
+    latent_format: Annotated[str, typer.Option(help="int8: one float32 scale per token.")] = "int8",
+    min_cosine: Annotated[float, typer.Option(help="Fail a unit whose token cosine to the source falls below "
+                                                   "this.")] = 0.999,
+) -> None:
+    """Rewrite an fp16 target store as int8 latents with per-token scales (about half the size).
+
+    Example: cae2 convert-targets /out/in1k-b16-k5.zarr /out/in1k-b16-k5-int8.zarr --latent-format int8
+    """
+    from pipelines.convert import convert_store
+
+    stats = convert_store(src, dst, latent_format, min_cosine, log=lambda m: typer.echo(m, err=True))
+    typer.echo(stats.summary())
+    typer.echo(f"store: {dst}")
+    if stats.units_failed:
         raise typer.Exit(1)
 
 

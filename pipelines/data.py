@@ -135,7 +135,8 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 class TrainStream(IterableDataset):
     """Yields ready batches for one (epoch, rank): dict with images [B, 3, S, S] uint8 (normalised on
-    the device), mask [B, N] bool, targets [B, 1 + T, D] float16 (or teacher_images, uint8), keys."""
+    the device; or view_groups, the device path's padded crops), mask [B, N] bool, targets [B, 1 + T, D]
+    float16 (int8 stores: int8 and target_scales [B, 1 + T]; or teacher_images, uint8), keys."""
 
     def __init__(self, store_path: str, meta: StoreMeta, plan: EpochPlan, cfg: StreamConfig, model_cfg, epoch: int,
                  skip_batches: int = 0):
@@ -187,7 +188,7 @@ class TrainStream(IterableDataset):
 
     def _collate(self, batch, masker) -> dict:
         meta, cfg = self.meta, self.cfg
-        images, masks, targets, teacher_images, keys, views, params = [], [], [], [], [], [], []
+        images, masks, targets, scales, teacher_images, keys, views, params = [], [], [], [], [], [], [], []
         for unit, row, sample in batch:
             key = unit.keys[row]
             k = view_index(cfg.seed, self.epoch, key, meta.views_per_image)
@@ -202,7 +203,10 @@ class TrainStream(IterableDataset):
                     teacher_images.append(images[-1] if self.same_views else apply_view(image, p, meta.input_size,
                                                                                          meta.interpolation))
             if not cfg.teacher_views:
-                targets.append(torch.from_numpy(unit.read(row, k)))
+                latents, token_scales = unit.read_stored(row, k)
+                targets.append(torch.from_numpy(latents))
+                if token_scales is not None:
+                    scales.append(torch.from_numpy(token_scales))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
             views.append(k)
@@ -216,7 +220,9 @@ class TrainStream(IterableDataset):
             if cfg.teacher_views:
                 out["teacher_images"] = torch.stack(teacher_images)
         if not cfg.teacher_views:
-            out["targets"] = torch.stack(targets)
+            out["targets"] = torch.stack(targets)  # float16, or int8 with "target_scales" (dequantised on the device)
+            if scales:
+                out["target_scales"] = torch.stack(scales)
         return out
 
 

@@ -30,6 +30,7 @@ from cae2.errors import UserError
 from pipelines.shards import Shard, expand_shards, image_bytes, iter_shard
 from targets.cache import StoreMeta, TargetStore, UnitWriter, require_local_out
 from targets.device_views import DeviceViews, check_supported, crop_box
+from targets.quantize import LATENT_FORMATS, QuantStats, quantize, token_errors
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import (
     DecodeError,
@@ -61,6 +62,10 @@ class ExtractConfig:
     images_per_shard: int = 32
     """Images per zarr shard of the latents array (one write each)."""
     allow_download: bool = False
+    latent_format: str = "fp16"
+    """fp16, or int8 with one float32 scale per token (half the bytes; targets.quantize)."""
+    min_cosine: float = 0.999
+    """int8: a unit whose dequantised latents reach a lower token cosine to the teacher's output fails."""
     compile_teacher: bool = False
     """torch.compile the teacher's tower (one static batch shape; the last batch is padded to it)."""
     view_path: str = "auto"
@@ -71,6 +76,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.view_path not in VIEW_PATHS:
             raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
+        if self.latent_format not in LATENT_FORMATS:
+            raise UserError(f"--latent-format must be one of {', '.join(LATENT_FORMATS)}, not {self.latent_format!r}")
+        if not 0 <= self.min_cosine <= 1:
+            raise UserError(f"--min-cosine must be in [0, 1], not {self.min_cosine}")
         if self.views_per_image < 1:
             raise UserError("--views must be >= 1")
         if self.batch_size < 1:
@@ -187,14 +196,24 @@ class UnitAssembler:
         n = len(writer.keys)
         self.resolved = np.zeros(n, bool)
         self.rows_per_shard = meta.images_per_shard
-        self.block_shape = (min(n, self.rows_per_shard), meta.views_per_image, meta.num_tokens, meta.latent_dim)
-        self.block = np.zeros(self.block_shape, np.float16)
+        rows = min(n, self.rows_per_shard)
+        self.shapes = {"latents": (rows, meta.views_per_image, meta.num_tokens, meta.latent_dim)}
+        self.dtypes = {"latents": np.int8 if meta.latent_format == "int8" else np.float16}
+        if meta.latent_format == "int8":
+            self.shapes["scales"], self.dtypes["scales"] = (rows, meta.views_per_image, meta.num_tokens), np.float32
+        self.blocks = self._new_blocks()
+        self.quant = QuantStats()
         self.next_row = 0
 
-    def put(self, row: int, latents: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
-        """Record a row (None = skipped); returns the blocks now ready: [(start_row, latents)]."""
+    def _new_blocks(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros(shape, self.dtypes[name]) for name, shape in self.shapes.items()}
+
+    def put(self, row: int, latents: np.ndarray | None, scales: np.ndarray | None = None) -> list[tuple]:
+        """Record a row (None = skipped); returns the blocks now ready: [(start_row, latents, scales or None)]."""
         if latents is not None:
-            self.block[row % self.rows_per_shard] = latents
+            self.blocks["latents"][row % self.rows_per_shard] = latents
+            if scales is not None:
+                self.blocks["scales"][row % self.rows_per_shard] = scales
         self.resolved[row] = True
         ready = []
         n = len(self.resolved)
@@ -202,8 +221,11 @@ class UnitAssembler:
             self.next_row += 1
             if self.next_row % self.rows_per_shard == 0 or self.next_row == n:
                 start = (self.next_row - 1) // self.rows_per_shard * self.rows_per_shard
-                ready.append((start, self.block[: self.next_row - start]))
-                self.block = np.zeros(self.block_shape, np.float16)  # the writer owns the full one
+                rows = self.next_row - start
+                scales_block = self.blocks.get("scales")
+                ready.append((start, self.blocks["latents"][:rows],
+                              None if scales_block is None else scales_block[:rows]))
+                self.blocks = self._new_blocks()  # the writer owns the full ones
         return ready
 
     @property
@@ -221,6 +243,7 @@ class ExtractStats:
     skipped: Counter = field(default_factory=Counter)
     bytes_written: int = 0
     seconds: float = 0.0
+    quant: QuantStats = field(default_factory=QuantStats)
 
 
 def _meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMeta:
@@ -228,7 +251,7 @@ def _meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMeta:
                      views_per_image=cfg.views_per_image, input_size=teacher.image_size, grid=teacher.grid_size,
                      num_tokens=teacher.num_tokens, latent_dim=teacher.dim, mean=teacher.mean, std=teacher.std,
                      interpolation=teacher.interpolation, images_per_shard=cfg.images_per_shard,
-                     view_path=view_path, cae2_version=cae2.__version__)
+                     latent_format=cfg.latent_format, view_path=view_path, cae2_version=cae2.__version__)
 
 
 def where_views_are_cut(view_path: str, device: torch.device) -> str:
@@ -293,15 +316,16 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
 class TeacherQueue:
     """Views go in, in image order; the teacher runs on whole batches, and each image's K latents come
     out once all of them are back. On a GPU, batch i's forward and its copy to the host run while the
-    host prepares batch i + 1 (one batch in flight)."""
+    host prepares batch i + 1 (one batch in flight). int8 latents are quantised on the teacher's device,
+    and their per-token error against its output travels with them."""
 
-    def __init__(self, teacher: Teacher, k: int, batch_size: int, meta: StoreMeta):
-        self.teacher, self.k, self.batch_size = teacher, k, batch_size
+    def __init__(self, teacher: Teacher, k: int, batch_size: int, latent_format: str):
+        self.teacher, self.k, self.batch_size, self.int8 = teacher, k, batch_size, latent_format == "int8"
         self.views: deque[torch.Tensor] = deque()  # view tensors not yet sent, in order
         self.queued = 0  # views in self.views
         self.waiting: deque[ImageViews] = deque()  # images whose latents are not all back, in order
-        self.carried = np.zeros((0, meta.num_tokens, meta.latent_dim), np.float16)
-        self.in_flight: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        self.carried: dict[str, np.ndarray] = {}  # outputs of the first waiting image's first views
+        self.in_flight: deque[tuple[dict[str, torch.Tensor], torch.cuda.Event | None]] = deque()
 
     def put(self, item: ImageViews) -> None:
         self.views.append(item.views)
@@ -320,29 +344,40 @@ class TeacherQueue:
                     v = v[:need]
                 parts.append(v)
             self.queued -= n
-            out = self.teacher(torch.cat(parts) if len(parts) > 1 else parts[0]).to(torch.float16)
+            out = self.teacher(torch.cat(parts) if len(parts) > 1 else parts[0])
+            if self.int8:
+                q, scales = quantize(out)
+                cos, err = token_errors(out, q, scales)
+                outputs = {"latents": q, "scales": scales, "cos": cos, "err": err}
+            else:
+                outputs = {"latents": out.to(torch.float16)}
             if out.device.type == "cuda":
-                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                host.copy_(out, non_blocking=True)
+                host = {}
+                for name, t in outputs.items():
+                    host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host[name].copy_(t, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record()
                 self.in_flight.append((host, done))
             else:
-                self.in_flight.append((out, None))
+                self.in_flight.append((outputs, None))
 
-    def collect(self, keep_in_flight: int = 1) -> list[tuple[ImageViews, np.ndarray]]:
-        """(image, latents [K, 1 + T, D]) of every image completed by the batches that came back,
-        leaving up to `keep_in_flight` batches running."""
+    def collect(self, keep_in_flight: int = 1) -> list[tuple[ImageViews, dict[str, np.ndarray]]]:
+        """(image, {latents [K, 1 + T, D], and for int8 scales, cos, err [K, 1 + T]}) of every image
+        completed by the batches that came back, leaving up to `keep_in_flight` batches running."""
         done = []
         while len(self.in_flight) > keep_in_flight:
-            out, event = self.in_flight.popleft()
+            outputs, event = self.in_flight.popleft()
             if event is not None:
                 event.synchronize()
-            latents = out.numpy()
-            latents = np.concatenate([self.carried, latents]) if len(self.carried) else latents
-            complete = len(latents) // self.k
-            done += [(self.waiting.popleft(), latents[i * self.k:(i + 1) * self.k]) for i in range(complete)]
-            self.carried = latents[complete * self.k:].copy()
+            arrays = {name: t.numpy() for name, t in outputs.items()}
+            if self.carried:
+                arrays = {name: np.concatenate([self.carried[name], a]) for name, a in arrays.items()}
+            complete = len(arrays["latents"]) // self.k
+            for i in range(complete):
+                rows = slice(i * self.k, (i + 1) * self.k)
+                done.append((self.waiting.popleft(), {name: a[rows] for name, a in arrays.items()}))
+            self.carried = {name: a[complete * self.k:].copy() for name, a in arrays.items()}
         return done
 
 
@@ -376,7 +411,7 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                         prefetch_factor=8 if workers else None, persistent_workers=False,
                         pin_memory=device_views is not None and teacher.device.type == "cuda")
     units: dict[str, UnitAssembler] = {}
-    queue = TeacherQueue(teacher, cfg.views_per_image, cfg.batch_size, meta)
+    queue = TeacherQueue(teacher, cfg.views_per_image, cfg.batch_size, meta.latent_format)
     uncut: list[ImageViews] = []  # device path: images whose views are not cut yet
     writes: list[Future] = []
     bar = tqdm(total=len(todo), unit="shard", disable=not show_progress, dynamic_ncols=True)
@@ -384,28 +419,41 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool:
 
-        def submit(unit: str, ready: list[tuple[int, np.ndarray]]) -> None:
+        def submit(unit: str, ready: list[tuple]) -> None:
             asm = units[unit]
-            for start, block in ready:
-                writes.append(pool.submit(asm.writer.write_rows, start, block))
-                stats.bytes_written += block.nbytes
+            for start, block, scales in ready:
+                writes.append(pool.submit(asm.writer.write_rows, start, block, scales))
+                stats.bytes_written += block.nbytes + (0 if scales is None else scales.nbytes)
             if asm.done:
-                writes.append(pool.submit(asm.writer.finish, asm.source))
                 del units[unit]
-                stats.units_done += 1
                 bar.update(1)
+                if meta.latent_format == "int8" and asm.quant.tokens and asm.quant.min_cosine < cfg.min_cosine:
+                    w = asm.quant.worst
+                    stats.units_failed.append(
+                        f"unit {unit}: int8 latents of key {w['key']} (row {w['row']}, view {w['view']}, token "
+                        f"{w['token']}) reach a token cosine of {asm.quant.min_cosine:.6f} to the teacher's output, "
+                        f"below --min-cosine {cfg.min_cosine}; the unit is left incomplete: rerun with "
+                        "--latent-format fp16 or a lower --min-cosine")
+                    return
+                writes.append(pool.submit(asm.writer.finish, asm.source,
+                                          asm.quant.record() if meta.latent_format == "int8" else None))
+                stats.units_done += 1
+                stats.quant.merge(asm.quant)
             while len(writes) > 16:  # bound memory held by queued blocks; surface writer errors
                 writes.pop(0).result()
 
-        def hand_out(done: list[tuple[ImageViews, np.ndarray]]) -> None:
-            for item, latents in done:
+        def hand_out(done: list[tuple[ImageViews, dict[str, np.ndarray]]]) -> None:
+            for item, out in done:
                 asm = units[item.unit]
                 w = asm.writer
                 w.view_int[item.row], w.view_float[item.row] = item.view_int, item.view_float
                 w.image_hw[item.row], w.valid[item.row] = item.image_hw, True
                 stats.images += 1
-                stats.views += len(latents)
-                submit(item.unit, asm.put(item.row, latents))
+                stats.views += len(out["latents"])
+                if "cos" in out:
+                    asm.quant.add(torch.from_numpy(out["cos"]), torch.from_numpy(out["err"]), w.keys[item.row],
+                                  item.row)
+                submit(item.unit, asm.put(item.row, out["latents"], out.get("scales")))
             if done:
                 bar.set_postfix_str(f"{stats.views / (time.perf_counter() - t0):.0f} views/s, {stats.images} images")
 
@@ -455,6 +503,8 @@ def format_summary(stats: ExtractStats, ranks: int) -> str:
         f"written: {stats.bytes_written / 2**20:.1f} MiB  time: {stats.seconds:.1f}s  "
         f"throughput: {rate:.1f} views/s over {ranks} rank(s)",
     ]
+    if stats.quant.tokens:
+        lines.append(stats.quant.summary())
     lines += [f"FAILED: {m}" for m in stats.units_failed]
     return "\n".join(lines)
 
@@ -470,4 +520,5 @@ def merge_stats(all_stats: list[ExtractStats]) -> ExtractStats:
         total.skipped.update(s.skipped)
         total.bytes_written += s.bytes_written
         total.seconds = max(total.seconds, s.seconds)
+        total.quant.merge(s.quant)
     return total

@@ -30,6 +30,7 @@ from pipelines.extract import VIEW_PATHS, resolve_view_path, where_views_are_cut
 from pipelines.shards import expand_shards
 from targets.cache import StoreMeta, TargetStore
 from targets.device_views import DECODERS, DeviceViews
+from targets.quantize import dequantize
 from targets.teacher import teacher_for_store
 from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewSettings, normalize
 
@@ -217,14 +218,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     "lr_rule": "linear: lr = preset lr x global_batch / lr_batch_ref" if cfg.lr is None
                     else "explicit --lr", "clip_grad": clip, "loss": str(loss_kind.value),
                     "loss_combine": str(combine.value)},
-        "store": {"path": store.path, "teacher": meta.teacher, "views_per_image": meta.views_per_image},
+        "store": {"path": store.path, "teacher": meta.teacher, "views_per_image": meta.views_per_image,
+                  "latent_format": meta.latent_format},
         "git_sha": _git_sha(), "cae2_version": cae2.__version__,
     }
     if accelerator.is_main_process:
         log(f"pretrain: {cfg.model} on {world} process(es) ({accelerator.device}, "
             f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
             f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
-            f"{steps_per_epoch}/epoch, warmup {warmup}; targets {'ONLINE teacher' if cfg.teacher_online else 'cache'}")
+            f"{steps_per_epoch}/epoch, warmup {warmup}; targets "
+            f"{'ONLINE teacher' if cfg.teacher_online else f'cache ({meta.latent_format})'}")
         log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
             f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
             + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)"))
@@ -315,6 +318,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         targets = teacher(_teacher_views(batch, raw, teacher_views))
                     else:
                         targets = batch["targets"].to(accelerator.device, non_blocking=True)
+                        if "target_scales" in batch:  # int8 store
+                            targets = dequantize(targets, batch["target_scales"].to(accelerator.device,
+                                                                                    non_blocking=True))
                     sync = micro == cfg.grad_accum - 1
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
                     with ctx:

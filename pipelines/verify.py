@@ -84,9 +84,14 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
         report.problems.append(f"unit {name}: marker says {marker['num_samples']} samples, arrays hold {n}")
         return
     expected = (n, meta.views_per_image, meta.num_tokens, meta.latent_dim)
-    if unit.latents.shape != expected or unit.latents.dtype != np.float16:
+    dtype = np.int8 if meta.latent_format == "int8" else np.float16
+    if unit.latents.shape != expected or unit.latents.dtype != dtype:
         report.problems.append(f"unit {name}: latents are {unit.latents.shape} {unit.latents.dtype}, expected "
-                               f"{expected} float16")
+                               f"{expected} {np.dtype(dtype).name}")
+        return
+    if dtype == np.int8 and (unit.scales is None or unit.scales.shape != expected[:3]):
+        report.problems.append(f"unit {name}: int8 latents need scales {expected[:3]}, found "
+                               f"{None if unit.scales is None else unit.scales.shape}")
         return
     report.images += int(unit.valid.sum())
     report.views += int(unit.valid.sum()) * meta.views_per_image
@@ -99,11 +104,15 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
     except ValueError as e:
         digest = None
         report.problems.append(f"unit {name}: {e}")
-    for start, block in unit.blocks():
+    for start, block, scales in unit.blocks():
         step = len(block)
         if digest is not None:
             digest.update(block.tobytes())
+            if scales is not None:
+                digest.update(scales.tobytes())
         bad = ~np.isfinite(block).all(axis=(1, 2, 3))
+        if scales is not None:
+            bad |= ~np.isfinite(scales).all(axis=(1, 2))
         for r in np.flatnonzero(bad):
             report.problems.append(f"unit {name} row {start + r} (key {unit.keys[start + r]}): NaN or inf latents")
         zero = unit.valid[start:start + step] & ~block.any(axis=(1, 2, 3))

@@ -5,6 +5,8 @@ Layout (see docs/cache.md):
     STORE/zarr.json                      attrs["cae2"]: schema, teacher, views, seed, K, grid, dims, ...
     STORE/units/<shard file name>/       one group per input shard ("unit"); attrs["complete"] last
         latents     [N, K, 1 + T, D] float16   chunk = one view, zarr shard = `images_per_shard` images
+                                               (int8 stores: int8, and scales [N, K, 1 + T] float32;
+                                               latents ~= latents * scales[..., None])
         keys        [N] str                    sample keys in shard order
         valid       [N] bool                   False: skipped in stage 1 (reason in the marker)
         view_int    [N, K, 10] int32           jitter order (4), flip, crop top, left, height, width,
@@ -27,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 
 from cae2.errors import UserError
+from targets.quantize import dequantize
 from targets.shard_files import LatentsChecksum, LocalShardReader, LocalShardWriter
 
 SCHEMA_VERSION = 2
@@ -55,6 +59,8 @@ class StoreMeta:
     std: tuple[float, float, float]
     interpolation: str
     images_per_shard: int = 32
+    latent_format: str = "fp16"
+    """fp16: the teacher's latents in float16; int8: int8 with one float32 scale per token (targets.quantize)."""
     decoder: str = "pillow"
     """Image decoder whose pixels the views were cut from (the view ops are exact on both view paths)."""
     view_path: str = "pillow"
@@ -202,12 +208,19 @@ class TargetStore:
         n = len(keys)
         ug = self.group.require_group(f"units/{unit}")
         ug.attrs["source"] = source
-        latents = ug.create_array("latents", shape=(n, m.views_per_image, m.num_tokens, m.latent_dim),
-                                  dtype="float16", chunks=(1, 1, m.num_tokens, m.latent_dim),
-                                  shards=(m.images_per_shard, m.views_per_image, m.num_tokens, m.latent_dim),
-                                  compressors=None, fill_value=0)
+
+        def per_view(name: str, dtype: str, view_shape: tuple[int, ...]) -> zarr.Array:
+            return ug.create_array(name, shape=(n, m.views_per_image, *view_shape), dtype=dtype,
+                                   chunks=(1, 1, *view_shape), shards=(m.images_per_shard, m.views_per_image,
+                                                                        *view_shape),
+                                   compressors=None, fill_value=0)
+
+        int8 = m.latent_format == "int8"
+        latents = per_view("latents", "int8" if int8 else "float16", (m.num_tokens, m.latent_dim))
+        scales = per_view("scales", "float32", (m.num_tokens,)) if int8 else None
         return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard,
-                          LocalShardWriter.for_array(latents, self.path, f"units/{unit}/latents"))
+                          LocalShardWriter.for_array(latents, self.path, f"units/{unit}/latents"), scales,
+                          LocalShardWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None)
 
     def _remove_unit(self, unit: str) -> None:
         if f"units/{unit}" in self.group:
@@ -224,10 +237,12 @@ class UnitWriter:
     """Writes one unit: whole zarr shards of latents as rows complete, then metadata and the marker."""
 
     def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_shard: int,
-                 direct: LocalShardWriter | None = None):
+                 direct: LocalShardWriter | None = None, scales: zarr.Array | None = None,
+                 direct_scales: LocalShardWriter | None = None):
         self.group = group
-        self.latents = latents
+        self.latents, self.scales = latents, scales
         self._direct = direct  # whole shard files written as bytes (local stores); else through zarr
+        self._direct_scales = direct_scales
         self.keys = keys
         n = len(keys)
         self.view_int = np.zeros((n, k, N_INT), np.int32)
@@ -240,22 +255,28 @@ class UnitWriter:
         self._checksum = LatentsChecksum()
         self._written = 0
 
-    def write_rows(self, start: int, latents: np.ndarray) -> None:
-        """Write rows [start, start + len) of float16 latents; must be whole zarr shards in order
-        (the last one may be short)."""
+    def write_rows(self, start: int, latents: np.ndarray, scales: np.ndarray | None = None) -> None:
+        """Write rows [start, start + len) of latents (float16, or int8 with their float32 scales); must
+        be whole zarr shards in order (the last one may be short)."""
         stop = start + len(latents)
         if start != self._written or (start % self.rows_per_shard) or \
                 (len(latents) != self.rows_per_shard and stop != len(self.keys)):
             raise ValueError(f"rows {start}:{stop} are not the next whole zarr shard")
-        data = np.ascontiguousarray(latents, dtype="<f2").tobytes()
-        if self._direct is not None:
-            self._direct.write(start // self.rows_per_shard, data)
-        else:
-            self.latents[start:stop] = latents
-        self._checksum.update(data)
+        if (scales is None) != (self.scales is None):
+            raise ValueError("int8 latents are written with their scales, float16 latents without")
+        parts = [(self.latents, self._direct, np.ascontiguousarray(latents, dtype=self.latents.dtype))]
+        if scales is not None:
+            parts.append((self.scales, self._direct_scales, np.ascontiguousarray(scales, dtype="<f4")))
+        for array, direct, values in parts:
+            data = values.tobytes()
+            if direct is not None:
+                direct.write(start // self.rows_per_shard, data)
+            else:
+                array[start:stop] = values
+            self._checksum.update(data)
         self._written = stop
 
-    def finish(self, source: str) -> dict:
+    def finish(self, source: str, quantization: dict | None = None) -> dict:
         if self._written != len(self.keys):
             raise ValueError(f"unit finished after {self._written} of {len(self.keys)} rows")
         g = self.group
@@ -273,6 +294,7 @@ class UnitWriter:
             "checksum": self._checksum.value(),
             "source": source,
             "view_path": self.view_path,
+            **({"quantization": quantization} if quantization else {}),
             "completed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         g.attrs[MARKER_ATTR] = marker  # last write: the unit counts only from here on
@@ -286,8 +308,11 @@ class UnitReader:
         self.group = group
         self.marker = group.attrs[MARKER_ATTR]
         self.latents = group["latents"]
-        self._fast = LocalShardReader.for_array(self.latents, store_path, f"{group.path}/latents") \
-            if store_path and self.latents.shape[0] else None
+        self.scales = group.get("scales")  # int8 latents
+        fast = store_path and self.latents.shape[0]
+        self._fast = LocalShardReader.for_array(self.latents, store_path, f"{group.path}/latents") if fast else None
+        self._fast_scales = LocalShardReader.for_array(self.scales, store_path, f"{group.path}/scales") \
+            if fast and self.scales is not None else None
         self.keys = [str(k) for k in group["keys"][:]] if self.marker["num_samples"] else []
         n = len(self.keys)
         self.valid = group["valid"][:] if n else np.zeros(0, bool)
@@ -298,15 +323,28 @@ class UnitReader:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def read_stored(self, row: int, view: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """One view as stored: (float16 [1 + T, D], None) or (int8 [1 + T, D], float32 scales [1 + T])."""
+        latents = self._fast.read(row, view) if self._fast is not None else self.latents[row, view]
+        if self.scales is None:
+            return latents, None
+        return latents, self._fast_scales.read(row, view) if self._fast_scales is not None else self.scales[row, view]
+
     def read(self, row: int, view: int) -> np.ndarray:
-        """Latents of one view: float16 [1 + T, D]."""
-        if self._fast is not None:
-            return self._fast.read(row, view)
-        return self.latents[row, view]
+        """Latents of one view: float16 [1 + T, D], or float32 dequantised from int8."""
+        latents, scales = self.read_stored(row, view)
+        if scales is None:
+            return latents
+        return dequantize(torch.from_numpy(latents), torch.from_numpy(scales)).numpy()
 
     def blocks(self):
-        """(first row, latents [rows, K, 1 + T, D]) for each zarr shard of the unit, in row order."""
+        """(first row, latents [rows, K, 1 + T, D], scales [rows, K, 1 + T] or None) for each zarr shard of
+        the unit, in row order, as stored."""
         step = self.latents.shards[0]
         for shard, start in enumerate(range(0, len(self), step)):
-            yield start, (self._fast.read_shard(shard) if self._fast is not None
-                          else self.latents[start:start + step])
+            latents = self._fast.read_shard(shard) if self._fast is not None else self.latents[start:start + step]
+            scales = None
+            if self.scales is not None:
+                scales = self._fast_scales.read_shard(shard) if self._fast_scales is not None \
+                    else self.scales[start:start + step]
+            yield start, latents, scales

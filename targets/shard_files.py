@@ -26,36 +26,42 @@ _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
-def _layout(array: zarr.Array, store_path: str, array_path: str) -> tuple[Path, tuple, int] | None:
-    """(array folder, shape, rows per shard) when the array is a local float16 [N, K, T, D] array
-    sharded as cae2 writes it (one view per inner chunk, K views of `rows` images per shard)."""
+_DTYPES = {"float16": "<f2", "float32": "<f4", "int8": "i1"}  # what cae2 stores per view
+
+
+def _layout(array: zarr.Array, store_path: str, array_path: str) -> tuple[Path, tuple, int, np.dtype] | None:
+    """(array folder, shape, rows per shard, dtype) when the array is a local [N, K, ...] array of one
+    of `_DTYPES` sharded as cae2 writes it (one view per inner chunk, K views of `rows` images per
+    shard): the latents [N, K, T, D] and, for int8 latents, their scales [N, K, T]."""
     if "://" in store_path:
         return None
     folder = Path(store_path) / array_path
     meta = json.loads((folder / "zarr.json").read_text())
     codecs = meta.get("codecs", [])
-    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or meta.get("data_type") != "float16":
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or meta.get("data_type") not in _DTYPES:
         return None
     conf = codecs[0]["configuration"]
-    k, t, d = array.shape[1:]
+    k, view = array.shape[1], list(array.shape[2:])
     if conf.get("codecs") != _CODECS or conf.get("index_codecs") != _INDEX_CODECS \
-            or conf.get("index_location", "end") != "end" or conf.get("chunk_shape") != [1, 1, t, d] \
+            or conf.get("index_location", "end") != "end" or conf.get("chunk_shape") != [1, 1, *view] \
             or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}} \
-            or meta["chunk_grid"]["configuration"]["chunk_shape"][1:] != [k, t, d]:
+            or meta["chunk_grid"]["configuration"]["chunk_shape"][1:] != [k, *view]:
         return None
-    return folder, array.shape, meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    return folder, array.shape, meta["chunk_grid"]["configuration"]["chunk_shape"][0], \
+        np.dtype(_DTYPES[meta["data_type"]])
 
 
-def _shard_file(folder: Path, shard: int) -> Path:
-    return folder / "c" / str(shard) / "0" / "0" / "0"
+def _shard_file(folder: Path, shard: int, ndim: int) -> Path:
+    """The file of shard (shard, 0, ..., 0) of an ndim-dimensional array."""
+    return folder.joinpath("c", str(shard), *["0"] * (ndim - 1))
 
 
 class LocalShardReader:
     """Reads single views: each shard file's index once, then one pread per view."""
 
-    def __init__(self, folder: Path, shape: tuple, shard_rows: int):
-        self.dir, self.shape, self.shard_rows = folder, shape, shard_rows
-        self.view_bytes = int(np.prod(shape[2:])) * 2
+    def __init__(self, folder: Path, shape: tuple, shard_rows: int, dtype: np.dtype = np.dtype("<f2")):
+        self.dir, self.shape, self.shard_rows, self.dtype = folder, shape, shard_rows, dtype
+        self.view_bytes = int(np.prod(shape[2:])) * dtype.itemsize
         self._index: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
 
@@ -70,7 +76,7 @@ class LocalShardReader:
         if fd is None:
             n = self.shard_rows * self.shape[1]
             try:
-                fd = os.open(_shard_file(self.dir, shard), os.O_RDONLY)
+                fd = os.open(_shard_file(self.dir, shard, len(self.shape)), os.O_RDONLY)
             except FileNotFoundError:
                 fd, index = -1, np.full((n, 2), EMPTY, dtype="<u8")
             else:
@@ -84,18 +90,18 @@ class LocalShardReader:
         fd = self._fd(shard)
         offset, nbytes = self._index[shard][local * self.shape[1] + view]
         if offset == EMPTY and nbytes == EMPTY:  # a chunk equal to the fill value is not stored
-            return np.zeros(self.shape[2:], dtype=np.float16)
+            return np.zeros(self.shape[2:], dtype=self.dtype)
         if nbytes != self.view_bytes:
             raise OSError(f"{self.dir}: view ({row}, {view}) has {nbytes} bytes, expected {self.view_bytes}")
         data = bytearray(os.pread(fd, int(nbytes), int(offset)))  # writable: torch.from_numpy shares it
-        return np.frombuffer(data, dtype="<f2").reshape(self.shape[2:])
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[2:])
 
     def read_shard(self, shard: int) -> np.ndarray:
-        """Every view of one shard's rows, float16 [rows, K, 1 + T, D]: one read when the views lie back
-        to back in row order (as cae2 writes them), else one read per view."""
+        """Every view of one shard's rows, [rows, K, ...]: one read when the views lie back to back in
+        row order (as cae2 writes them), else one read per view."""
         start = shard * self.shard_rows
         rows = min(self.shard_rows, self.shape[0] - start)
-        out = np.empty((rows, *self.shape[1:]), dtype="<f2")
+        out = np.empty((rows, *self.shape[1:]), dtype=self.dtype)
         fd = self._fd(shard)
         n = rows * self.shape[1]
         index = self._index[shard][:n]
@@ -105,7 +111,7 @@ class LocalShardReader:
             while done < len(buf):
                 got = os.preadv(fd, [buf[done:]], done)
                 if got == 0:
-                    raise OSError(f"{_shard_file(self.dir, shard)}: file ends before its views do")
+                    raise OSError(f"{_shard_file(self.dir, shard, len(self.shape))}: file ends before its views do")
                 done += got
             return out
         for r in range(rows):
@@ -127,9 +133,9 @@ class LocalShardWriter:
     """Writes whole shards as one file each: the rows' views in order, then the index and its crc32c.
     Like zarr's local store it writes a `.partial` file and renames it, so a shard file is whole or absent."""
 
-    def __init__(self, folder: Path, shape: tuple, shard_rows: int):
-        self.dir, self.shape, self.shard_rows = folder, shape, shard_rows
-        self.view_bytes = int(np.prod(shape[2:])) * 2
+    def __init__(self, folder: Path, shape: tuple, shard_rows: int, dtype: np.dtype = np.dtype("<f2")):
+        self.dir, self.shape, self.shard_rows, self.dtype = folder, shape, shard_rows, dtype
+        self.view_bytes = int(np.prod(shape[2:])) * dtype.itemsize
 
     @classmethod
     def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> LocalShardWriter | None:
@@ -137,13 +143,13 @@ class LocalShardWriter:
         return cls(*layout) if layout else None
 
     def write(self, shard: int, data: bytes) -> None:
-        """`data`: the C-order float16 bytes of rows [shard * shard_rows, ...) (all of them but in the last shard)."""
+        """`data`: the C-order bytes of rows [shard * shard_rows, ...) (all of them but in the last shard)."""
         n_views = len(data) // self.view_bytes
         index = np.full((self.shard_rows * self.shape[1], 2), EMPTY, dtype="<u8")
         index[:n_views, 0] = np.arange(n_views, dtype=np.uint64) * self.view_bytes
         index[:n_views, 1] = self.view_bytes
         raw = index.tobytes()
-        path = _shard_file(self.dir, shard)
+        path = _shard_file(self.dir, shard, len(self.shape))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         with open(tmp, "wb") as f:

@@ -57,8 +57,8 @@ def test_direct_shard_files_read_like_zarr_written_ones(tmp_path, n):
             for k in range(K):
                 assert np.array_equal(unit.read(row, k), latents[row, k])
         blocks = list(unit.blocks())  # whole shards: one read (cae2's files) or one per view (zarr's)
-        assert [start for start, _ in blocks] == list(range(0, n, ROWS))
-        assert np.array_equal(np.concatenate([b for _, b in blocks]), latents), name
+        assert [start for start, _, _ in blocks] == list(range(0, n, ROWS))
+        assert np.array_equal(np.concatenate([b for _, b, _ in blocks]), latents), name
     markers = {name: TargetStore.open(tmp_path / "t.zarr").marker(name)["checksum"] for name in ("direct", "zarr")}
     assert markers["direct"] == markers["zarr"] and markers["direct"].startswith("crc32c:")
 
