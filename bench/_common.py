@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
+DOC = Path(os.environ.get("CAE2_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))  # dry runs write elsewhere
 SAMPLE = Path(os.environ.get("CAE2_BENCH_IMAGES", ROOT.parent / "shared" / "data" / "imagenet-sample"))
 
 

@@ -42,7 +42,8 @@ def _layout(array: zarr.Array, store_path: str, array_path: str) -> tuple[Path, 
         return None
     conf = codecs[0]["configuration"]
     k, view = array.shape[1], list(array.shape[2:])
-    if conf.get("codecs") != _CODECS or conf.get("index_codecs") != _INDEX_CODECS \
+    inner = _CODECS if meta["data_type"] != "int8" else [{"name": "bytes"}]  # one-byte values have no endianness
+    if conf.get("codecs") != inner or conf.get("index_codecs") != _INDEX_CODECS \
             or conf.get("index_location", "end") != "end" or conf.get("chunk_shape") != [1, 1, *view] \
             or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}} \
             or meta["chunk_grid"]["configuration"]["chunk_shape"][1:] != [k, *view]:

@@ -105,6 +105,7 @@ def test_plain_zarr_reads_and_dequantizes_a_unit(data):
     q, scales = g[f"units/{name}/latents"][:], g[f"units/{name}/scales"][:]
     latents = q.astype(np.float32) * scales[..., None]  # the formula of docs/cache.md
     unit = TargetStore.open(root / "int8.zarr").unit(name)
+    assert unit._fast is not None and unit._fast_scales is not None  # written and read as whole shard files
     assert np.array_equal(latents, np.stack([[unit.read(r, k) for k in range(2)] for r in range(len(unit))]))
     assert g.attrs["cae2"]["latent_format"] == "int8"
 

@@ -1,0 +1,139 @@
+"""int8 target stores against fp16: bytes per view, the error the markers record, a short pretrain on
+each (same seed), and stage 2's target reads and loader rate.
+
+    python -m bench.int8 [--images 300] [--views 2] [--teacher ViT-B-16] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench._common import ROOT, make_sample_shards, publish, table
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--teacher", default="ViT-B-16")
+    ap.add_argument("--student", default="cae2_vit_tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    import cae2
+    from pipelines.data import StreamConfig, index_shards, make_loader
+    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.shards import expand_shards
+    from targets.cache import TargetStore
+    from targets.teacher import TeacherSpec
+
+    work = Path(tempfile.mkdtemp(prefix="cae2-bench-int8-"))
+    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images // 6, 1))
+    spec = TeacherSpec(name=args.teacher, pretrained="none")
+    stores, seconds, summaries = {}, {}, {}
+    for fmt in ("fp16", "int8"):
+        stores[fmt] = work / f"{fmt}.zarr"
+        t0 = time.perf_counter()
+        stats = run_extract(ExtractConfig(shards=str(shards), out=str(stores[fmt]), teacher=spec, progress=False,
+                                          views_per_image=args.views, workers=args.workers, latent_format=fmt),
+                            log=lambda m: None)
+        seconds[fmt] = time.perf_counter() - t0
+        summaries[fmt] = stats
+    views = summaries["fp16"].views
+    size = {fmt: du(path / "units") / views for fmt, path in stores.items()}
+    meta = TargetStore.open(stores["fp16"]).meta
+    raw = meta.num_tokens * meta.latent_dim
+    q = summaries["int8"].quant
+
+    # the same views' int8 vs fp16 targets, read back (both hold the same teacher output)
+    a, b = TargetStore.open(stores["fp16"]), TargetStore.open(stores["int8"])
+    cos = []
+    for name in a.unit_names():
+        ua, ub = a.unit(name), b.unit(name)
+        for row in np.flatnonzero(ua.valid):
+            for k in range(args.views):
+                cos.append(torch.nn.functional.cosine_similarity(torch.from_numpy(ua.read(row, k)).float(),
+                                                                 torch.from_numpy(ub.read(row, k)), dim=-1))
+    cos = torch.cat(cos)
+
+    # short pretrain, same seed
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    losses = {}
+    for fmt, store in stores.items():
+        run = work / f"run-{fmt}"
+        cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", str(shards), "--targets", str(store),
+               "--model", args.student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
+               str(args.batch_size), "--workers", "0", "--log-every", "1", "--allow-random-teacher", "--target-dim",
+               str(meta.latent_dim), "--view-path", "pillow"]
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+        losses[fmt] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # stage 2 target reads and the loader
+    index = index_shards(a, expand_shards(str(shards)))
+    model_cfg = cae2.resolve_model_config(args.student, target_dim=meta.latent_dim)
+    read_ms, loader = {}, {}
+    for fmt, store in (("fp16", a), ("int8", b)):
+        units = [store.unit(n) for n in store.unit_names()]
+        picks = [(u, int(r), int(r) % args.views) for u in units for r in np.flatnonzero(u.valid)]
+        t0 = time.perf_counter()
+        for u, r, k in picks:
+            u.read_stored(r, k)
+        read_ms[fmt] = (time.perf_counter() - t0) / len(picks) * 1e3
+        batch = min(32, sum(len(i.rows) for i in index))
+        cfg = StreamConfig(batch_size=batch, seed=0, workers=0, student_size=model_cfg.img_size, shuffle_buffer=64,
+                           view_path="pillow")
+        dl, plan = make_loader(str(store.path), store.meta, index, cfg, model_cfg, epoch=0)
+        it = iter(dl)
+        next(it)
+        n = max(min(6, plan.batches_per_rank) - 1, 1)
+        it = iter(dl) if plan.batches_per_rank == 1 else it
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        loader[fmt] = n * batch / (time.perf_counter() - t0)
+
+    body = ("## int8 target stores\n\n"
+            f"{args.images} real ImageNet JPEGs x K = {args.views} ({views} views), teacher {args.teacher} "
+            f"(random weights: the figures users with real weights read come from their own markers), "
+            f"{meta.num_tokens} tokens x {meta.latent_dim}.\n\n"
+            + table(["measure", "fp16", "int8"], [
+                ["bytes per view on disk (everything under units/)", size["fp16"], size["int8"]],
+                ["raw bytes per view: latents (+ float32 scales)", raw * 2, raw + meta.num_tokens * 4],
+                ["**on disk, int8 / fp16** (goal <= 0.52)", "", size["int8"] / size["fp16"]],
+                ["extract-targets wall time (s)", seconds["fp16"], seconds["int8"]],
+                ["min token cosine to the teacher's output (marker)", "", f"{q.min_cosine:.6f}"],
+                ["mean token cosine to the teacher's output (marker)", "", f"{q.mean_cosine:.6f}"],
+                ["max abs error (marker)", "", q.max_abs_error],
+                ["min token cosine, int8 vs fp16 store, read back", "", f"{float(cos.min()):.6f}"],
+                [f"{args.student} pretrain loss, step 1 / {args.steps} (same seed)",
+                 f"{losses['fp16'][0]:.5f} / {losses['fp16'][-1]:.5f}", f"{losses['int8'][0]:.5f} / "
+                 f"{losses['int8'][-1]:.5f}"],
+                ["max abs loss difference over the run", "", max(abs(x - y) for x, y in
+                                                               zip(losses["fp16"], losses["int8"], strict=True))],
+                ["stage 2: target read per sample, as stored (ms)", read_ms["fp16"], read_ms["int8"]],
+                ["stage 2: loader, 1 core, Pillow view path (samples/s)", loader["fp16"], loader["int8"]],
+            ]))
+    publish("int8", body)
+
+
+if __name__ == "__main__":
+    main()
