@@ -75,7 +75,7 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     images = torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     targets = torch.randn(batch_size, teacher.num_tokens, teacher.dim, device=device).half()
     views = torch.randint(0, 256, (batch_size, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8)
-    n_visible = 1 + cfg.num_patches - cfg.num_masked
+    n_visible = cfg.num_visible_tokens
 
     def step():
         with autocast():

@@ -92,6 +92,11 @@ class ModelConfig:
         return min(max(n, 1), self.num_patches - 1)
 
     @property
+    def num_visible_tokens(self) -> int:
+        """CLS + visible patches: the tokens the encoder sees and the visible loss l_v covers."""
+        return 1 + self.num_patches - self.num_masked
+
+    @property
     def mask_ratio(self) -> float:
         return self.num_masked / self.num_patches
 

@@ -81,6 +81,37 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     return ckpt
 
 
+class Checkpointer:
+    """A run's checkpoints: which one a run resumes from, when to save, saving with retention, loading."""
+
+    def __init__(self, run_dir: Path, save_every: int, keep_last: int):
+        self.run_dir, self.save_every, self.keep_last = Path(run_dir), save_every, keep_last
+
+    def find(self, resume: str | None) -> tuple[Path | None, dict | None]:
+        """(checkpoint, its trainer state) to resume from, or (None, None) for a fresh run; a fresh run
+        into a directory that holds checkpoints is refused."""
+        ckpt = resolve_resume(resume, self.run_dir)
+        root = self.run_dir / "checkpoints"
+        if ckpt is None and root.is_dir() and any(root.iterdir()):
+            raise UserError(f"--out {self.run_dir} already holds checkpoints; pass --resume latest to continue, or "
+                            "a new --out")
+        return (ckpt, read_state(ckpt)) if ckpt else (None, None)
+
+    def should_save(self, step: int, total: int, stopping: bool) -> bool:
+        return step % self.save_every == 0 or step == total or stopping
+
+    def save(self, accelerator, step: int, trainer_state: dict) -> Path:
+        return save_checkpoint(accelerator, self.run_dir, step, trainer_state, self.keep_last)
+
+    @staticmethod
+    def load(accelerator, ckpt: Path) -> None:
+        try:
+            accelerator.load_state(str(ckpt))
+        except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
+            raise UserError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {e}); pass --resume with an "
+                            "older checkpoint") from None
+
+
 def prune(run_dir: Path, keep: int) -> None:
     """Remove incomplete checkpoint dirs and all but the newest `keep` complete ones."""
     root = run_dir / "checkpoints"

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import signal
 import subprocess
 import time
@@ -24,9 +23,10 @@ import torch
 import cae2
 from cae2.config import LossCombine, LossKind, MaskStrategy, ModelConfig, TrainDefaults
 from cae2.errors import UserError
-from pipelines.checkpoint import read_state, resolve_resume, save_checkpoint
+from pipelines.checkpoint import Checkpointer
 from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch, start_loader
 from pipelines.extract import VIEW_PATHS, resolve_view_path, where_views_are_cut
+from pipelines.schedule import Schedule
 from pipelines.shards import expand_shards
 from targets.cache import StoreMeta, TargetStore
 from targets.device_views import DECODERS, DeviceViews
@@ -89,14 +89,6 @@ class TrainConfig:
             raise UserError("--steps must be >= 1")
         if self.view_path not in VIEW_PATHS:
             raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
-
-
-def lr_at(step: int, peak: float, min_lr: float, warmup: int, total: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _git_sha() -> str:
@@ -175,187 +167,131 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
+@dataclass
+class LogWindow:
+    """Throughput and data waiting over the optimizer steps since the last metrics record."""
+
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+
+    def add(self, stats: StepStats) -> None:
+        self.wait += stats.wait
+        self.steps += 1
+
+    def record(self, accelerator, stats: StepStats, step: int, epoch: int, global_batch: int) -> dict:
+        """The metrics record of the last step (losses averaged over processes) and the window's rates."""
+        reduced = accelerator.reduce(stats.losses, reduction="mean").tolist()
+        elapsed = time.perf_counter() - self.t0
+        return {"step": step, "epoch": epoch, "loss": reduced[0], "loss_v": reduced[1], "loss_z": reduced[2],
+                "lr": stats.lr, "grad_norm": float(stats.grad_norm),
+                "samples_per_s": self.steps * global_batch / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed)}
+
+
+@dataclass
+class StepStats:
+    losses: torch.Tensor
+    """[loss, loss_v, loss_z] of this process, averaged over the step's micro-batches."""
+    grad_norm: torch.Tensor
+    lr: float
+    wait: float
+    """Seconds spent waiting for the data loader."""
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step needs."""
+
+    accelerator: object
+    model: torch.nn.Module
+    forward: torch.nn.Module
+    """The model, or its torch.compile wrapper."""
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    n_visible: int
+    grad_accum: int
+    teacher: torch.nn.Module | None = None
+    """--teacher-online: targets from the teacher instead of the store."""
+    student_views: DeviceViews | None = None
+    teacher_views: DeviceViews | None = None
+    keys_file: object = None
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A loader batch -> (normalised images, mask, targets) on the device."""
+        device = self.accelerator.device
+        raw = self.student_views.make_batch(batch["view_groups"], len(batch["keys"])) if self.student_views \
+            else batch["images"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        if self.teacher is not None:
+            return normalize(raw, IMAGENET_MEAN, IMAGENET_STD), mask, self.teacher(
+                _teacher_views(batch, raw, self.teacher_views))
+        targets = batch["targets"].to(device, non_blocking=True)
+        if "target_scales" in batch:  # int8 store
+            targets = dequantize(targets, batch["target_scales"].to(device, non_blocking=True))
+        return normalize(raw, IMAGENET_MEAN, IMAGENET_STD), mask, targets
+
+
+def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
+    """One optimizer step: `grad_accum` micro-batches (gradients synchronised on the last), clipping,
+    the scheduled lr, the update."""
+    acc = parts.accelerator
+    losses = torch.zeros(3, device=acc.device)
+    wait = 0.0
+    for micro in range(parts.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        images, mask, targets = parts.inputs(batch)
+        with contextlib.nullcontext() if micro == parts.grad_accum - 1 else acc.no_sync(parts.model):
+            pred = parts.forward(images, mask)
+            out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), parts.n_visible,
+                                      parts.schedule.loss, parts.schedule.loss_combine)
+            acc.backward(out.loss / parts.grad_accum)
+        losses += torch.stack([out.loss.detach(), out.loss_v.detach(), out.loss_z.detach()]).float()
+        if parts.keys_file:
+            parts.keys_file.write("".join(f"{step} {epoch} {k}\n" for k in batch["keys"]))
+    grad_norm = acc.clip_grad_norm_(parts.model.parameters(), parts.schedule.clip_grad)
+    lr = parts.schedule.lr(step)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return StepStats(losses / parts.grad_accum, grad_norm, lr, wait)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
-    run_dir = Path(cfg.out)
-    store, index, model_cfg = preflight(cfg)
-    meta = store.meta
-    ckpt = resolve_resume(cfg.resume, run_dir)
-    if ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"--out {run_dir} already holds checkpoints; pass --resume latest to continue, or a new --out")
-    resume_state = read_state(ckpt) if ckpt else None
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo ranks when launched on CPUs
-                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    view_path = _view_path(cfg.view_path, accelerator.device, meta)
-    stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
-                              shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
-                              teacher_views=cfg.teacher_online, view_path=view_path)
-    preset = cae2.get_preset(cfg.model).train
-    first_plan = plan_epoch(index, stream_cfg, 0)
-    steps_per_epoch = first_plan.batches_per_rank // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise UserError(f"an epoch has fewer micro-batches than --grad-accum {cfg.grad_accum}")
-    total = cfg.steps or math.ceil((cfg.epochs or preset.epochs) * steps_per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else \
-        round((cfg.warmup_epochs if cfg.warmup_epochs is not None else preset.warmup_epochs) * steps_per_epoch)
-    warmup = min(warmup, total)
-    global_batch = cfg.batch_size * world * cfg.grad_accum
-    peak = cfg.lr if cfg.lr is not None else preset.lr * global_batch / preset.lr_batch_ref
-    min_lr = cfg.min_lr if cfg.min_lr is not None else preset.min_lr
-    clip = cfg.clip_grad if cfg.clip_grad is not None else preset.clip_grad
-    loss_kind = cfg.loss or preset.loss
-    combine = cfg.loss_combine or preset.loss_combine
-    resolved = {
-        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg).items()},
-        "model": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(model_cfg).items()},
-        "derived": {"processes": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total, "warmup_steps": warmup, "peak_lr": peak, "min_lr": min_lr,
-                    "lr_rule": "linear: lr = preset lr x global_batch / lr_batch_ref" if cfg.lr is None
-                    else "explicit --lr", "clip_grad": clip, "loss": str(loss_kind.value),
-                    "loss_combine": str(combine.value)},
-        "store": {"path": store.path, "teacher": meta.teacher, "views_per_image": meta.views_per_image,
-                  "latent_format": meta.latent_format},
-        "git_sha": _git_sha(), "cae2_version": cae2.__version__,
-    }
-    if accelerator.is_main_process:
-        log(f"pretrain: {cfg.model} on {world} process(es) ({accelerator.device}, "
-            f"{accelerator.mixed_precision}); global batch {global_batch} = {cfg.batch_size} x {world} x "
-            f"{cfg.grad_accum}; peak lr {peak:.3g} ({resolved['derived']['lr_rule']}); {total} steps, "
-            f"{steps_per_epoch}/epoch, warmup {warmup}; targets "
-            f"{'ONLINE teacher' if cfg.teacher_online else f'cache ({meta.latent_format})'}")
-        log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
-            f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
-            + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)"))
-        skipped = sum(i.num_samples - len(i.rows) for i in index)
-        log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
-            f"{first_plan.left_out} left out per epoch to keep {world} rank(s) in step")
-
-    set_seed(cfg.seed)  # the same initial weights on every process
-    model = cae2.CAEv2(model_cfg)
-    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else preset.weight_decay
-    optimizer = make_optimizer(model, preset, weight_decay, peak)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    teacher = None
-    if cfg.teacher_online:
-        teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
-    student_views = teacher_views = None
-    if view_path == "device":
-        student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
-        teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
-
-    data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                   "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
-                   "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if ckpt is not None:
-        _check_resume(ckpt, resume_state, resolved["model"], data_layout)
-        try:
-            accelerator.load_state(str(ckpt))
-        except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
-            raise UserError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {e}); pass --resume with an "
-                            "older checkpoint") from None
-        step, epoch, batch_in_epoch = resume_state["step"], resume_state["epoch"], resume_state["batch_in_epoch"]
-        if accelerator.is_main_process:
-            log(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
-    else:
-        set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
-    # Compiled after prepare/load: checkpoints hold the plain module's keys, so runs with and without
-    # --compile resume each other's checkpoints.
-    forward = torch.compile(model) if cfg.compile else model
-    if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
-        accelerator.init_trackers("tensorboard", config=resolved["derived"])
-    metrics = Metrics(run_dir, accelerator, step)
-    keys_file = None
-    if cfg.log_keys:
-        (run_dir / "keys").mkdir(parents=True, exist_ok=True)
-        keys_file = (run_dir / "keys" / f"rank{rank}.txt").open("a")
-    n_visible = 1 + model_cfg.num_patches - model_cfg.num_masked
+    run = start_run(cfg, log)
+    acc, sched, total = run.accelerator, run.schedule, run.schedule.total_steps
+    step, epoch, batch_in_epoch = run.step, run.epoch, run.batch_in_epoch
+    metrics = Metrics(run.dir, acc, step)
     preempt = _Preemption()
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and accelerator.is_main_process),
+    bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and acc.is_main_process),
                dynamic_ncols=True)
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-    status = "finished"
-
-    def state_dict(epoch: int, batch_in_epoch: int) -> dict:
-        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": cfg.model,
-                "model_config": resolved["model"], "data_layout": data_layout, "config": resolved["config"]}
-
-    upcoming = None  # the next epoch's loader, started during the last step of the current one
-    model.train()
+    window, status, upcoming = LogWindow(), "finished", None  # upcoming: the next epoch's loader, started early
+    run.parts.model.train()
     try:
-        def start_epoch(e: int, skip: int):
-            """Start an epoch's loader (its workers begin decoding at once)."""
-            loader, plan = make_loader(store.path, meta, index, stream_cfg, model_cfg, e, skip_batches=skip,
-                                       pin_memory=accelerator.device.type == "cuda")
-            return start_loader(loader), plan
-
         while step < total:
-            it, plan = upcoming or start_epoch(epoch, batch_in_epoch)
+            it, plan = upcoming or run.start_epoch(epoch, batch_in_epoch)
             upcoming = None
             usable = (plan.batches_per_rank // cfg.grad_accum) * cfg.grad_accum
             while step < total and batch_in_epoch < usable:
                 if upcoming is None and batch_in_epoch + cfg.grad_accum >= usable and step + 1 < total:
-                    upcoming = start_epoch(epoch + 1, 0)  # its start-up overlaps this epoch's last step
-                losses = torch.zeros(3, device=accelerator.device)
-                for micro in range(cfg.grad_accum):
-                    t_wait = time.perf_counter()
-                    batch = next(it)
-                    window["wait"] += time.perf_counter() - t_wait
-                    raw = student_views.make_batch(batch["view_groups"], len(batch["keys"])) if student_views \
-                        else batch["images"].to(accelerator.device, non_blocking=True)
-                    images = normalize(raw, IMAGENET_MEAN, IMAGENET_STD)
-                    mask = batch["mask"].to(accelerator.device, non_blocking=True)
-                    if teacher is not None:
-                        targets = teacher(_teacher_views(batch, raw, teacher_views))
-                    else:
-                        targets = batch["targets"].to(accelerator.device, non_blocking=True)
-                        if "target_scales" in batch:  # int8 store
-                            targets = dequantize(targets, batch["target_scales"].to(accelerator.device,
-                                                                                    non_blocking=True))
-                    sync = micro == cfg.grad_accum - 1
-                    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-                    with ctx:
-                        pred = forward(images, mask)
-                        out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), n_visible,
-                                                  loss_kind, combine)
-                        accelerator.backward(out.loss / cfg.grad_accum)
-                    losses += torch.stack([out.loss.detach(), out.loss_v.detach(), out.loss_z.detach()]).float()
-                    if keys_file:
-                        keys_file.write("".join(f"{step} {epoch} {k}\n" for k in batch["keys"]))
-                    batch_in_epoch += 1
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                lr = lr_at(step, peak, min_lr, warmup, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                losses /= cfg.grad_accum
-                window["steps"] += 1
+                    upcoming = run.start_epoch(epoch + 1, 0)  # its start-up overlaps this epoch's last step
+                stats = train_step(run.parts, it, step, epoch)
+                step, batch_in_epoch = step + 1, batch_in_epoch + cfg.grad_accum
+                window.add(stats)
                 if step % cfg.log_every == 0 or step == total:
-                    reduced = accelerator.reduce(losses, reduction="mean").tolist()
-                    elapsed = time.perf_counter() - window["t0"]
-                    record = {"step": step, "epoch": epoch, "loss": reduced[0], "loss_v": reduced[1],
-                              "loss_z": reduced[2], "lr": lr, "grad_norm": float(grad_norm),
-                              "samples_per_s": window["steps"] * global_batch / elapsed,
-                              "data_wait_frac": min(1.0, window["wait"] / elapsed)}
+                    record = window.record(acc, stats, step, epoch, sched.global_batch)
                     metrics.log(record)
-                    bar.set_postfix_str(f"loss {reduced[0]:.4f}, {record['samples_per_s']:.1f} samples/s")
-                    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+                    bar.set_postfix_str(f"loss {record['loss']:.4f}, {record['samples_per_s']:.1f} samples/s")
+                    window = LogWindow()
                 bar.update(1)
-                stop = _agree(accelerator, preempt.requested)
-                if step % cfg.save_every == 0 or step == total or stop:
+                stop = _agree(acc, preempt.requested)
+                if run.checkpointer.should_save(step, total, stop):
                     position = (epoch + 1, 0) if batch_in_epoch >= usable else (epoch, batch_in_epoch)
-                    save_checkpoint(accelerator, run_dir, step, state_dict(*position), cfg.keep_last)
+                    run.checkpointer.save(acc, step, run.trainer_state(step, *position))
                 if stop:
                     status = "preempted"
                     break
@@ -368,10 +304,128 @@ def train(cfg: TrainConfig, log=print) -> dict:
         del upcoming
         preempt.restore()
         bar.close()
-        if keys_file:
-            keys_file.close()
-        accelerator.end_training()
-    return {"status": status, "step": step, "run_dir": str(run_dir), "total_steps": total}
+        if run.parts.keys_file:
+            run.parts.keys_file.close()
+        acc.end_training()
+    return {"status": status, "step": step, "run_dir": str(run.dir), "total_steps": total}
+
+
+@dataclass
+class Run:
+    """A pretraining run, set up and (when resumed) restored: everything `train` loops over."""
+
+    cfg: TrainConfig
+    dir: Path
+    accelerator: object
+    store: TargetStore
+    index: list
+    model_cfg: ModelConfig
+    stream_cfg: StreamConfig
+    schedule: Schedule
+    parts: StepParts
+    checkpointer: Checkpointer
+    resolved: dict
+    data_layout: dict
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def start_epoch(self, epoch: int, skip: int):
+        """Start an epoch's loader (its workers begin decoding at once) -> (iterator, plan)."""
+        loader, plan = make_loader(self.store.path, self.store.meta, self.index, self.stream_cfg, self.model_cfg,
+                                   epoch, skip_batches=skip, pin_memory=self.accelerator.device.type == "cuda")
+        return start_loader(loader), plan
+
+    def trainer_state(self, step: int, epoch: int, batch_in_epoch: int) -> dict:
+        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": self.cfg.model,
+                "model_config": self.resolved["model"], "data_layout": self.data_layout,
+                "config": self.resolved["config"]}
+
+
+def start_run(cfg: TrainConfig, log=print) -> Run:
+    """Preflight, Accelerate, the schedule, the model and optimizer, the resume; RUN_DIR is written only
+    after every check has passed."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    run_dir = Path(cfg.out)
+    store, index, model_cfg = preflight(cfg)
+    meta = store.meta
+    checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
+    ckpt, resume_state = checkpointer.find(cfg.resume)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo ranks when launched on CPUs
+                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    view_path = _view_path(cfg.view_path, accelerator.device, meta)
+    stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
+                              shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
+                              teacher_views=cfg.teacher_online, view_path=view_path)
+    preset = cae2.get_preset(cfg.model).train
+    first_plan = plan_epoch(index, stream_cfg, 0)
+    schedule = Schedule.resolve(cfg, preset, first_plan.batches_per_rank, world)
+    resolved = {
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg).items()},
+        "model": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(model_cfg).items()},
+        "derived": schedule.to_json(),
+        "store": {"path": store.path, "teacher": meta.teacher, "views_per_image": meta.views_per_image,
+                  "latent_format": meta.latent_format},
+        "git_sha": _git_sha(), "cae2_version": cae2.__version__,
+    }
+    if accelerator.is_main_process:
+        _log_start(log, cfg, accelerator, schedule, meta, index, first_plan, view_path)
+
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = cae2.CAEv2(model_cfg)
+    optimizer = make_optimizer(model, preset, schedule.weight_decay, schedule.peak_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = StepParts(accelerator=accelerator, model=model, forward=model, optimizer=optimizer, schedule=schedule,
+                      n_visible=model_cfg.num_visible_tokens, grad_accum=cfg.grad_accum)
+    if cfg.teacher_online:
+        parts.teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
+    if view_path == "device":
+        parts.student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
+        parts.teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
+    data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                   "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
+                   "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
+    run = Run(cfg=cfg, dir=run_dir, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
+              stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=checkpointer, resolved=resolved,
+              data_layout=data_layout)
+    if ckpt is not None:
+        _check_resume(ckpt, resume_state, resolved["model"], data_layout)
+        checkpointer.load(accelerator, ckpt)
+        run.step, run.epoch, run.batch_in_epoch = (resume_state[k] for k in ("step", "epoch", "batch_in_epoch"))
+        if accelerator.is_main_process:
+            log(f"resumed from {ckpt} at step {run.step} (epoch {run.epoch}, micro-batch {run.batch_in_epoch})")
+    else:
+        set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
+    # Compiled after prepare/load: checkpoints hold the plain module's keys, so runs with and without
+    # --compile resume each other's checkpoints.
+    parts.forward = torch.compile(model) if cfg.compile else model
+    if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+        accelerator.init_trackers("tensorboard", config=resolved["derived"])
+    if cfg.log_keys:
+        (run_dir / "keys").mkdir(parents=True, exist_ok=True)
+        parts.keys_file = (run_dir / "keys" / f"rank{rank}.txt").open("a")
+    return run
+
+
+def _log_start(log, cfg: TrainConfig, accelerator, schedule: Schedule, meta: StoreMeta, index: list, plan,
+               view_path: str) -> None:
+    s = schedule
+    log(f"pretrain: {cfg.model} on {s.processes} process(es) ({accelerator.device}, {accelerator.mixed_precision}); "
+        f"global batch {s.global_batch} = {cfg.batch_size} x {s.processes} x {cfg.grad_accum}; peak lr "
+        f"{s.peak_lr:.3g} ({s.lr_rule}); {s.total_steps} steps, {s.steps_per_epoch}/epoch, warmup {s.warmup_steps}; "
+        f"targets {'ONLINE teacher' if cfg.teacher_online else f'cache ({meta.latent_format})'}")
+    log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
+        f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
+        + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)"))
+    skipped = sum(i.num_samples - len(i.rows) for i in index)
+    log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
+        f"{plan.left_out} left out per epoch to keep {s.processes} rank(s) in step")
 
 
 def _view_path(choice: str, device: torch.device, meta: StoreMeta) -> str:

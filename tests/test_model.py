@@ -113,7 +113,7 @@ def test_forward_backward_every_param_gets_gradient(name):
     targets = torch.randn(2, 1 + cfg.num_patches, cfg.target_dim)
     pred = model(images, mask)
     assert pred.shape == targets.shape
-    out = cae2.alignment_loss(pred, model.arrange_targets(targets, mask), 1 + cfg.num_patches - cfg.num_masked)
+    out = cae2.alignment_loss(pred, model.arrange_targets(targets, mask), cfg.num_visible_tokens)
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, missing
@@ -129,7 +129,7 @@ def test_bf16_autocast_has_no_nan(name):
     targets = torch.randn(4, 1 + cfg.num_patches, cfg.target_dim)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pred = model(images, mask)
-        out = cae2.alignment_loss(pred, model.arrange_targets(targets, mask), 1 + cfg.num_patches - cfg.num_masked)
+        out = cae2.alignment_loss(pred, model.arrange_targets(targets, mask), cfg.num_visible_tokens)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
