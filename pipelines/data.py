@@ -125,6 +125,16 @@ def plan_epoch(index: list[ShardIndex], cfg: StreamConfig, epoch: int) -> EpochP
     return plan
 
 
+def resume_position(physical: int, workers: int, skip_batches: int) -> tuple[int, int]:
+    """-> (logical worker, batches it skips) of loader worker `physical` after `skip_batches` micro-batches.
+
+    The loader polls its workers round-robin from worker 0, and micro-batch j belongs to logical worker
+    j % workers: after a resume at batch s, loader worker i plays logical worker (i + s) % workers,
+    which skips the batches it made before the resume."""
+    wid = (physical + skip_batches) % workers
+    return wid, max(0, (skip_batches - wid + workers - 1) // workers)
+
+
 def view_index(seed: int, epoch: int, key: str, k: int) -> int:
     return _stable_int("view", seed, epoch, key) % k
 
@@ -149,11 +159,7 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         physical, nw = (info.id, info.num_workers) if info else (0, 1)
         assert nw == max(self.cfg.workers, 1), "plan and loader disagree on the worker count"
-        # The loader polls its workers round-robin from worker 0, and micro-batch j belongs to logical
-        # worker j % nw: after a resume at batch s, loader worker i plays logical worker (i + s) % nw,
-        # which skips the batches it made before the resume.
-        wid = (physical + self.skip_batches) % nw
-        skip = max(0, (self.skip_batches - wid + nw - 1) // nw)
+        wid, skip = resume_position(physical, nw, self.skip_batches)
         store = TargetStore.open(self.store_path)
         masker = create_mask_generator(self.model_cfg)
         buffer_rng = np.random.default_rng([self.cfg.seed, self.epoch, self.cfg.rank, wid, 0xB0F])

@@ -201,31 +201,32 @@ class UnitAssembler:
         self.dtypes = {"latents": np.int8 if meta.latent_format == "int8" else np.float16}
         if meta.latent_format == "int8":
             self.shapes["scales"], self.dtypes["scales"] = (rows, meta.views_per_image, meta.num_tokens), np.float32
-        self.blocks = self._new_blocks()
+        self.blocks: dict[int, dict[str, np.ndarray]] = {}  # zarr shard -> its arrays, until handed out
         self.quant = QuantStats()
         self.next_row = 0
 
-    def _new_blocks(self) -> dict[str, np.ndarray]:
-        return {name: np.zeros(shape, self.dtypes[name]) for name, shape in self.shapes.items()}
-
     def put(self, row: int, latents: np.ndarray | None, scales: np.ndarray | None = None) -> list[tuple]:
         """Record a row (None = skipped); returns the blocks now ready: [(start_row, latents, scales or None)]."""
+        shard, local = divmod(row, self.rows_per_shard)
+        block = self.blocks.get(shard)
+        if block is None:
+            block = self.blocks[shard] = {name: np.zeros(shape, self.dtypes[name])
+                                          for name, shape in self.shapes.items()}
         if latents is not None:
-            self.blocks["latents"][row % self.rows_per_shard] = latents
+            block["latents"][local] = latents
             if scales is not None:
-                self.blocks["scales"][row % self.rows_per_shard] = scales
+                block["scales"][local] = scales
         self.resolved[row] = True
         ready = []
         n = len(self.resolved)
         while self.next_row < n and self.resolved[self.next_row]:
             self.next_row += 1
             if self.next_row % self.rows_per_shard == 0 or self.next_row == n:
-                start = (self.next_row - 1) // self.rows_per_shard * self.rows_per_shard
+                shard = (self.next_row - 1) // self.rows_per_shard
+                done = self.blocks.pop(shard)  # the writer owns it now
+                start = shard * self.rows_per_shard
                 rows = self.next_row - start
-                scales_block = self.blocks.get("scales")
-                ready.append((start, self.blocks["latents"][:rows],
-                              None if scales_block is None else scales_block[:rows]))
-                self.blocks = self._new_blocks()  # the writer owns the full ones
+                ready.append((start, done["latents"][:rows], done["scales"][:rows] if "scales" in done else None))
         return ready
 
     @property
