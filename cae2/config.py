@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the student's input normalisation (the official code's)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class MaskStrategy(StrEnum):
     block = "block"  # BEiT block-wise masking (default)
@@ -103,7 +106,9 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainDefaults:
-    """Pretraining defaults (Table 7 and the official scripts); the training stage reads these."""
+    """Pretraining schedule defaults of a preset (Table 7 and the official scripts); `cae2 pretrain`
+    reads these. The augmentation settings are the same for every preset and live with the views
+    (`targets.views.ViewSettings`)."""
 
     lr: float = 1.5e-3
     """Peak learning rate at `lr_batch_ref` samples per optimizer step."""
@@ -118,10 +123,6 @@ class TrainDefaults:
     warmup_epochs: float = 10
     epochs: float = 300
     clip_grad: float = 3.0
-    global_batch: int = 2048
-    color_jitter: float = 0.4
-    crop_scale: tuple[float, float] = (0.4, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     loss: LossKind = LossKind.cosine
     loss_combine: LossCombine = LossCombine.tokens
 

@@ -69,5 +69,5 @@ register(Preset(
     description="64 px, 4x4 grid, 32-d targets: pairs with the cae2-tiny-clip teacher for tests and the demo",
     model=ModelConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, drop_path=0.1,
                       regressor_depth=1, regressor_dim=16, regressor_heads=2, num_masked_196=98, target_dim=32),
-    train=TrainDefaults(global_batch=16, warmup_epochs=1, epochs=10),
+    train=TrainDefaults(warmup_epochs=1, epochs=10),
 ))

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import cae2
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.shards import expand_shards, image_bytes, iter_shard
 from targets.cache import TargetStore
-from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, apply_view, decode_image, normalize
+from targets.views import ViewParams, apply_view, decode_image, normalize
 
 
 @torch.no_grad()

@@ -47,21 +47,29 @@ VIEW_PATHS = ("auto", "pillow", "device")
 
 @dataclass(kw_only=True)
 class ExtractConfig:
+    """Every option of `cae2 extract-targets` (the command line is generated from these fields)."""
+
     shards: str
+    """Shards: a brace pattern, a directory, a glob, or a file listing URLs."""
     out: str
+    """Target store (a Zarr v3 directory on a local or mounted file system); rerun to resume."""
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     views: ViewSettings = field(default_factory=ViewSettings)
     views_per_image: int = 5
     """K: cached views per image (storage grows linearly; see docs/cache.md)."""
     seed: int = 0
+    """Seed of the view parameters (and of a random teacher's weights)."""
     batch_size: int = 256
     """Views per teacher forward."""
     workers: int = 4
     """Data-loader worker processes per rank (decode + views)."""
     precision: str = "auto"
+    """auto (fp16 on a GPU, fp32 on CPU), fp32, bf16, fp16 (autocast), bf16-weights, fp16-weights (the
+    weights cast)."""
     images_per_shard: int = 32
     """Images per zarr shard of the latents array (one write each)."""
     allow_download: bool = False
+    """Allow downloading CLIP weights (else the local Hugging Face cache only)."""
     latent_format: str = "fp16"
     """fp16, or int8 with one float32 scale per token (half the bytes; targets.quantize)."""
     min_cosine: float = 0.999
@@ -72,6 +80,7 @@ class ExtractConfig:
     """pillow: views cut by the decode workers (the exact reference); device: the workers decode, the
     views are cut batched on the teacher's device (bit-identical); auto: device when that is a GPU."""
     progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         if self.view_path not in VIEW_PATHS:

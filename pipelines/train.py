@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import cae2
-from cae2.config import LossCombine, LossKind, MaskStrategy, ModelConfig, TrainDefaults
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD, LossCombine, LossKind, MaskStrategy, ModelConfig, TrainDefaults
 from cae2.errors import UserError
 from pipelines.checkpoint import Checkpointer
 from pipelines.data import StreamConfig, index_shards, make_loader, plan_epoch, start_loader
@@ -32,54 +32,81 @@ from targets.cache import StoreMeta, TargetStore
 from targets.device_views import DECODERS, DeviceViews
 from targets.quantize import dequantize
 from targets.teacher import teacher_for_store
-from targets.views import IMAGENET_MEAN, IMAGENET_STD, ViewSettings, normalize
+from targets.views import ViewSettings, normalize
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Every option of `cae2 pretrain`. None means: take the preset's training default."""
+    """Every option of `cae2 pretrain` (the command line is generated from these fields). None means:
+    the --model preset's default."""
 
     shards: str
+    """Training shards: a brace pattern, a directory, a glob, or a file listing URLs."""
     targets: str
+    """Target store made by extract-targets from these shards."""
     model: str = "cae2_vit_base"
+    """Preset name (`cae2 models`)."""
     out: str = "runs/cae2"
+    """Run directory: config.json, metrics.jsonl, TensorBoard, checkpoints."""
     steps: int | None = None
-    """Optimizer steps; overrides epochs."""
+    """Optimizer steps; overrides --epochs."""
     epochs: float | None = None
+    """Epochs of the data."""
     batch_size: int = 64
     """Per process and micro-batch. Global batch = batch_size x processes x grad_accum."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     lr: float | None = None
-    """Peak lr at the global batch in use; default: preset lr x global_batch / lr_batch_ref (linear rule)."""
+    """Peak lr at the global batch in use; default: the preset's lr x global batch / its lr_batch_ref."""
     min_lr: float | None = None
+    """Final lr of the cosine schedule."""
     warmup_epochs: float | None = None
+    """Linear warmup, in epochs."""
     warmup_steps: int | None = None
+    """Linear warmup, in steps; overrides --warmup-epochs."""
     weight_decay: float | None = None
+    """AdamW weight decay."""
     clip_grad: float | None = None
+    """Gradient clipping max norm."""
     drop_path: float | None = None
+    """Stochastic depth rate."""
     target_dim: int | None = None
-    """Head output dim; must equal the store's teacher dim (default: the preset's)."""
+    """Head output dim; must equal the store's teacher dim."""
     mask_strategy: MaskStrategy | None = None
+    """Masking (block as in the paper; random for ablations)."""
     loss: LossKind | None = None
+    """Token distance."""
     loss_combine: LossCombine | None = None
+    """tokens (the code), sum (the paper), visible, masked."""
     seed: int = 0
+    """Seed of the initialisation, the data order, the view index and the masks."""
     log_every: int = 10
+    """Steps between metrics records."""
     save_every: int = 1000
+    """Steps between checkpoints (also at the end and on SIGTERM)."""
     keep_last: int = 3
+    """Complete checkpoints to keep."""
     resume: str | None = None
+    """'latest' (newest complete checkpoint of --out) or a checkpoint path."""
     teacher_online: bool = False
+    """Run the teacher every step instead of reading the store (the baseline the cache replaces)."""
     allow_random_teacher: bool = False
+    """Accept a store made by a randomly initialised teacher (tests, demos)."""
     compile: bool = False
+    """torch.compile the student (and the online teacher)."""
     view_path: str = "auto"
     """pillow: the loader workers cut the views; device: they decode and crop, the views are cut on the
     training device (bit-identical); auto: device when training on a GPU."""
     workers: int = 4
+    """Data-loader worker processes per process."""
     shuffle_buffer: int = 1000
+    """Samples in each worker's shuffle buffer."""
     mixed_precision: str | None = None
-    """no | fp16 | bf16; None: Accelerate's launch config."""
+    """no, fp16 or bf16; default: Accelerate's launch config."""
     log_keys: bool = False
     """Write every sample key per step to RUN_DIR/keys/rank<r>.txt (audits of the data order)."""
     progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every", "save_every", "keep_last"):

@@ -34,8 +34,11 @@ class TeacherSpec:
     demos only). `quick_gelu`: None = automatic (on for OpenAI weights)."""
 
     name: str = DEFAULT_TEACHER
+    """open_clip model name or model-config .json."""
     pretrained: str = DEFAULT_PRETRAINED
+    """Tag (openai), weights file, or 'none' (random weights: tests and demos)."""
     quick_gelu: bool | None = None
+    """QuickGELU activations; default: on for OpenAI weights."""
     image_size: int | None = None
     """Override the tower's input size (196 for ViT-L/14 so that the grid is 14x14)."""
     init_seed: int = 0

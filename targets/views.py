@@ -26,24 +26,27 @@ import torch
 import torchvision.transforms.functional as TF1
 from PIL import Image, ImageStat, UnidentifiedImageError
 
-from cae2.config import TrainDefaults
-
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # jitter op ids, as in torchvision's ColorJitter order
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ViewSettings:
-    """Augmentation strengths (defaults: the presets' TrainDefaults, i.e. Table 7 and the official pipeline)."""
+    """Augmentation strengths: their one home (defaults: Table 7 and the official pipeline, for every preset)."""
 
-    brightness: float = TrainDefaults.color_jitter
-    contrast: float = TrainDefaults.color_jitter
-    saturation: float = TrainDefaults.color_jitter
+    brightness: float = 0.4
+    """Brightness jitter: factors in [1 - b, 1 + b]."""
+    contrast: float = 0.4
+    """Contrast jitter: factors in [1 - c, 1 + c]."""
+    saturation: float = 0.4
+    """Saturation jitter: factors in [1 - s, 1 + s]."""
     hue: float = 0.0
+    """Hue jitter (0 in CAE v2; the device view path has none)."""
     flip_prob: float = 0.5
-    crop_scale: tuple[float, float] = TrainDefaults.crop_scale
-    crop_ratio: tuple[float, float] = TrainDefaults.crop_ratio
+    """Probability of a horizontal flip."""
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    """RandomResizedCrop area fractions (min max)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect ratios (min max)."""
 
     def __post_init__(self) -> None:
         for name in ("brightness", "contrast", "saturation"):

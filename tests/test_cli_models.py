@@ -17,8 +17,9 @@ EXPECTED = {
     "cae2_vit_large": dict(embed_dim=1024, depth=24, num_heads=16, regressor_depth=4, regressor_dim=1024,
                            num_masked=118, drop_path=0.2),
 }
-TABLE7 = dict(lr=1.5e-3, lr_batch_ref=2048, global_batch=2048, min_lr=1e-5, betas=[0.9, 0.98], weight_decay=0.05,
-              warmup_epochs=10, epochs=300, clip_grad=3.0, color_jitter=0.4, crop_scale=[0.4, 1.0])
+TABLE7 = dict(lr=1.5e-3, lr_batch_ref=2048, min_lr=1e-5, betas=[0.9, 0.98], weight_decay=0.05, warmup_epochs=10,
+              epochs=300, clip_grad=3.0)
+VIEWS = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, flip_prob=0.5, crop_scale=[0.4, 1.0])
 
 
 def test_models_json_agrees_with_table7():
@@ -31,6 +32,7 @@ def test_models_json_agrees_with_table7():
         assert {k: model[k] for k in expected} == expected, name
         assert model["img_size"] == 224 and model["patch_size"] == 16 and model["layer_scale_init"] == 0.1
         assert {k: records[name]["train"][k] for k in TABLE7} == TABLE7, name
+        assert {k: records[name]["views"][k] for k in VIEWS} == VIEWS, name
         assert model["mask_ratio"] == round(expected["num_masked"] / 196, 4)
     ratios = [records[n]["model"]["mask_ratio"] for n in EXPECTED]
     assert [round(r, 2) for r in ratios] == [0.15, 0.25, 0.5, 0.6]

@@ -6,9 +6,8 @@ import torch
 import torchvision.transforms.functional as F1
 from PIL import Image
 
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD
 from targets.views import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DecodeError,
     ViewParams,
     ViewSettings,

@@ -1,0 +1,188 @@
+"""Command-line options generated from the config dataclasses, so that each option is declared once:
+as a field, with its type, its default and its docstring.
+
+Nested config dataclasses (the teacher, the view settings) contribute their fields too, under the
+flag names the command gives them. Booleans get `--x/--no-x`, so a value from a config file can be
+turned off on the command line. Every command built here also reads its options from a YAML or TOML
+file (`--config`, keys as flag names or field names); flags override the file, the file overrides
+the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cae2.errors import UserError
+
+
+@dataclass(frozen=True)
+class Option:
+    path: tuple[str, ...]
+    """Field path in the config, e.g. ("teacher", "name")."""
+    flag: str
+    type: Any
+    """The field's type without None."""
+    default: Any
+    """dataclasses.MISSING: required."""
+    help: str
+
+    @property
+    def param(self) -> str:
+        return "__".join(self.path)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstrings written under a dataclass's fields (`x: int = 0` then `\"\"\"...\"\"\"`)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _strip_none(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def options(cls, names: dict[str, str | None] | None = None, prefix: tuple[str, ...] = ()) -> list[Option]:
+    """The options of a config dataclass. `names` maps dotted field paths to flags (None: not an option);
+    other fields are `--field-name`."""
+    names = names or {}
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        dotted = ".".join(path)
+        if dotted in names and names[dotted] is None:
+            continue
+        tp = _strip_none(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out += options(tp, names, path)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        flag = names.get(dotted) or "--" + f.name.replace("_", "-")
+        out.append(Option(path, flag, tp, default, docs.get(f.name, "")))
+    return out
+
+
+def _convert(opt: Option, value):
+    """A config-file value -> the field's type."""
+    if value is None:
+        return None
+    if isinstance(opt.type, type) and issubclass(opt.type, Enum):
+        return opt.type(value)
+    if typing.get_origin(opt.type) is tuple:
+        return tuple(value)
+    return value
+
+
+def build(cls, values: dict[tuple[str, ...], Any], prefix: tuple[str, ...] = ()):
+    """A (nested) config from {field path: value}; missing fields take their defaults."""
+    hints, kwargs = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        tp = _strip_none(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            if any(p[:len(path)] == path for p in values):
+                kwargs[f.name] = build(tp, values, path)
+        elif path in values:
+            kwargs[f.name] = values[path]
+    return cls(**kwargs)
+
+
+def load_config_file(path: Path) -> dict:
+    """Options from a YAML or TOML file: {name: value}."""
+    if not path.is_file():
+        raise UserError(f"--config {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--config {path} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of option names to values")
+    return data
+
+
+def _parameter(opt: Option, default_help: Callable[[Option], str | None] | None) -> inspect.Parameter:
+    help_text = opt.help
+    extra = default_help(opt) if default_help else None
+    if extra:
+        help_text = f"{help_text} {extra}".strip()
+    show = None if opt.default in (None, dataclasses.MISSING) else str(
+        list(opt.default) if isinstance(opt.default, tuple) else
+        opt.default.value if isinstance(opt.default, Enum) else opt.default)
+    if opt.default is dataclasses.MISSING:
+        help_text += " [required]"
+    decl = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
+    kwargs = {"help": help_text, "show_default": show if show is not None else False}
+    annotation = Annotated[opt.type | None, typer.Option(decl, **kwargs)]
+    return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str, str | None] | None = None,
+            default_help: Callable[[Option], str | None] | None = None) -> list[Option]:
+    """Register `cae2 NAME`: the options of `cls` and --config; calls run(config). `run`'s docstring is
+    the command's help."""
+    opts = options(cls, names)
+    by_key = {}
+    for opt in opts:
+        by_key[opt.flag[2:]] = by_key[opt.flag[2:].replace("-", "_")] = by_key[".".join(opt.path)] = opt
+
+    def impl(**given):
+        config = given.pop("config")
+        values = {}
+        for key, value in (load_config_file(config) if config else {}).items():
+            opt = by_key.get(str(key))
+            if opt is None:
+                raise UserError(f"--config {config}: unknown option {key!r} (known: "
+                                f"{', '.join(o.flag[2:] for o in opts)})")
+            values[opt.path] = _convert(opt, value)
+        values |= {opt.path: given[opt.param] for opt in opts if given[opt.param] is not None}
+        missing = [o.flag for o in opts if o.default is dataclasses.MISSING and o.path not in values]
+        if missing:
+            raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (on the command "
+                            "line or in --config)")
+        try:
+            cfg = build(cls, values)
+        except (ValueError, TypeError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{name}: {e}") from None
+        return run(cfg)
+
+    params = [_parameter(o, default_help) for o in opts]
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Path | None, typer.Option(help="YAML/TOML file of options (flag or field names); flags override it.")]))
+    impl.__signature__ = inspect.Signature(params)
+    impl.__annotations__ = {}
+    impl.__doc__ = run.__doc__
+    impl.__name__ = run.__name__
+    app.command(name)(impl)
+    return opts
