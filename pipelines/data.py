@@ -64,6 +64,15 @@ class StreamConfig:
     """pillow: the workers cut the views; device: they return padded crops (`DeviceViews.make_batch`)."""
 
 
+# Salts of the generators keyed by (seed, epoch, ...): changing one changes every run's data order,
+# view choice or masks (tests/test_golden.py pins what they give).
+SHARD_ORDER_SALT = 0x5EED
+SHUFFLE_SALT = 0xB0F
+VIEW_INDEX_SALT = "view"
+MASK_SALT = "mask"
+LOADER_SALT = "loader"
+
+
 def _stable_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()[:8], "little")
 
@@ -99,7 +108,7 @@ class EpochPlan:
 
 
 def plan_epoch(index: list[ShardIndex], cfg: StreamConfig, epoch: int) -> EpochPlan:
-    order = np.random.default_rng([cfg.seed, epoch, 0x5EED]).permutation(len(index))
+    order = np.random.default_rng([cfg.seed, epoch, SHARD_ORDER_SALT]).permutation(len(index))
     shards = [index[i] for i in order]
     total = sum(len(s.rows) for s in shards)
     per_rank = total // (cfg.world * cfg.batch_size) * cfg.batch_size
@@ -136,11 +145,11 @@ def resume_position(physical: int, workers: int, skip_batches: int) -> tuple[int
 
 
 def view_index(seed: int, epoch: int, key: str, k: int) -> int:
-    return _stable_int("view", seed, epoch, key) % k
+    return _stable_int(VIEW_INDEX_SALT, seed, epoch, key) % k
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    return np.random.default_rng([_stable_int("mask", seed, epoch, key)])
+    return np.random.default_rng([_stable_int(MASK_SALT, seed, epoch, key)])
 
 
 class TrainStream(IterableDataset):
@@ -162,7 +171,7 @@ class TrainStream(IterableDataset):
         wid, skip = resume_position(physical, nw, self.skip_batches)
         store = TargetStore.open(self.store_path)
         masker = create_mask_generator(self.model_cfg)
-        buffer_rng = np.random.default_rng([self.cfg.seed, self.epoch, self.cfg.rank, wid, 0xB0F])
+        buffer_rng = np.random.default_rng([self.cfg.seed, self.epoch, self.cfg.rank, wid, SHUFFLE_SALT])
         batch: list = []
         produced = 0
         for item in _shuffled(self._samples(store, wid), self.cfg.shuffle_buffer, buffer_rng):
@@ -281,7 +290,7 @@ def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: 
     stream = TrainStream(store_path, meta, plan, cfg, model_cfg, epoch, skip_batches)
     # Its own generator: creating the iterator must not consume the global RNG that drop path uses,
     # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
-    generator = torch.Generator().manual_seed(_stable_int("loader", cfg.seed, epoch, cfg.rank))
+    generator = torch.Generator().manual_seed(_stable_int(LOADER_SALT, cfg.seed, epoch, cfg.rank))
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
                         pin_memory=pin_memory, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False, generator=generator)

@@ -257,7 +257,7 @@ class ExtractStats:
 
 
 def _meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMeta:
-    return StoreMeta(teacher=teacher.identity(), views=cfg.views.to_dict(), seed=cfg.seed,
+    return StoreMeta(teacher=teacher.identity().to_json(), views=cfg.views.to_dict(), seed=cfg.seed,
                      views_per_image=cfg.views_per_image, input_size=teacher.image_size, grid=teacher.grid_size,
                      num_tokens=teacher.num_tokens, latent_dim=teacher.dim, mean=teacher.mean, std=teacher.std,
                      interpolation=teacher.interpolation, images_per_shard=cfg.images_per_shard,

@@ -8,6 +8,7 @@ projected, so the tower is run step by step here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -105,25 +106,48 @@ def resolve_weights(model_name: str, pretrained: str, allow_download: bool) -> t
                     f"(open_clip .bin/.safetensors or OpenAI .pt){'' if allow_download else ', or add --download'}")
 
 
-def spec_from_identity(identity: dict, image_size: int, pretrained: str | None = None) -> TeacherSpec:
-    """Rebuild the TeacherSpec a store was made with (`pretrained` overrides a moved weights file)."""
-    name = identity["name"]
-    if identity.get("config"):
-        folder = Path(tempfile.mkdtemp(prefix="cae2-teacher-"))
-        (folder / f"{name}.json").write_text(json.dumps(identity["config"]))
-        name = str(folder / f"{name}.json")
-    return TeacherSpec(name=name, pretrained=pretrained or identity["pretrained"], quick_gelu=identity["quick_gelu"],
-                       image_size=image_size, init_seed=identity.get("init_seed") or 0)
+@dataclass(frozen=True, kw_only=True)
+class TeacherIdentity:
+    """What a target store records about its teacher, and what a rerun must match (StoreMeta.teacher
+    holds it as JSON)."""
+
+    name: str
+    """open_clip model name, or the stem of the model-config file."""
+    config: dict | None = None
+    """The model-config JSON itself, when the teacher was built from a file."""
+    pretrained: str = RANDOM_INIT
+    """Tag or absolute weights path."""
+    weights_sha256: str | None = None
+    random_init: bool = False
+    init_seed: int | None = None
+    quick_gelu: bool = False
+    precision: str = "fp32"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TeacherIdentity:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def teacher_for_store(identity: dict, input_size: int, device: torch.device | str,
+def teacher_for_store(identity: TeacherIdentity | dict, input_size: int, device: torch.device | str,
                       pretrained: str | None = None, compile: bool = False) -> Teacher:
-    """The teacher a target store was built with (its precision on a GPU, fp32 on a CPU); other weights
-    than the recorded ones (sha256) are refused."""
+    """The teacher a target store was built with (its precision on a GPU, fp32 on a CPU; `pretrained`
+    overrides a moved weights file); other weights than the recorded ones (sha256) are refused."""
+    ident = identity if isinstance(identity, TeacherIdentity) else TeacherIdentity.from_json(identity)
     device = torch.device(device)
-    teacher = Teacher(spec_from_identity(identity, input_size, pretrained), device=device,
-                      precision=identity["precision"] if device.type == "cuda" else "fp32", compile=compile)
-    if identity.get("weights_sha256") and teacher.weights_sha256 != identity["weights_sha256"]:
+    with tempfile.TemporaryDirectory(prefix="cae2-teacher-") as folder:  # a config file lives only while loading
+        name = ident.name
+        if ident.config:
+            name = str(Path(folder) / f"{ident.name}.json")
+            Path(name).write_text(json.dumps(ident.config))
+        spec = TeacherSpec(name=name, pretrained=pretrained or ident.pretrained, quick_gelu=ident.quick_gelu,
+                           image_size=input_size, init_seed=ident.init_seed or 0)
+        teacher = Teacher(spec, device=device, precision=ident.precision if device.type == "cuda" else "fp32",
+                          compile=compile)
+    if ident.weights_sha256 and teacher.weights_sha256 != ident.weights_sha256:
         raise UserError(f"the teacher weights {teacher.weights_file} differ from the ones the target store was built "
                         "with (sha256); pass --pretrained with the original weights file")
     return teacher
@@ -147,6 +171,7 @@ class Teacher(nn.Module):
         self._tower = torch.compile(self._latents, dynamic=False) if compile else self._latents
         self._batch = 0  # the largest batch seen: a compiled tower pads smaller ones to it (no recompile)
         name = _model_name(spec.name)
+        self._config = json.loads(Path(spec.name).read_text()) if spec.name.endswith(".json") else None
         weights_file, pcfg = (None, {}) if spec.is_random else resolve_weights(name, spec.pretrained, allow_download)
         quick_gelu = spec.quick_gelu
         if quick_gelu is None:
@@ -182,19 +207,16 @@ class Teacher(nn.Module):
         self.num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
         self.dim = int(visual.proj.shape[1])
 
-    def identity(self) -> dict:
+    def identity(self) -> TeacherIdentity:
         """What the store records about the teacher (and what a rerun must match)."""
-        return {
-            "name": self.spec.name if not self.spec.name.endswith(".json") else Path(self.spec.name).stem,
-            "config": json.loads(Path(self.spec.name).read_text()) if self.spec.name.endswith(".json") else None,
-            "pretrained": self.spec.pretrained if not self.weights_file or not os.path.isfile(self.spec.pretrained)
+        from_file = self.spec.name.endswith(".json")
+        return TeacherIdentity(
+            name=Path(self.spec.name).stem if from_file else self.spec.name, config=self._config,
+            pretrained=self.spec.pretrained if not self.weights_file or not os.path.isfile(self.spec.pretrained)
             else os.path.abspath(self.spec.pretrained),
-            "weights_sha256": self.weights_sha256,
-            "random_init": self.spec.is_random,
-            "init_seed": self.spec.init_seed if self.spec.is_random else None,
-            "quick_gelu": self.quick_gelu,
-            "precision": self.precision,
-        }
+            weights_sha256=self.weights_sha256, random_init=self.spec.is_random,
+            init_seed=self.spec.init_seed if self.spec.is_random else None, quick_gelu=self.quick_gelu,
+            precision=self.precision)
 
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)  # always frozen

@@ -128,9 +128,12 @@ class ViewParams:
         return problems
 
 
+VIEW_PARAMS_SALT = "cae2-view"  # changing it changes the views of every store (tests/test_golden.py)
+
+
 def view_rng(seed: int, key: str, index: int) -> np.random.Generator:
     """Counter-based (Philox) generator for one (seed, image key, view index)."""
-    digest = hashlib.sha256(f"cae2-view\0{seed}\0{key}\0{index}".encode()).digest()
+    digest = hashlib.sha256(f"{VIEW_PARAMS_SALT}\0{seed}\0{key}\0{index}".encode()).digest()
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
 
 
