@@ -7,6 +7,7 @@ documented break of store compatibility: `python -m tests.test_golden --regenera
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -33,8 +34,8 @@ def current() -> dict:
     masks = []
     for preset in ("cae2_vit_tiny", "cae2_vit_base", "cae2_vit_large"):
         gen = create_mask_generator(cae2.resolve_model_config(preset))
-        for seed, epoch, key in ((0, 0, KEYS[0]), (7, 3, KEYS[2])):
-            masks.append([preset, seed, epoch, key, np.flatnonzero(gen(sample_rng(seed, epoch, key))).tolist()])
+        for seed, epoch, key in itertools.product((0, 7), (0, 5), [*KEYS, *(f"img{i}" for i in range(11))]):
+            masks.append([preset, seed, epoch, key, np.packbits(gen(sample_rng(seed, epoch, key))).tobytes().hex()])
     return {"views": views, "view_indices": indices, "masks": masks}
 
 
