@@ -115,3 +115,21 @@ def test_layout_not_written_by_cae2_falls_back_to_zarr(tmp_path):
     meta_path.write_text(json.dumps(meta))
     unit = TargetStore.open(tmp_path / "t.zarr").unit("u")
     assert unit._fast is None
+
+
+def test_a_store_written_before_the_format_fields_reads_as_fp16_from_pillow_views(tmp_path):
+    """Stores made before int8 latents and the device view path carry no latent_format, decoder or
+    view_path: they read as fp16 stores of Pillow-decoded, Pillow-cut views, and reruns accept them."""
+    path = tmp_path / "old.zarr"
+    store = TargetStore.create_or_validate(str(path), _meta())
+    _write_unit(store, "u", np.random.default_rng(0).standard_normal((5, K, T, D)).astype(np.float16), direct=True)
+    doc = json.loads((path / "zarr.json").read_text())
+    for key in ("latent_format", "decoder", "view_path"):
+        del doc["attributes"]["cae2"][key]
+    (path / "zarr.json").write_text(json.dumps(doc))
+    old = TargetStore.open(path)
+    assert (old.meta.latent_format, old.meta.decoder, old.meta.view_path) == ("fp16", "pillow", "pillow")
+    assert not old.meta.differences(_meta())
+    TargetStore.check_settings(str(path), _meta())  # a rerun with today's defaults is accepted
+    unit = old.unit("u")
+    assert unit.scales is None and unit.read_stored(0, 0)[1] is None and unit.read(0, 0).dtype == np.float16
