@@ -157,13 +157,12 @@ def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str,
 
     def impl(**given):
         config = given.pop("config")
-        values = {}
-        for key, value in (load_config_file(config) if config else {}).items():
-            opt = by_key.get(str(key))
-            if opt is None:
-                raise UserError(f"--config {config}: unknown option {key!r} (known: "
-                                f"{', '.join(o.flag[2:] for o in opts)})")
-            values[opt.path] = _convert(opt, value)
+        from_file = load_config_file(config) if config else {}
+        unknown = sorted(str(k) for k in from_file if str(k) not in by_key)
+        if unknown:
+            raise UserError(f"--config {config}: unknown option(s) {', '.join(unknown)} (known: "
+                            f"{', '.join(o.flag[2:] for o in opts)})")
+        values = {by_key[str(k)].path: _convert(by_key[str(k)], v) for k, v in from_file.items()}
         values |= {opt.path: given[opt.param] for opt in opts if given[opt.param] is not None}
         missing = [o.flag for o in opts if o.default is dataclasses.MISSING and o.path not in values]
         if missing:
