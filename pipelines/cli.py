@@ -238,6 +238,42 @@ def _train_config():
 options.command(app, "pretrain", _train_config(), _pretrain, default_help=_preset_defaults)
 
 
+evaluate_app = typer.Typer(help="Measure an encoder: k-NN and linear probes (docs/evaluation.md).",
+                           no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def _evaluate_knn(cfg) -> None:
+    """k-NN classification of frozen features (DINO's weighted voting), k = 10, 20, 100, 200.
+
+    Example: cae2 evaluate knn --model runs/base --train /data/in1k/train --val /data/in1k/val --out knn.json
+    """
+    from pipelines.evaluate import run_knn
+
+    run_knn(cfg, log=typer.echo)
+
+
+def _evaluate_linear(cfg) -> None:
+    """Linear probe: logistic regression on frozen features, or the paper's official protocol.
+
+    Example: accelerate launch -m pipelines.cli evaluate linear --protocol official --model runs/base --train ...
+    """
+    from pipelines.evaluate import run_linear
+
+    main = cfg.protocol != "official" or _process_state().is_main_process
+    run_linear(cfg, log=typer.echo if main else lambda m: None)
+
+
+def _evaluate_configs():
+    from pipelines.evaluate import KnnConfig, LinearConfig
+
+    return KnnConfig, LinearConfig
+
+
+options.command(evaluate_app, "knn", _evaluate_configs()[0], _evaluate_knn)
+options.command(evaluate_app, "linear", _evaluate_configs()[1], _evaluate_linear)
+
+
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint dir, or a run dir (its newest checkpoint).")],

@@ -18,19 +18,27 @@ from PIL import Image
 from targets.teacher import TeacherSpec
 
 
-def synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A smooth random 'photo' [h, w, 3] uint8 with structure at several scales."""
+def synthetic_image(rng: np.random.Generator, h: int, w: int, label: int | None = None) -> np.ndarray:
+    """A smooth random 'photo' [h, w, 3] uint8 with structure at several scales. With a `label`, the
+    image's stripe scale and orientation and its tint depend on it (classes a good encoder separates)."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     channels = []
-    for _ in range(3):
-        fx, fy = rng.uniform(3, 25, 2)
+    for c in range(3):
+        if label is None:
+            fx, fy = rng.uniform(3, 25, 2)
+        else:  # class-specific scale (wide apart) and orientation, random phase
+            scale = (3, 7, 14, 28)[label % 4] * rng.uniform(0.85, 1.15)
+            fx, fy = (scale, scale * 4) if (label // 4) % 2 == 0 else (scale * 4, scale)
         channels.append(np.sin(x / fx + rng.uniform(0, 6)) + np.cos(y / fy + rng.uniform(0, 6)))
+        if label is not None:
+            channels[-1] += 0.8 * np.cos(2 * np.pi * (label / 8 + c / 3))
     img = np.stack(channels, -1) + rng.normal(0, 0.25, (h, w, 3))
     return ((img + 2.5) / 5 * 255).clip(0, 255).astype(np.uint8)
 
 
 def write_demo_images(folder: Path, n_classes: int = 4, per_class: int = 40, seed: int = 0) -> int:
-    """Class sub-folders of JPEGs of varied sizes (so labels and odd aspect ratios are exercised)."""
+    """Class sub-folders of JPEGs of varied sizes whose look depends on the class (so labels, odd aspect
+    ratios and the k-NN evaluation are exercised)."""
     rng = np.random.default_rng(seed)
     sizes = [(96, 128), (128, 96), (80, 80), (150, 200), (64, 100)]
     count = 0
@@ -39,7 +47,7 @@ def write_demo_images(folder: Path, n_classes: int = 4, per_class: int = 40, see
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             h, w = sizes[(c + i) % len(sizes)]
-            Image.fromarray(synthetic_image(rng, h, w)).save(d / f"img_{i:03d}.jpg", quality=90)
+            Image.fromarray(synthetic_image(rng, h, w, label=c)).save(d / f"img_{i:03d}.jpg", quality=90)
             count += 1
     return count
 
@@ -66,7 +74,10 @@ def run_demo(out: Path, steps: int = 60, echo=print) -> dict:
     echo(f"\n[1/6] demo images -> {images}")
     n = write_demo_images(images)
     write_demo_images(heldout_images, n_classes=2, per_class=8, seed=123)
-    echo(f"      {n} training + 16 held-out synthetic JPEGs")
+    labelled = out / "labelled"  # the k-NN evaluation's own train/val split (classes 0-3, other images)
+    write_demo_images(labelled / "train", per_class=16, seed=7)
+    write_demo_images(labelled / "val", per_class=8, seed=8)
+    echo(f"      {n} training + 16 held-out synthetic JPEGs; k-NN split: 64 train / 32 val in 4 classes")
 
     echo(f"[2/6] cae2 make-shards {images} {shards} --samples-per-shard 20")
     paths = make_shards(images, shards, samples_per_shard=20)
@@ -95,7 +106,7 @@ def run_demo(out: Path, steps: int = 60, echo=print) -> dict:
                       allow_random_teacher=True), log=lambda m: echo("      " + m))
     import json
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     echo(f"      loss {records[0]['loss']:.4f} (step {records[0]['step']}) -> {records[-1]['loss']:.4f} "
          f"(step {records[-1]['step']})")
 
@@ -109,6 +120,11 @@ def run_demo(out: Path, steps: int = 60, echo=print) -> dict:
     before = alignment_cosine(initial, held, str(heldout_shards))
     after = alignment_cosine(load_model(run), held, str(heldout_shards))
     echo(f"      held-out student/teacher cosine: {before:.3f} at init -> {after:.3f} after training")
+    knn = {name: _knn_top1(m, labelled) for name, m in (("init", initial), ("trained", load_model(run)))}
+    teacher_knn = _knn_top1(None, labelled)
+    echo(f"      k-NN top-1 (k = 10, CLS) on the labelled split: {knn['init']:.1f}% at init -> {knn['trained']:.1f}% "
+         f"after training (chance 25%; the random teacher: {teacher_knn:.1f}%); cae2 evaluate knn --model {run} "
+         f"--train {labelled / 'train'} --val {labelled / 'val'} --out knn.json")
 
     encoder = out / "encoder.safetensors"
     echo(f"[6/6] cae2 export {run} --out {encoder}")
@@ -119,4 +135,22 @@ def run_demo(out: Path, steps: int = 60, echo=print) -> dict:
          f"  images          {images}\n  shards          {shards}\n  target store    {store}\n"
          f"  run dir         {run} (metrics.jsonl, tensorboard/, checkpoints/)\n  encoder         {encoder}")
     return {"loss_first": records[0]["loss"], "loss_last": records[-1]["loss"], "cos_before": before,
-            "cos_after": after}
+            "cos_after": after, "knn_before": knn["init"], "knn_after": knn["trained"], "knn_teacher": teacher_knn}
+
+
+def _knn_top1(model, labelled: Path) -> float:
+    """k-NN top-1 % (k = 10) of a student's CLS features (None: the demo's teacher) on the labelled split."""
+    from cae2.config import IMAGENET_MEAN, IMAGENET_STD
+    from pipelines.eval_data import load_labelled
+    from pipelines.eval_models import FeatureModel, load_feature_model
+    from pipelines.evaluate import extract_features, knn_classify
+
+    if model is None:
+        fm = load_feature_model("clip:cae2-tiny-clip:none")
+    else:
+        fm = FeatureModel(model.encoder.eval(), "vit", model.cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, "demo", "")
+    train = load_labelled(str(labelled / "train"), "train")
+    val = load_labelled(str(labelled / "val"), "val", classes=train.classes)
+    tf, tl = extract_features(fm, train, log=lambda m: None)
+    vf, vl = extract_features(fm, val, log=lambda m: None)
+    return knn_classify(tf, tl, vf, vl, len(train.classes), (10,))[10][0]

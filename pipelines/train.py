@@ -105,6 +105,11 @@ class TrainConfig:
     """no, fp16 or bf16; default: Accelerate's launch config."""
     log_keys: bool = False
     """Write every sample key per step to RUN_DIR/keys/rank<r>.txt (audits of the data order)."""
+    eval_every: int = 0
+    """Steps between k-NN evaluations of the student on --eval-data (0: none); in metrics.jsonl and
+    TensorBoard, without touching the data order or the random state."""
+    eval_data: str | None = None
+    """Labelled images for --eval-every: a folder with train/ and val/ in the ImageFolder layout."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -116,6 +121,8 @@ class TrainConfig:
             raise UserError("--steps must be >= 1")
         if self.view_path not in VIEW_PATHS:
             raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
+        if self.eval_every < 0 or (self.eval_every and not self.eval_data):
+            raise UserError("--eval-every N needs N >= 0 and --eval-data (a folder with train/ and val/)")
 
 
 def _git_sha() -> str:
@@ -315,6 +322,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     bar.set_postfix_str(f"loss {record['loss']:.4f}, {record['samples_per_s']:.1f} samples/s")
                     window = LogWindow()
                 bar.update(1)
+                if run.knn is not None and step % cfg.eval_every == 0:
+                    metrics.log({"step": step, "epoch": epoch, **run.knn.evaluate(run.parts.model)})
                 stop = _agree(acc, preempt.requested)
                 if run.checkpointer.should_save(step, total, stop):
                     position = (epoch + 1, 0) if batch_in_epoch >= usable else (epoch, batch_in_epoch)
@@ -353,6 +362,7 @@ class Run:
     checkpointer: Checkpointer
     resolved: dict
     data_layout: dict
+    knn: KnnMonitor | None = None
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -437,7 +447,48 @@ def start_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.log_keys:
         (run_dir / "keys").mkdir(parents=True, exist_ok=True)
         parts.keys_file = (run_dir / "keys" / f"rank{rank}.txt").open("a")
+    if cfg.eval_every:
+        run.knn = KnnMonitor(cfg.eval_data, model_cfg, accelerator)
     return run
+
+
+class KnnMonitor:
+    """k-NN top-1/top-5 (k = 20) of the student's CLS features during pretraining. The main process
+    extracts and classifies while the others wait; nothing here uses a random generator or changes the
+    model's state, so the run and its resumes go on exactly as without it."""
+
+    def __init__(self, folder: str, model_cfg: ModelConfig, accelerator):
+        from pathlib import Path
+
+        from pipelines.eval_data import load_labelled
+
+        root = Path(folder)
+        if not ((root / "train").is_dir() and (root / "val").is_dir()):
+            raise UserError(f"--eval-data {folder}: expected train/ and val/ folders (ImageFolder layout)")
+        self.train = load_labelled(str(root / "train"), "--eval-data train/")
+        self.val = load_labelled(str(root / "val"), "--eval-data val/", classes=self.train.classes)
+        self.model_cfg, self.accelerator = model_cfg, accelerator
+
+    def evaluate(self, model) -> dict:
+        from pipelines.eval_models import FeatureModel
+        from pipelines.evaluate import extract_features, knn_classify
+
+        acc = self.accelerator
+        record = {}
+        if acc.is_main_process:
+            encoder = acc.unwrap_model(model).encoder
+            was_training = encoder.training
+            fm = FeatureModel(encoder.eval(), "vit", self.model_cfg.img_size, IMAGENET_MEAN, IMAGENET_STD,
+                              "student", "")
+            with torch.no_grad():
+                tf, tl = extract_features(fm, self.train, log=lambda m: None)
+                vf, vl = extract_features(fm, self.val, log=lambda m: None)
+            encoder.train(was_training)
+            (top1, top5), = knn_classify(tf, tl, vf, vl, len(self.train.classes), (20,),
+                                         device=acc.device).values()
+            record = {"knn_top1": top1, "knn_top5": top5, "knn_k": 20}
+        acc.wait_for_everyone()
+        return record
 
 
 def _log_start(log, cfg: TrainConfig, accelerator, schedule: Schedule, meta: StoreMeta, index: list, plan,

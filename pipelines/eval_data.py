@@ -1,0 +1,130 @@
+"""Labelled images for evaluation: ImageFolder trees (`<split>/<class>/*.jpg`) or WebDataset shards with
+`cls`, and the anchors' transforms (Resize 256 bicubic + CenterCrop 224 for features and validation;
+RandomResizedCrop + flip for the official linear probe, its draws keyed by (seed, epoch, index))."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cae2.errors import UserError
+from pipelines.shards import IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
+from targets.views import _crop_box, decode_image
+
+
+@dataclass
+class LabelledImages:
+    """Images with integer labels; `load(i)` -> bytes. Shards are read into memory (evaluation sets)."""
+
+    spec: str
+    labels: np.ndarray
+    classes: list[str]
+    paths: list[Path] | None = None
+    blobs: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> bytes:
+        return self.paths[i].read_bytes() if self.paths is not None else self.blobs[i]
+
+
+def load_labelled(spec: str, option: str, classes: list[str] | None = None) -> LabelledImages:
+    """An ImageFolder directory (class sub-folders) or WebDataset shards with `cls`. `classes`: the
+    training split's class names, which a validation split must use."""
+    path = Path(spec)
+    if path.is_dir() and not any(path.glob("*.tar")):
+        found = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise UserError(f"{option} {spec}: no class folders; expected the ImageFolder layout "
+                            f"{spec}/<class>/<image> (or WebDataset shards with cls)")
+        names = classes if classes is not None else found
+        unknown = sorted(set(found) - set(names))
+        if unknown:
+            raise UserError(f"{option} {spec}: class folder(s) {', '.join(unknown[:5])} are not in the training "
+                            "split's classes")
+        index = {c: i for i, c in enumerate(names)}
+        paths, labels = [], []
+        for c in found:
+            for p in sorted((path / c).rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    paths.append(p)
+                    labels.append(index[c])
+        data = LabelledImages(spec, np.array(labels, np.int64), list(names), paths=paths)
+    else:
+        blobs, labels = [], []
+        for shard in expand_shards(spec, option):
+            for sample in iter_shard(shard.url):
+                if "cls" not in sample or image_bytes(sample) is None:
+                    raise UserError(f"{option} {shard.url}: sample {sample['__key__']} has no image or no cls "
+                                    "label; evaluation shards need both (cae2 make-shards of class folders)")
+                blobs.append(image_bytes(sample))
+                labels.append(int(sample["cls"]))
+        labels = np.array(labels, np.int64)
+        n = int(labels.max()) + 1 if len(labels) else 0
+        names = classes if classes is not None else [str(i) for i in range(n)]
+        if len(labels) and labels.max() >= len(names):
+            raise UserError(f"{option} {spec}: label {int(labels.max())} is outside the training split's "
+                            f"{len(names)} classes")
+        data = LabelledImages(spec, labels, names, blobs=blobs)
+    if not len(data):
+        raise UserError(f"{option} {spec}: no images")
+    if classes is None and len(np.unique(data.labels)) < 2:
+        raise UserError(f"{option} {spec}: one class only; classification needs at least two")
+    return data
+
+
+def eval_resize(size: int) -> int:
+    """The anchors' resize before the center crop: 256 for 224 (the same ratio for other sizes)."""
+    return round(size * 256 / 224)
+
+
+def _rgb(data: bytes) -> Image.Image:
+    return decode_image(data)
+
+
+class CenterCropImages(Dataset):
+    """Resize (shorter side, bicubic, antialiased) + CenterCrop -> uint8 [3, S, S], label, index."""
+
+    def __init__(self, data: LabelledImages, size: int):
+        self.data, self.size = data, size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        img = TF.resize(_rgb(self.data.load(i)), eval_resize(self.size), interpolation=TF.InterpolationMode.BICUBIC)
+        img = TF.center_crop(img, self.size)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.data.labels[i]), i
+
+
+class AugmentedImages(Dataset):
+    """RandomResizedCrop (scale 0.08..1, bicubic) + horizontal flip, the draws keyed by (seed, epoch,
+    index) so that a resumed run sees the same crops."""
+
+    def __init__(self, data: LabelledImages, size: int, seed: int):
+        self.data, self.size, self.seed, self.epoch = data, size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        img = _rgb(self.data.load(i))
+        rng = np.random.default_rng([self.seed, self.epoch, i, 0x11E])
+        top, left, h, w = _crop_box(rng, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3))
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
+                              interpolation=TF.InterpolationMode.BICUBIC)
+        if rng.uniform() < 0.5:
+            img = TF.hflip(img)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.data.labels[i]), i
+
+
+def default_workers() -> int:
+    return min(8, max(0, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) - 1))
