@@ -27,7 +27,10 @@ def render() -> str:
     parts = ["# CLI reference", "", "Generated from `cae2 --help` by `python -m pipelines.cli_docs`; a test keeps it "
              "in sync.", "", "```text", _help([]), "```"]
     for name in group.list_commands(None):  # type: ignore[arg-type]
-        parts += ["", f"## cae2 {name}", "", "```text", _help([name]), "```"]
+        sub = group.get_command(None, name)  # type: ignore[arg-type]
+        names = [[name, s] for s in sub.list_commands(None)] if hasattr(sub, "list_commands") else [[name]]
+        for args in names:  # a group (`cae2 evaluate`) is documented by its subcommands
+            parts += ["", f"## cae2 {' '.join(args)}", "", "```text", _help(args), "```"]
     return "\n".join(parts) + "\n"
 
 

@@ -311,6 +311,10 @@ def run_linear(cfg: LinearConfig, log=print) -> dict:
         from pipelines.linear_probe import run_official
 
         result = run_official(cfg, log)
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:  # every rank has the result; one writes it
+            return result
         record = {"evaluation": "linear", "protocol": "official", "model": cfg.model, "train": cfg.train,
                   "val": cfg.val, "cae2_version": cae2.__version__, "results": result}
         _publish(cfg.out, record, ["linear probe (official)", "top-1 %", "top-5 %"],

@@ -21,7 +21,8 @@ def test_every_command_has_a_one_line_description_and_an_example():
     text = render()
     sections = text.split("\n## cae2 ")[1:]
     assert {s.split("\n", 1)[0] for s in sections} >= {"models", "make-shards", "extract-targets", "verify-targets",
-                                                        "pretrain", "export", "demo"}
+                                                        "pretrain", "export", "demo", "convert-targets",
+                                                        "evaluate knn", "evaluate linear"}
     for section in sections:
         assert "Example: " in section, section.split("\n", 1)[0]
 
