@@ -1,0 +1,136 @@
+"""Exclusive claims on work (a store's units, a run directory), so that several processes, jobs or
+hosts can run the same command on the same output without a coordinator and without two writers.
+
+A claim is a small JSON file (host, pid, the pid's start time, job id, start time) created with
+O_CREAT | O_EXCL: exactly one process gets it. Its holder refreshes the file's mtime (a heartbeat)
+while it works and deletes the file when done. A claim whose holder is gone is taken over: on the
+same host when its pid no longer runs (or now belongs to a later process), on another host when the
+heartbeat is older than `stale_after` seconds. Taking over renames the stale file away first, so
+two processes that both find it stale cannot both win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STALE_AFTER = 600.0
+"""Seconds without a heartbeat after which another host's claim counts as abandoned."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    pid_start: str | None
+    job: str
+    started: str
+
+    @classmethod
+    def me(cls, pid: int | None = None) -> Holder:
+        pid = pid or os.getpid()
+        job = next((os.environ[v] for v in ("SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "HOSTNAME") if os.environ.get(v)),
+                   "")
+        return cls(socket.gethostname(), pid, _proc_start(pid), job,
+                   dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}{f' (job {self.job})' if self.job else ''}, since {self.started}"
+
+
+def holder_alive(holder: Holder, heartbeat_age: float, stale_after: float = STALE_AFTER) -> bool:
+    if holder.host != socket.gethostname():
+        return heartbeat_age < stale_after
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return holder.pid_start is None or _proc_start(holder.pid) in (None, holder.pid_start)
+
+
+def read_claim(path: Path) -> tuple[Holder | None, float]:
+    """(holder, seconds since its heartbeat); holder None for an unreadable (half-written) file."""
+    try:
+        age = time.time() - path.stat().st_mtime
+        return Holder(**json.loads(path.read_text())), age
+    except FileNotFoundError:
+        return None, float("inf")
+    except (OSError, ValueError, TypeError):
+        return None, 0.0
+
+
+def try_claim(path: Path, holder: Holder, stale_after: float = STALE_AFTER) -> tuple[bool, Holder | None]:
+    """(True, None) when `holder` now holds `path`; (False, the live holder) when someone else does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other, age = read_claim(path)
+            if other is None and age < 5.0:
+                return False, None  # being written right now
+            if other is not None and (other == holder or holder_alive(other, age, stale_after)):
+                return other == holder, None if other == holder else other
+            with contextlib.suppress(FileNotFoundError):  # only one of the processes that found it stale wins
+                os.rename(path, path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}"))
+                for old in path.parent.glob(f"{path.name}.stale.*"):
+                    old.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(holder)))
+        return True, None
+    return False, None
+
+
+def release(path: Path, holder: Holder) -> None:
+    other, _ = read_claim(path)
+    if other == holder:
+        path.unlink(missing_ok=True)
+
+
+class Heartbeat:
+    """Refreshes the mtime of the claims it holds every `period` seconds, from a daemon thread."""
+
+    def __init__(self, period: float = STALE_AFTER / 6):
+        self.paths: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True, name="claims-heartbeat")
+        self._thread.start()
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            self.paths.add(path)
+
+    def discard(self, path: Path) -> None:
+        with self._lock:
+            self.paths.discard(path)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            with self._lock:
+                paths = list(self.paths)
+            for p in paths:
+                with contextlib.suppress(OSError):
+                    os.utime(p)
+
+    def stop(self) -> None:
+        self._stop.set()
