@@ -10,7 +10,9 @@ Data flow on each rank (whole shards = units, `shards[rank::world]`):
         host prepares batch i + 1 -> float16 latents
     writer thread: whole zarr shards of each unit as their rows complete, then the unit's marker
 
-Complete units are skipped on a rerun; an incomplete one is removed and redone.
+Complete units are skipped on a rerun; an incomplete one is removed and redone. A worker claims a
+unit (targets.claims) before it reads it, so several jobs can run the same command on one store and
+share the units, each written once: a unit another live process holds is skipped and reported.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ import cae2
 from cae2.errors import UserError
 from pipelines.shards import Shard, expand_shards, image_bytes, iter_shard
 from targets.cache import StoreMeta, TargetStore, UnitWriter, require_local_out
+from targets.claims import STALE_AFTER, Heartbeat, Holder, release, try_claim
 from targets.device_views import DeviceViews, check_supported, crop_box
 from targets.quantize import LATENT_FORMATS, QuantStats, quantize, token_errors
 from targets.teacher import Teacher, TeacherSpec
@@ -74,6 +78,8 @@ class ExtractConfig:
     """fp16, or int8 with one float32 scale per token (half the bytes; targets.quantize)."""
     min_cosine: float = 0.999
     """int8: a unit whose dequantised latents reach a lower token cosine to the teacher's output fails."""
+    claim_timeout: float = STALE_AFTER
+    """Seconds without a heartbeat after which another host's claim on a unit counts as abandoned."""
     compile_teacher: bool = False
     """torch.compile the teacher's tower (one static batch shape; the last batch is padded to it)."""
     view_path: str = "auto"
@@ -138,19 +144,39 @@ class ShardError:
     message: str
 
 
+@dataclass
+class NotMine:
+    """A unit this run does not write: complete by now, or claimed by another live process."""
+
+    shard: Shard
+    holder: Holder | None  # None: complete
+
+
 class UnitViewStream(IterableDataset):
     """Yields, per unit, a UnitStart and then one ImageViews or Skip per sample, in shard order.
     Worker w of W takes units w, w + W, ...; each image is decoded once for all its K views."""
 
     def __init__(self, shards: list[Shard], settings: ViewSettings, seed: int, k: int, size: int,
-                 interpolation: str, device_views: bool = False):
+                 interpolation: str, device_views: bool = False, store: str | None = None,
+                 holder: Holder | None = None, claim_timeout: float = STALE_AFTER):
         self.shards, self.settings, self.seed, self.k = shards, settings, seed, k
         self.size, self.interpolation, self.device_views = size, interpolation, device_views
+        self.store, self.holder, self.claim_timeout = store, holder, claim_timeout
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        store = TargetStore.open(self.store) if self.store else None
         for shard in self.shards[wid::nw]:
+            if store is not None:  # claim the unit first, then make sure nobody finished it meanwhile
+                got, other = try_claim(claim_path(self.store, shard.name), self.holder, self.claim_timeout)
+                if not got:
+                    yield NotMine(shard, other)
+                    continue
+                if store.marker(shard.name) is not None:
+                    release(claim_path(self.store, shard.name), self.holder)
+                    yield NotMine(shard, None)
+                    continue
             try:
                 samples = list(iter_shard(shard.url))  # whole shard: the row count is known up front
             except UserError as e:
@@ -182,6 +208,11 @@ class UnitViewStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def claim_path(store: str, unit: str) -> Path:
+    """The claim file of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""
+    return Path(store) / ".claims" / f"{unit}.claim"
 
 
 def _leave_cores_to_workers(device: torch.device, workers: int) -> None:
@@ -254,6 +285,8 @@ class ExtractStats:
     bytes_written: int = 0
     seconds: float = 0.0
     quant: QuantStats = field(default_factory=QuantStats)
+    units_elsewhere: list = field(default_factory=list)
+    """Units another live process was writing (skipped)."""
 
 
 def _meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMeta:
@@ -412,8 +445,11 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
 
     device_views = DeviceViews(teacher.image_size, teacher.interpolation, teacher.device) \
         if view_path == "device" else None
+    holder = Holder.me()
+    heartbeat = Heartbeat(period=min(60.0, cfg.claim_timeout / 6))
     stream = UnitViewStream(todo, cfg.views, cfg.seed, cfg.views_per_image, teacher.image_size,
-                            teacher.interpolation, device_views=device_views is not None)
+                            teacher.interpolation, device_views=device_views is not None, store=store.path,
+                            holder=holder, claim_timeout=cfg.claim_timeout)
     workers = min(cfg.workers, len(todo))
     _leave_cores_to_workers(teacher.device, workers)
     # Pinned images for the device path on a GPU; the Pillow path's views are copied in whole batches.
@@ -445,7 +481,7 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
                         f"below --min-cosine {cfg.min_cosine}; the unit is left incomplete: rerun with "
                         "--latent-format fp16 or a lower --min-cosine")
                     return
-                writes.append(pool.submit(asm.writer.finish, asm.source,
+                writes.append(pool.submit(_finish_unit, asm, claim_path(store.path, unit), holder, heartbeat,
                                           asm.quant.record() if meta.latent_format == "int8" else None))
                 stats.units_done += 1
                 stats.quant.merge(asm.quant)
@@ -477,7 +513,14 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
             hand_out(queue.collect(keep_in_flight=0 if final else 1))
 
         for item in loader:
-            if isinstance(item, UnitStart):
+            if isinstance(item, NotMine):
+                if item.holder is None:
+                    stats.units_already_complete += 1
+                else:
+                    stats.units_elsewhere.append(f"{item.shard.name}: being written by {item.holder.describe()}")
+                bar.update(1)
+            elif isinstance(item, UnitStart):
+                heartbeat.add(claim_path(store.path, item.shard.name))
                 writer = store.begin_unit(item.shard.name, item.shard.url, item.keys)
                 writer.view_path = view_path
                 units[item.shard.name] = UnitAssembler(writer, item.shard.url, meta)
@@ -499,8 +542,17 @@ def _extract_units(cfg: ExtractConfig, todo: list[Shard], teacher: Teacher, stor
         feed(final=True)
         for f in writes:
             f.result()
+    heartbeat.stop()
     bar.close()
     assert not units, f"units left unfinished: {sorted(units)}"
+
+
+def _finish_unit(asm: UnitAssembler, claim, holder: Holder, heartbeat: Heartbeat, quantization: dict | None) -> None:
+    """Writer thread: the unit's metadata and marker (written by this holder), then its claim goes."""
+    asm.writer.writer = {"host": holder.host, "pid": holder.pid, "job": holder.job}
+    asm.writer.finish(asm.source, quantization)
+    heartbeat.discard(claim)
+    release(claim, holder)
 
 
 def format_summary(stats: ExtractStats, ranks: int) -> str:
@@ -513,6 +565,10 @@ def format_summary(stats: ExtractStats, ranks: int) -> str:
         f"written: {stats.bytes_written / 2**20:.1f} MiB  time: {stats.seconds:.1f}s  "
         f"throughput: {rate:.1f} views/s over {ranks} rank(s)",
     ]
+    if stats.units_elsewhere:
+        lines.append(f"units being written by other processes (skipped; rerun when they are done to check): "
+                     f"{len(stats.units_elsewhere)}")
+        lines += [f"  {m}" for m in stats.units_elsewhere[:20]]
     if stats.quant.tokens:
         lines.append(stats.quant.summary())
     lines += [f"FAILED: {m}" for m in stats.units_failed]
@@ -531,4 +587,5 @@ def merge_stats(all_stats: list[ExtractStats]) -> ExtractStats:
         total.bytes_written += s.bytes_written
         total.seconds = max(total.seconds, s.seconds)
         total.quant.merge(s.quant)
+        total.units_elsewhere += s.units_elsewhere
     return total

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,10 +151,15 @@ class TargetStore:
         """Read-only: raise the error `create_or_validate` would raise for this path (not a local path,
         a store built with other settings, a directory that is not a store). Every rank calls this
         before anyone writes."""
+        from targets.claims import holder_alive, read_claim
+
         path = str(path)
         require_local_out(path)
         if not Path(path).exists():
             return
+        creator, age = read_claim(Path(path).parent / f".{Path(path).name}.create.claim")
+        if creator is not None and holder_alive(creator, age, 60):
+            return  # another process is creating it; create_or_validate checks it once that is done
         if (Path(path) / "zarr.json").is_file():
             if not _unfinished_creation(Path(path)):
                 diffs = cls.open(path).meta.differences(meta)
@@ -166,8 +172,26 @@ class TargetStore:
     @classmethod
     def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
         """Create the store, or open an existing one whose settings equal `meta` (else a clear error).
-        Only one process may call this at a time (it removes a store whose creation was interrupted)."""
+        Processes that call this at once (independent jobs on one --out) take turns: one creates, the
+        others then validate what it made."""
+        from targets.claims import Holder, release, try_claim
+
         path = str(path)
+        lock = Path(path).parent / f".{Path(path).name}.create.claim"
+        me = Holder.me()
+        deadline = time.monotonic() + 300
+        while not try_claim(lock, me, stale_after=60)[0]:
+            if time.monotonic() > deadline:
+                raise UserError(f"--out {path}: another process has been creating this store for 5 minutes "
+                                f"({lock}); remove that file if no process is")
+            time.sleep(0.1)
+        try:
+            return cls._create_or_validate(path, meta)
+        finally:
+            release(lock, me)
+
+    @classmethod
+    def _create_or_validate(cls, path: str, meta: StoreMeta) -> TargetStore:
         cls.check_settings(path, meta)
         if (Path(path) / "zarr.json").is_file():
             if not _unfinished_creation(Path(path)):
@@ -182,10 +206,22 @@ class TargetStore:
         """Delete temp files of writes that a killed process left behind (zarr's LocalStore writes
         `<name>.<uuid>.partial`, then renames it). Creating a unit also (re)writes the metadata of the
         store and of `units/`, so those two folders can hold some; an incomplete unit is removed whole
-        when it is redone. Call only while no other process writes to the store."""
-        stale = [*Path(self.path).glob("*.partial"), *(Path(self.path) / "units").glob("*.partial")]
-        for p in stale:
-            p.unlink(missing_ok=True)
+        when it is redone. While another live process holds a claim on a unit of the store, only files
+        older than five minutes go (a live writer's temp file lives for milliseconds)."""
+        from targets.claims import holder_alive, read_claim
+
+        others = any(holder is not None and holder_alive(holder, age)
+                     for holder, age in map(read_claim, (Path(self.path) / ".claims").glob("*.claim")))
+        older_than = 300.0 if others else -1.0
+        now = time.time()
+        stale = []
+        for p in [*Path(self.path).glob("*.partial"), *(Path(self.path) / "units").glob("*.partial")]:
+            try:
+                if now - p.stat().st_mtime > older_than:
+                    p.unlink()
+                    stale.append(p)
+            except FileNotFoundError:
+                continue
         return len(stale)
 
     # --- units --------------------------------------------------------------------------------
@@ -251,6 +287,7 @@ class UnitWriter:
         self.valid = np.zeros(n, bool)
         self.skipped: list[dict] = []
         self.view_path = "pillow"
+        self.writer: dict | None = None  # host, pid, job of the process that wrote the unit
         self.rows_per_shard = rows_per_shard
         self._checksum = LatentsChecksum()
         self._written = 0
@@ -294,6 +331,7 @@ class UnitWriter:
             "checksum": self._checksum.value(),
             "source": source,
             "view_path": self.view_path,
+            **({"writer": self.writer} if self.writer else {}),
             **({"quantization": quantization} if quantization else {}),
             "completed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }

@@ -266,3 +266,57 @@ def test_fast_local_reads_equal_zarr_reads(store):
         for row in range(len(unit)):
             for k in range(3):
                 assert np.array_equal(unit.read(row, k), unit.latents[row, k])
+
+
+def _writers(store: Path) -> dict[str, int]:
+    ts = TargetStore.open(store)
+    return {name: ts.marker(name)["writer"]["pid"] for name in ts.unit_names()}
+
+
+def test_three_concurrent_jobs_share_the_units_and_equal_one_job(tmp_path):
+    write_good_images(tmp_path / "images", 36, sizes=((120, 160), (96, 96)))
+    make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=2)  # 18 units
+    ref = tmp_path / "ref.zarr"
+    assert cli(*extract_args(tmp_path / "shards", ref)).returncode == 0
+    out = tmp_path / "shared.zarr"
+    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", *extract_args(tmp_path / "shards", out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outputs]
+    written = [int(o[0].split("units: ")[1].split(" written")[0]) for o in outputs]
+    pids = {p.pid for p in procs}
+    writers = _writers(out)
+    assert sum(written) == 18 and len(writers) == 18  # every unit written exactly once, by one of the three
+    assert set(writers.values()) <= pids and len(set(writers.values())) >= 2  # the work was shared
+    for pid, count in zip((p.pid for p in procs), written, strict=True):
+        assert list(writers.values()).count(pid) == count
+    a, b = _unit_values(ref), _unit_values(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        for x, y in zip(a[name], b[name], strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y)) if not isinstance(x, str) else x == y, name
+    assert verify_store(str(out), str(tmp_path / "shards")).ok and not list((out / ".claims").glob("*.claim"))
+
+
+@pytest.mark.slow
+def test_a_plain_job_and_a_two_rank_launch_share_one_store(tmp_path):
+    write_good_images(tmp_path / "images", 24, sizes=((120, 160),))
+    make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=2)  # 12 units
+    ref = tmp_path / "ref.zarr"
+    assert cli(*extract_args(tmp_path / "shards", ref)).returncode == 0
+    out = tmp_path / "mixed.zarr"
+    launch = subprocess.Popen([*ACCELERATE_2CPU, "-m", "pipelines.cli", *extract_args(tmp_path / "shards", out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                              cwd=Path(__file__).parent.parent)
+    plain = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *extract_args(tmp_path / "shards", out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    (lo, le), (po, pe) = launch.communicate(timeout=600), plain.communicate(timeout=600)
+    assert launch.returncode == 0, launch_errors(le)
+    assert plain.returncode == 0, pe[-2000:]
+    written = [int(o.split("units: ")[1].split(" written")[0]) for o in (lo, po)]
+    assert sum(written) == 12 and len(_writers(out)) == 12
+    a, b = _unit_values(ref), _unit_values(out)
+    for name in a:
+        np.testing.assert_allclose(a[name][0].astype(np.float32), b[name][0].astype(np.float32), atol=2e-3)
+        for i in range(1, 5):
+            assert np.array_equal(a[name][i], b[name][i])
