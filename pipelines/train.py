@@ -29,6 +29,7 @@ from pipelines.extract import VIEW_PATHS, resolve_view_path, where_views_are_cut
 from pipelines.schedule import Schedule
 from pipelines.shards import expand_shards
 from targets.cache import StoreMeta, TargetStore
+from targets.claims import Heartbeat, Holder, release, try_claim
 from targets.device_views import DECODERS, DeviceViews
 from targets.quantize import dequantize
 from targets.teacher import teacher_for_store
@@ -343,6 +344,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if run.parts.keys_file:
             run.parts.keys_file.close()
         acc.end_training()
+        run.lock.release()
     return {"status": status, "step": step, "run_dir": str(run.dir), "total_steps": total}
 
 
@@ -363,6 +365,7 @@ class Run:
     resolved: dict
     data_layout: dict
     knn: KnnMonitor | None = None
+    lock: RunLock | None = None
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -383,16 +386,27 @@ def start_run(cfg: TrainConfig, log=print) -> Run:
     """Preflight, Accelerate, the schedule, the model and optimizer, the resume; RUN_DIR is written only
     after every check has passed."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration
 
     run_dir = Path(cfg.out)
     store, index, model_cfg = preflight(cfg)
-    meta = store.meta
     checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
-    ckpt, resume_state = checkpointer.find(cfg.resume)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo ranks when launched on CPUs
                               mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                               project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    lock = RunLock.take(run_dir, accelerator)
+    try:
+        return _start_run(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelerator, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _start_run(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelerator, lock) -> Run:
+    from accelerate.utils import set_seed
+
+    meta = store.meta
+    ckpt, resume_state = checkpointer.find(cfg.resume)
     world, rank = accelerator.num_processes, accelerator.process_index
     view_path = _view_path(cfg.view_path, accelerator.device, meta)
     stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
@@ -428,7 +442,7 @@ def start_run(cfg: TrainConfig, log=print) -> Run:
                    "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
     run = Run(cfg=cfg, dir=run_dir, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
               stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=checkpointer, resolved=resolved,
-              data_layout=data_layout)
+              data_layout=data_layout, lock=lock)
     if ckpt is not None:
         _check_resume(ckpt, resume_state, resolved["model"], data_layout)
         checkpointer.load(accelerator, ckpt)
@@ -450,6 +464,37 @@ def start_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.eval_every:
         run.knn = KnnMonitor(cfg.eval_data, model_cfg, accelerator)
     return run
+
+
+class RunLock:
+    """One training process (job) per run directory: the main process claims `.<RUN_DIR>.train.claim`
+    beside it (targets.claims; a dead or silent holder's claim is taken over), and every rank agrees."""
+
+    def __init__(self, path: Path | None, holder: Holder | None, heartbeat: Heartbeat | None):
+        self.path, self.holder, self.heartbeat = path, holder, heartbeat
+
+    @classmethod
+    def take(cls, run_dir: Path, accelerator) -> RunLock:
+        path = run_dir.resolve().parent / f".{run_dir.name}.train.claim"
+        ok, other = True, None
+        if accelerator.is_main_process:
+            holder = Holder.me()
+            ok, other = try_claim(path, holder)
+        if not _agree(accelerator, not ok):
+            if not accelerator.is_main_process:
+                return cls(None, None, None)
+            heartbeat = Heartbeat()
+            heartbeat.add(path)
+            return cls(path, holder, heartbeat)
+        who = other.describe() if other else "a process that is starting"
+        raise UserError(f"--out {run_dir}: {who} is training in it ({path}); wait for it to finish, or use another "
+                        "--out")
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.heartbeat.stop()
+            release(self.path, self.holder)
+            self.path = None
 
 
 class KnnMonitor:

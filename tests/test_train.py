@@ -320,3 +320,24 @@ def test_compile_runs_and_its_checkpoints_resume_without_compile(data, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     res = cli(*pretrain_args(data, run, "--resume", "latest", "--workers", "0", steps=3))
     assert res.returncode == 0 and "finished 3 steps" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_run_dir_in_use_is_refused_and_a_dead_holders_lock_taken_over(data, tmp_path):
+    run = tmp_path / "run"
+    lock = tmp_path / ".run.train.claim"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from dataclasses import asdict, replace
+
+        from targets.claims import Holder
+
+        lock.write_text(json.dumps(asdict(replace(Holder.me(), pid=sleeper.pid, pid_start=None))))
+        res = cli(*pretrain_args(data, run, steps=2))
+        assert res.returncode == 2 and f"pid {sleeper.pid}" in res.stderr and "is training in it" in res.stderr
+        assert not run.exists()  # nothing written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    res = cli(*pretrain_args(data, run, steps=2))  # the holder is gone: its lock is taken over
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not lock.exists()  # released at the end
