@@ -173,10 +173,11 @@ class Teacher(nn.Module):
         name = _model_name(spec.name)
         self._config = json.loads(Path(spec.name).read_text()) if spec.name.endswith(".json") else None
         weights_file, pcfg = (None, {}) if spec.is_random else resolve_weights(name, spec.pretrained, allow_download)
+        sha256 = sha256_file(weights_file) if weights_file else None
         quick_gelu = spec.quick_gelu
-        if quick_gelu is None:
-            quick_gelu = bool(pcfg.get("quick_gelu")) or "openai" in Path(spec.pretrained).name.lower()
-        self.quick_gelu = quick_gelu and not name.endswith("-quickgelu")
+        if quick_gelu is None and not spec.is_random:
+            quick_gelu = _quick_gelu_of(name, spec.pretrained, pcfg, sha256)
+        self.quick_gelu = bool(quick_gelu) and not name.endswith("-quickgelu")
         kwargs = dict(force_quick_gelu=self.quick_gelu, force_image_size=spec.image_size)
         try:
             with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(spec.is_random):
@@ -193,7 +194,7 @@ class Teacher(nn.Module):
                             "CAE v2 targets need ln_post + proj on every token")
         self.visual = visual.eval().requires_grad_(False).to(self.device)
         self.weights_file = weights_file
-        self.weights_sha256 = sha256_file(weights_file) if weights_file else None
+        self.weights_sha256 = sha256
         self.precision = _resolve_precision(precision, self.device)
         if self.precision.endswith("-weights"):  # OpenAI CLIP's own fp16 mode: weights cast, no autocast
             self.visual.to(_DTYPES[self.precision.removesuffix("-weights")])
@@ -244,6 +245,35 @@ class Teacher(nn.Module):
         x = v.transformer(x)
         x = v.ln_post(x)
         return x @ v.proj  # [B, 1 + T, D]
+
+
+def released_checkpoints() -> dict[str, tuple[str, str, bool]]:
+    """sha256 -> (model, tag, QuickGELU) of the released checkpoints whose checksum open_clip's registry
+    records (OpenAI's download URLs carry the file's sha256)."""
+    import re
+
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained
+
+    out = {}
+    for model, tag in list_pretrained():
+        cfg = get_pretrained_cfg(model, tag)
+        found = re.search(r"/([0-9a-f]{64})/", cfg.get("url", ""))
+        if found:
+            out[found.group(1)] = (model, tag, bool(cfg.get("quick_gelu")))
+    return out
+
+
+def _quick_gelu_of(model: str, pretrained: str, pcfg: dict, sha256: str | None) -> bool:
+    """Whether the weights need QuickGELU: a tag's registry entry says so; a local file is recognised by
+    its sha256 as a known release, or the choice is the user's (a wrong one gives silently wrong targets)."""
+    if pcfg:
+        return bool(pcfg.get("quick_gelu"))
+    known = released_checkpoints().get(sha256 or "")
+    if known:
+        return known[2]
+    raise UserError(f"--pretrained {pretrained}: sha256 {sha256} is not a released checkpoint open_clip knows, so "
+                    "whether it was trained with QuickGELU cannot be told (OpenAI's weights were); pass --quick-gelu "
+                    "for OpenAI-trained weights or --no-quick-gelu otherwise")
 
 
 @contextlib.contextmanager

@@ -65,3 +65,25 @@ def test_teacher_from_a_config_json_file(shard_dir, tmp_path):
     teacher = TargetStore.open(out).meta.teacher
     assert teacher["name"] == "my-tiny-clip" and teacher["config"]["embed_dim"] == 32
     assert Path(out / "units" / "shard-000003.tar" / "keys").is_dir()
+
+
+def test_quick_gelu_of_an_unknown_weights_file_must_be_stated(tmp_path):
+    """A local file is recognised by its sha256 (OpenAI's releases are in open_clip's registry); a renamed
+    or unknown file no longer gets QuickGELU from its name."""
+    import open_clip
+    import torch
+
+    from cae2.errors import UserError
+    from targets.teacher import BUNDLED_CONFIGS, Teacher, TeacherSpec, released_checkpoints
+
+    open_clip.add_model_config(BUNDLED_CONFIGS / "cae2-tiny-clip.json")
+    weights = tmp_path / "openai-renamed.pt"
+    torch.save(open_clip.create_model("cae2-tiny-clip").state_dict(), weights)
+    with pytest.raises(UserError, match="--quick-gelu for OpenAI-trained weights or --no-quick-gelu"):
+        Teacher(TeacherSpec(name="cae2-tiny-clip", pretrained=str(weights)))
+    for qg in (False, True):
+        teacher = Teacher(TeacherSpec(name="cae2-tiny-clip", pretrained=str(weights), quick_gelu=qg))
+        assert teacher.quick_gelu is qg and teacher.identity().weights_sha256
+    known = released_checkpoints()
+    openai = [v for v in known.values() if v[1] == "openai"]
+    assert len(openai) >= 9 and all(qg for _, _, qg in openai) and all(len(k) == 64 for k in known)
