@@ -95,7 +95,14 @@ class Checkpointer:
         if ckpt is None and root.is_dir() and any(root.iterdir()):
             raise UserError(f"--out {self.run_dir} already holds checkpoints; pass --resume latest to continue, or "
                             "a new --out")
-        return (ckpt, read_state(ckpt)) if ckpt else (None, None)
+        if ckpt is None:
+            return None, None
+        try:
+            return ckpt, read_state(ckpt)
+        except UserError:
+            if resume != "latest":
+                raise
+            return ckpt, {}  # `restore` falls back to an older checkpoint
 
     def should_save(self, step: int, total: int, stopping: bool) -> bool:
         return step % self.save_every == 0 or step == total or stopping
@@ -110,6 +117,27 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
             raise UserError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {e}); pass --resume with an "
                             "older checkpoint") from None
+
+    def restore(self, accelerator, resume: str | None, ckpt: Path, state: dict, check, log=print) -> tuple[Path, dict]:
+        """Load `ckpt` (found by `find`) after check(ckpt, state). With --resume latest, a checkpoint
+        whose files cannot be read gives way to the next older complete one, and the log says so; an
+        explicitly named one that cannot be read is refused."""
+        candidates = [ckpt]
+        if resume == "latest":
+            candidates += [c for c in reversed(complete_checkpoints(self.run_dir)) if c != ckpt]
+        for i, candidate in enumerate(candidates):
+            try:
+                cand_state = state if i == 0 and state else read_state(candidate)
+                check(candidate, cand_state)
+                self.load(accelerator, candidate)
+                return candidate, cand_state
+            except UserError as e:
+                if resume != "latest" or "is corrupt" not in str(e):
+                    raise
+                if i + 1 < len(candidates):
+                    log(f"WARNING: {e.args[0].split('; pass')[0]}; resuming from the previous complete checkpoint "
+                        f"{candidates[i + 1]} instead")
+        raise UserError(f"--resume latest: no complete checkpoint of {self.run_dir} can be read; start a new --out")
 
 
 def prune(run_dir: Path, keep: int) -> None:

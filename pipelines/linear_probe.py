@@ -123,10 +123,12 @@ def run_official(cfg, log=print) -> dict:
               "train_images": len(train), "model_sha256": model.sha256}
     step, epoch, position = 0, 0, 0
     if ckpt is not None:
-        if state.get("layout") != layout:
-            raise UserError(f"--resume {ckpt}: another probe layout ({state.get('layout')} vs {layout}); resume with "
-                            "the original options")
-        checkpointer.load(acc, ckpt)
+        def check(candidate, saved):
+            if saved.get("layout") != layout:
+                raise UserError(f"--resume {candidate}: another probe layout ({saved.get('layout')} vs {layout}); "
+                                "resume with the original options")
+
+        ckpt, state = checkpointer.restore(acc, cfg.resume, ckpt, state, check, log)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         log(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {position})")
     if acc.is_main_process:

@@ -271,7 +271,7 @@ def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
     the scheduled lr, the update."""
     acc = parts.accelerator
     losses = torch.zeros(3, device=acc.device)
-    wait = 0.0
+    wait, keys = 0.0, []
     for micro in range(parts.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -283,9 +283,16 @@ def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
                                       parts.schedule.loss, parts.schedule.loss_combine)
             acc.backward(out.loss / parts.grad_accum)
         losses += torch.stack([out.loss.detach(), out.loss_v.detach(), out.loss_z.detach()]).float()
+        keys += batch["keys"]
         if parts.keys_file:
             parts.keys_file.write("".join(f"{step} {epoch} {k}\n" for k in batch["keys"]))
     grad_norm = acc.clip_grad_norm_(parts.model.parameters(), parts.schedule.clip_grad)
+    if not torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced); nothing is applied
+        raise UserError(f"step {step + 1}: the loss or a gradient is not finite (loss {float(losses[0]):.4g}, "
+                        f"gradient norm {float(grad_norm):.4g}); this rank's samples of the step: "
+                        f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. Nothing of the step was applied "
+                        "and the checkpoints are untouched: check these samples' targets (cae2 verify-targets), "
+                        "or resume with a lower --lr")
     lr = parts.schedule.lr(step)
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
@@ -444,8 +451,9 @@ def _start_run(cfg, log, run_dir, store, index, model_cfg, checkpointer, acceler
               stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=checkpointer, resolved=resolved,
               data_layout=data_layout, lock=lock)
     if ckpt is not None:
-        _check_resume(ckpt, resume_state, resolved["model"], data_layout)
-        checkpointer.load(accelerator, ckpt)
+        ckpt, resume_state = checkpointer.restore(
+            accelerator, cfg.resume, ckpt, resume_state,
+            lambda c, s: _check_resume(c, s, resolved["model"], data_layout), log=log)
         run.step, run.epoch, run.batch_in_epoch = (resume_state[k] for k in ("step", "epoch", "batch_in_epoch"))
         if accelerator.is_main_process:
             log(f"resumed from {ckpt} at step {run.step} (epoch {run.epoch}, micro-batch {run.batch_in_epoch})")

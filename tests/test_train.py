@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -341,3 +342,42 @@ def test_a_run_dir_in_use_is_refused_and_a_dead_holders_lock_taken_over(data, tm
     res = cli(*pretrain_args(data, run, steps=2))  # the holder is gone: its lock is taken over
     assert res.returncode == 0, res.stderr[-2000:]
     assert not lock.exists()  # released at the end
+
+
+def test_an_unreadable_latest_checkpoint_gives_way_to_the_previous_one(data, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert cli(*pretrain_args(data, ref, "--save-every", "2", steps=8)).returncode == 0
+    assert cli(*pretrain_args(data, run, "--save-every", "2", "--keep-last", "3", steps=6)).returncode == 0
+    newest = run / "checkpoints" / "step_00000006"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    res = cli(*pretrain_args(data, run, "--save-every", "2", "--resume", str(newest), steps=8))
+    assert res.returncode == 2 and "is corrupt" in res.stderr and "Traceback" not in res.stderr  # named: refused
+    (run / "checkpoints" / "step_00000004" / "optimizer.bin").unlink()  # the one before it is damaged too
+    res = cli(*pretrain_args(data, run, "--save-every", "2", "--resume", "latest", steps=8))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming from the previous complete checkpoint" in res.stderr and "step_00000002" in res.stderr
+    assert losses(run) == losses(ref)  # steps 3-8 redone exactly
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keys_and_keeps_the_checkpoints(data, tmp_path):
+    import zarr
+    from safetensors.torch import load_file
+
+    store = tmp_path / "nan.zarr"
+    shutil.copytree(data / "targets.zarr", store)
+    run = tmp_path / "run"
+    args = [a if a != str(data / "targets.zarr") else str(store) for a in pretrain_args(data, run, steps=3)]
+    assert cli(*args, "--save-every", "1").returncode == 0  # three good steps and checkpoints
+    unit = sorted((store / "units").iterdir())[0].name
+    latents = zarr.open_array(str(store / "units" / unit / "latents"), mode="r+")
+    latents[0] = np.nan  # then a corrupt row: NaN targets
+    res = cli(*args, "--save-every", "1", "--resume", "latest", "--steps", "40")
+    assert res.returncode == 2 and "is not finite" in res.stderr and "Traceback" not in res.stderr
+    found = re.search(r"step (\d+): the loss or a gradient is not finite .*samples of the step: (\S+)", res.stderr)
+    assert found, res.stderr[-1500:]
+    step = int(found.group(1))
+    assert 4 <= step <= 40 and found.group(2).rstrip(",")
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert int(ckpts[-1].name.split("_")[1]) == step - 1  # every finished step, none after
+    assert all(torch.isfinite(v).all() for v in load_file(str(ckpts[-1] / "model.safetensors")).values())
