@@ -310,7 +310,10 @@ def main() -> None:
     except UserError as e:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {e}", err=True)
+        text = str(e)
+        if "Original Traceback" in text:  # raised in a data-loader worker: its own line is the last one
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        typer.echo(f"error: {text}", err=True)
         sys.exit(2)
 
 

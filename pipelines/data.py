@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import gc
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.shards import Shard, image_bytes, iter_shard
-from targets.cache import StoreMeta, TargetStore
+from targets.cache import CorruptTarget, StoreMeta, TargetStore
 from targets.device_views import crop_box, group_inputs, pad_crops, plan_groups
 from targets.views import ViewParams, apply_view, decode_image
 
@@ -62,6 +63,9 @@ class StreamConfig:
     """Also return the teacher's view of each sample (for --teacher-online) instead of cached latents."""
     view_path: str = "pillow"
     """pillow: the workers cut the views; device: they return padded crops (`DeviceViews.make_batch`)."""
+    corrupt_targets: str = "stop"
+    """A view whose cached bytes fail their crc32c: stop (raise, naming it), skip (leave the sample out of
+    its batch, with a warning), or off (no check)."""
 
 
 # Salts of the generators keyed by (seed, epoch, ...): changing one changes every run's data order,
@@ -207,6 +211,14 @@ class TrainStream(IterableDataset):
         for unit, row, sample in batch:
             key = unit.keys[row]
             k = view_index(cfg.seed, self.epoch, key, meta.views_per_image)
+            if not cfg.teacher_views:
+                try:
+                    latents, token_scales = unit.read_stored(row, k, check=cfg.corrupt_targets != "off")
+                except CorruptTarget as e:
+                    if cfg.corrupt_targets == "stop":
+                        raise
+                    print(f"WARNING: skipped: {e}", file=sys.stderr, flush=True)
+                    continue
             p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
             image = decode_image(image_bytes(sample))
             if cfg.view_path == "device":
@@ -218,13 +230,14 @@ class TrainStream(IterableDataset):
                     teacher_images.append(images[-1] if self.same_views else apply_view(image, p, meta.input_size,
                                                                                          meta.interpolation))
             if not cfg.teacher_views:
-                latents, token_scales = unit.read_stored(row, k)
                 targets.append(torch.from_numpy(latents))
                 if token_scales is not None:
                     scales.append(torch.from_numpy(token_scales))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
             views.append(k)
+        if not keys:
+            raise CorruptTarget("every sample of a batch failed its checksum; run `cae2 verify-targets` on the store")
         out = {"mask": torch.stack(masks), "keys": keys, "views": views}
         if cfg.view_path == "device":
             out["view_groups"] = padded_groups(images, params, cfg.student_size, cfg.student_interpolation)

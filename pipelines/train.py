@@ -106,6 +106,9 @@ class TrainConfig:
     """no, fp16 or bf16; default: Accelerate's launch config."""
     log_keys: bool = False
     """Write every sample key per step to RUN_DIR/keys/rank<r>.txt (audits of the data order)."""
+    corrupt_targets: str = "stop"
+    """A cached view whose bytes fail their checksum: stop (naming unit, row, key), skip (leave the sample
+    out of its batch, with a warning), or off."""
     eval_every: int = 0
     """Steps between k-NN evaluations of the student on --eval-data (0: none); in metrics.jsonl and
     TensorBoard, without touching the data order or the random state."""
@@ -122,6 +125,8 @@ class TrainConfig:
             raise UserError("--steps must be >= 1")
         if self.view_path not in VIEW_PATHS:
             raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
+        if self.corrupt_targets not in ("stop", "skip", "off"):
+            raise UserError(f"--corrupt-targets must be stop, skip or off, not {self.corrupt_targets!r}")
         if self.eval_every < 0 or (self.eval_every and not self.eval_data):
             raise UserError("--eval-every N needs N >= 0 and --eval-data (a folder with train/ and val/)")
 
@@ -418,7 +423,8 @@ def _start_run(cfg, log, run_dir, store, index, model_cfg, checkpointer, acceler
     view_path = _view_path(cfg.view_path, accelerator.device, meta)
     stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
                               shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
-                              teacher_views=cfg.teacher_online, view_path=view_path)
+                              teacher_views=cfg.teacher_online, view_path=view_path,
+                              corrupt_targets=cfg.corrupt_targets)
     preset = cae2.get_preset(cfg.model).train
     first_plan = plan_epoch(index, stream_cfg, 0)
     schedule = Schedule.resolve(cfg, preset, first_plan.batches_per_rank, world)

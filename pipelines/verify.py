@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cae2.errors import UserError
 from pipelines.shards import expand_shards, image_bytes, iter_shard
-from targets.cache import TargetStore
+from targets.cache import TargetStore, view_checksum
 from targets.shard_files import LatentsChecksum
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
@@ -106,6 +106,12 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
         report.problems.append(f"unit {name}: {e}")
     for start, block, scales in unit.blocks():
         step = len(block)
+        if unit.view_crc is not None:
+            for r, v in zip(*np.nonzero(unit.valid[start:start + step, None] & np.ones(block.shape[1], bool)),
+                            strict=True):
+                if view_checksum(block[r, v], None if scales is None else scales[r, v]) != unit.view_crc[start + r, v]:
+                    report.problems.append(f"unit {name} row {start + r} (key {unit.keys[start + r]}) view {v}: the "
+                                           "stored latents differ from their checksum (crc32c)")
         if digest is not None:
             digest.update(block.tobytes())
             if scales is not None:

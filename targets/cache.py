@@ -285,6 +285,7 @@ class UnitWriter:
         self.view_float = np.zeros((n, k, N_FLOAT), np.float32)
         self.image_hw = np.zeros((n, 2), np.int32)
         self.valid = np.zeros(n, bool)
+        self.view_crc = np.zeros((n, k), np.uint32)  # crc32c of each view's stored bytes, checked on reads
         self.skipped: list[dict] = []
         self.view_path = "pillow"
         self.writer: dict | None = None  # host, pid, job of the process that wrote the unit
@@ -304,6 +305,10 @@ class UnitWriter:
         parts = [(self.latents, self._direct, np.ascontiguousarray(latents, dtype=self.latents.dtype))]
         if scales is not None:
             parts.append((self.scales, self._direct_scales, np.ascontiguousarray(scales, dtype="<f4")))
+        for r in range(len(latents)):
+            for v in range(latents.shape[1]):
+                self.view_crc[start + r, v] = view_checksum(parts[0][2][r, v], None if scales is None
+                                                            else parts[1][2][r, v])
         for array, direct, values in parts:
             data = values.tobytes()
             if direct is not None:
@@ -320,7 +325,7 @@ class UnitWriter:
         n = len(self.keys)
         g.create_array("keys", shape=(n,), dtype=str)[:] = np.array(self.keys, dtype=str) if n else np.array([], str)
         for name, data in (("valid", self.valid), ("view_int", self.view_int), ("view_float", self.view_float),
-                           ("image_hw", self.image_hw)):
+                           ("image_hw", self.image_hw), ("view_crc32c", self.view_crc)):
             arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if n else None)
             if n:
                 arr[...] = data
@@ -337,6 +342,20 @@ class UnitWriter:
         }
         g.attrs[MARKER_ATTR] = marker  # last write: the unit counts only from here on
         return marker
+
+
+def view_checksum(latents: np.ndarray, scales: np.ndarray | None = None) -> int:
+    """crc32c of one view's stored bytes (latents, then int8 scales): ~35 us for a ViT-B/16 view."""
+    import google_crc32c
+
+    crc = google_crc32c.value(np.ascontiguousarray(latents).tobytes())
+    if scales is not None:
+        crc = google_crc32c.extend(crc, np.ascontiguousarray(scales).tobytes())
+    return crc
+
+
+class CorruptTarget(UserError):
+    """A cached view whose bytes differ from the ones written (their crc32c)."""
 
 
 class UnitReader:
@@ -357,16 +376,24 @@ class UnitReader:
         self.view_int = group["view_int"][:] if n else np.zeros((0, 0, N_INT), np.int32)
         self.view_float = group["view_float"][:] if n else np.zeros((0, 0, N_FLOAT), np.float32)
         self.image_hw = group["image_hw"][:] if n else np.zeros((0, 2), np.int32)
+        self.view_crc = group["view_crc32c"][:] if n and "view_crc32c" in group else None  # older units: none
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def read_stored(self, row: int, view: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """One view as stored: (float16 [1 + T, D], None) or (int8 [1 + T, D], float32 scales [1 + T])."""
+    def read_stored(self, row: int, view: int, check: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """One view as stored: (float16 [1 + T, D], None) or (int8 [1 + T, D], float32 scales [1 + T]).
+        check: compare its crc32c with the one written (units made before checksums per view: no check)."""
         latents = self._fast.read(row, view) if self._fast is not None else self.latents[row, view]
-        if self.scales is None:
-            return latents, None
-        return latents, self._fast_scales.read(row, view) if self._fast_scales is not None else self.scales[row, view]
+        scales = None
+        if self.scales is not None:
+            scales = self._fast_scales.read(row, view) if self._fast_scales is not None else self.scales[row, view]
+        if check and self.view_crc is not None and view_checksum(latents, scales) != self.view_crc[row, view]:
+            raise CorruptTarget(f"target store unit {self.group.path.rsplit('/', 1)[-1]} row {row} (key "
+                                f"{self.keys[row]}) view {view}: the cached latents differ from the ones written "
+                                "(crc32c); run `cae2 verify-targets`, then delete the unit's folder and rerun "
+                                "extract-targets to rewrite it")
+        return latents, scales
 
     def read(self, row: int, view: int) -> np.ndarray:
         """Latents of one view: float16 [1 + T, D], or float32 dequantised from int8."""

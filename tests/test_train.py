@@ -381,3 +381,28 @@ def test_a_non_finite_loss_stops_with_the_step_and_keys_and_keeps_the_checkpoint
     ckpts = sorted((run / "checkpoints").iterdir())
     assert int(ckpts[-1].name.split("_")[1]) == step - 1  # every finished step, none after
     assert all(torch.isfinite(v).all() for v in load_file(str(ckpts[-1] / "model.safetensors")).values())
+
+
+def test_a_flipped_byte_is_named_by_verify_and_stops_or_is_skipped_by_pretrain(data, tmp_path):
+    store = tmp_path / "flipped.zarr"
+    shutil.copytree(data / "targets.zarr", store)
+    ts = TargetStore.open(store)
+    unit = ts.unit_names()[0]
+    key = ts.unit(unit).keys[0]
+    shard_file = store / "units" / unit / "latents" / "c" / "0" / "0" / "0" / "0"
+    raw = bytearray(shard_file.read_bytes())
+    view_bytes = ts.meta.num_tokens * ts.meta.latent_dim * 2
+    for v in range(ts.meta.views_per_image):  # one byte in every view of row 0
+        raw[v * view_bytes + 100] ^= 0x10
+    shard_file.write_bytes(bytes(raw))
+    from pipelines.verify import verify_store
+
+    report = verify_store(str(store), str(data / "shards"))
+    assert not report.ok and any(f"unit {unit} row 0 (key {key}) view 0" in p for p in report.problems)
+    args = [a if a != str(data / "targets.zarr") else str(store) for a in pretrain_args(data, tmp_path / "r", steps=13)]
+    res = cli(*args)
+    assert res.returncode == 2 and f"row 0 (key {key})" in res.stderr and "crc32c" in res.stderr
+    assert "Traceback" not in res.stderr and "Original" not in res.stderr
+    res = cli(*[a if a != str(tmp_path / "r") else str(tmp_path / "s") for a in args], "--corrupt-targets", "skip")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"WARNING: skipped: target store unit {unit} row 0 (key {key})" in res.stderr
