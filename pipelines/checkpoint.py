@@ -92,7 +92,7 @@ class Checkpointer:
         into a directory that holds checkpoints is refused."""
         ckpt = resolve_resume(resume, self.run_dir)
         root = self.run_dir / "checkpoints"
-        if ckpt is None and root.is_dir() and any(root.iterdir()):
+        if ckpt is None and resume != "latest" and root.is_dir() and any(root.iterdir()):
             raise UserError(f"--out {self.run_dir} already holds checkpoints; pass --resume latest to continue, or "
                             "a new --out")
         if ckpt is None:
@@ -108,7 +108,14 @@ class Checkpointer:
         return step % self.save_every == 0 or step == total or stopping
 
     def save(self, accelerator, step: int, trainer_state: dict) -> Path:
-        return save_checkpoint(accelerator, self.run_dir, step, trainer_state, self.keep_last)
+        try:
+            return save_checkpoint(accelerator, self.run_dir, step, trainer_state, self.keep_last)
+        except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk in their own types
+            kept = latest_checkpoint(self.run_dir)
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+            kept = f"the newest complete checkpoint {kept} is kept" if kept else "no checkpoint is complete yet"
+            raise UserError(f"writing checkpoint {checkpoint_dir(self.run_dir, step)} failed ({reason}); {kept}; fix "
+                            "the file system (free space, permissions) and rerun with --resume latest") from None
 
     @staticmethod
     def load(accelerator, ckpt: Path) -> None:

@@ -315,6 +315,12 @@ def main() -> None:
             text = text.strip().splitlines()[-1].split(": ", 1)[-1]
         typer.echo(f"error: {text}", err=True)
         sys.exit(2)
+    except OSError as e:  # a full, read-only or vanished file system, reported where it happened
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e.strerror or e}: {e.filename or 'a file'}; fix the file system (free space, "
+                   "permissions, mounts) and rerun: complete work is kept", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

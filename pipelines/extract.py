@@ -350,8 +350,13 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
             f"views cut {where_views_are_cut(view_path, teacher.device)}")
     t0 = time.perf_counter()
     if todo:
-        _extract_units(cfg, todo, teacher, store, meta, stats, show_progress=cfg.progress and state.is_main_process,
-                       view_path=view_path)
+        try:
+            _extract_units(cfg, todo, teacher, store, meta, stats, show_progress=cfg.progress and state.is_main_process,
+                           view_path=view_path)
+        except OSError as e:
+            raise UserError(f"target store {store.path}: {e.strerror or e} ({e.filename or 'writing a unit'}); the "
+                            "complete units are kept: fix the file system (free space, permissions) and rerun the "
+                            "same command") from None
     stats.seconds = time.perf_counter() - t0
     return stats
 

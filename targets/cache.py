@@ -345,7 +345,7 @@ class UnitWriter:
 
 
 def view_checksum(latents: np.ndarray, scales: np.ndarray | None = None) -> int:
-    """crc32c of one view's stored bytes (latents, then int8 scales): ~35 us for a ViT-B/16 view."""
+    """crc32c of one view's stored bytes (latents, then int8 scales): ~8 us for a ViT-B/16 view."""
     import google_crc32c
 
     crc = google_crc32c.value(np.ascontiguousarray(latents).tobytes())

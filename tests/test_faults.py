@@ -1,0 +1,161 @@
+"""Faults made for real (a full file system, kills at seeded random moments) and what users get: one
+line naming the file and what to do, nothing complete lost, and a rerun that ends where an undisturbed
+run ends. CAE2_SOAK=N runs N kills per stage instead of 2 (a longer manual soak)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.shards import make_shards
+from tests.fixtures import TINY_TEACHER, write_good_images
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+KILLS = int(os.environ.get("CAE2_SOAK", "2"))
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def extract(shards, out):
+    return ["extract-targets", "--shards", str(shards), "--out", str(out), "--teacher", TINY_TEACHER, "--pretrained",
+            "none", "--views", "2", "--workers", "0"]
+
+
+def store_values(path: Path) -> dict:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    return {name: [g[f"units/{name}/{a}"][:] for a in ("latents", "keys", "valid", "view_int", "view_float")]
+            for name in g["units"].group_keys()}
+
+
+def same_store(a: Path, b: Path) -> None:
+    va, vb = store_values(a), store_values(b)
+    assert va.keys() == vb.keys()
+    for name in va:
+        for x, y in zip(va[name], vb[name], strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y)), name
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    write_good_images(root / "images", 48, sizes=((120, 160), (96, 96)))
+    make_shards(root / "images", root / "shards", samples_per_shard=3)  # 16 units
+    assert cli(*extract(root / "shards", root / "ref.zarr")).returncode == 0
+    return root
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real file system that fills up: a 256 KiB tmpfs (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (root only)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_during_stage_1_gives_one_line_and_the_rerun_finishes(shards, small_fs):
+    out = small_fs / "t.zarr"
+    res = cli(*extract(shards / "shards", out))
+    assert res.returncode == 2 and "No space left on device" in res.stderr and "Traceback" not in res.stderr
+    assert "rerun the same command" in res.stderr and str(out) in res.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    res = cli(*extract(shards / "shards", out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    same_store(shards / "ref.zarr", out)
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(shards, small_fs, tmp_path):
+    run = small_fs / "run"
+    args = ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "ref.zarr"), "--model",
+            "cae2_debug", "--out", str(run), "--batch-size", "4", "--workers", "0", "--allow-random-teacher",
+            "--save-every", "2", "--log-every", "1"]
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
+    res = cli(*args, "--steps", "2")
+    assert res.returncode == 0, res.stderr[-2000:]  # one checkpoint fits
+    subprocess.run(["mount", "-o", "remount,size=" + str(sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+                                                              // 1024 + 200) + "k", str(small_fs)], check=True)
+    res = cli(*args, "--steps", "6", "--resume", "latest")
+    assert res.returncode == 2 and "writing checkpoint" in res.stderr and "step_00000002 is kept" in res.stderr
+    assert "Traceback" not in res.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    res = cli(*args, "--steps", "6", "--resume", "latest")
+    assert res.returncode == 0, res.stderr[-2000:]
+    ref = tmp_path / "ref"  # the same two runs, undisturbed
+    ref_args = [a if a != str(run) else str(ref) for a in args]
+    assert cli(*ref_args, "--steps", "2").returncode == 0
+    assert cli(*ref_args, "--steps", "6", "--resume", "latest").returncode == 0
+    metrics = [(run / "metrics.jsonl").read_text(), (ref / "metrics.jsonl").read_text()]
+    strip = [[{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "data_wait_frac")}
+              for line in m.splitlines()] for m in metrics]
+    assert strip[0] == strip[1] and len(strip[0]) == 6
+
+
+def _kill_at_random_moments(cmd_of, seed: int, duration: float, signum=signal.SIGKILL) -> int:
+    """KILLS runs, each killed after a seeded random share (30-85%) of an undisturbed run's `duration`
+    (later runs have less left to do, so some end before their kill); returns the kills that landed."""
+    rng = random.Random(seed)
+    landed = 0
+    for attempt in range(KILLS):
+        proc = subprocess.Popen(cmd_of(attempt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                                cwd=ROOT, start_new_session=True)
+        time.sleep(rng.uniform(0.3, 0.85) * duration)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signum)
+            landed += 1
+        proc.wait()
+    return landed
+
+
+def timed(*args) -> float:
+    t0 = time.perf_counter()
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return time.perf_counter() - t0
+
+
+def test_kill_9_at_random_moments_of_stage_1(shards, tmp_path):
+    duration = timed(*extract(shards / "shards", tmp_path / "undisturbed.zarr"))
+    out = tmp_path / "k.zarr"
+    command = [sys.executable, "-m", "pipelines.cli", *extract(shards / "shards", out)]
+    landed = _kill_at_random_moments(lambda _: command, seed=1, duration=duration)
+    assert landed >= 1
+    res = cli(*extract(shards / "shards", out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    same_store(shards / "ref.zarr", out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum):
+    def args(out, resume):
+        return ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "ref.zarr"), "--model",
+                "cae2_debug", "--out", str(out), "--batch-size", "4", "--workers", "1", "--allow-random-teacher",
+                "--save-every", "2", "--log-every", "1", "--steps", "40", *(["--resume", "latest"] if resume else [])]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    duration = timed(*args(ref, False))
+    landed = _kill_at_random_moments(lambda i: [sys.executable, "-m", "pipelines.cli", *args(run, True)],
+                                     seed=int(signum), duration=duration, signum=signum)
+    assert landed >= 1
+    res = cli(*args(run, True))
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def records(d):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "data_wait_frac")}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(run) == records(ref)
