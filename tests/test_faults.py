@@ -159,3 +159,50 @@ def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum):
                 for line in (d / "metrics.jsonl").read_text().splitlines()]
 
     assert records(run) == records(ref)
+
+
+def _pretrain(shards_spec, store, out, *extra):
+    return ["pretrain", "--shards", str(shards_spec), "--targets", str(store), "--model", "cae2_debug", "--out",
+            str(out), "--batch-size", "4", "--workers", "0", "--allow-random-teacher", "--steps", "12", *extra]
+
+
+def test_shards_changed_missing_or_truncated_after_stage_1_are_named(shards, tmp_path):
+    import shutil
+
+    changed = tmp_path / "changed"
+    shutil.copytree(shards / "shards", changed)
+    files = sorted(changed.glob("*.tar"))
+    files[0].write_bytes(files[1].read_bytes())  # another shard's samples under the first one's name
+    res = cli(*_pretrain(changed, shards / "ref.zarr", tmp_path / "a"))
+    assert res.returncode == 2 and files[0].name in res.stderr and "has key" in res.stderr, res.stderr[-800:]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(shards / "shards", truncated)
+    tar = sorted(truncated.glob("*.tar"))[2]
+    tar.write_bytes(tar.read_bytes()[:3000])
+    res = cli(*_pretrain(truncated, shards / "ref.zarr", tmp_path / "b"))
+    assert res.returncode == 2 and tar.name in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+    missing = tmp_path / "missing"
+    shutil.copytree(shards / "shards", missing)
+    gone = sorted(missing.glob("*.tar"))[3]
+    res = cli(*_pretrain(f"{missing}/shard-{{000000..000015}}.tar", shards / "ref.zarr", tmp_path / "c"))
+    assert res.returncode == 0, res.stderr[-800:]
+    gone.unlink()
+    res = cli(*_pretrain(f"{missing}/shard-{{000000..000015}}.tar", shards / "ref.zarr", tmp_path / "d"))
+    assert res.returncode == 2 and gone.name in res.stderr and "does not exist" in res.stderr
+
+
+def test_a_read_only_or_vanished_store_or_run_dir_gives_one_line(shards, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (root only)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)  # root ignores chmod; a mount does not
+        res = cli(*extract(shards / "shards", ro / "t.zarr"))
+        assert res.returncode == 2 and "Read-only file system" in res.stderr and "Traceback" not in res.stderr
+        res = cli(*_pretrain(shards / "shards", shards / "ref.zarr", ro / "run"))
+        assert res.returncode == 2 and "Read-only file system" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    res = cli(*_pretrain(shards / "shards", tmp_path / "vanished.zarr", tmp_path / "e"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "vanished.zarr" in res.stderr
