@@ -132,6 +132,7 @@ class Checkpointer:
         candidates = [ckpt]
         if resume == "latest":
             candidates += [c for c in reversed(complete_checkpoints(self.run_dir)) if c != ckpt]
+        errors = []
         for i, candidate in enumerate(candidates):
             try:
                 cand_state = state if i == 0 and state else read_state(candidate)
@@ -141,10 +142,12 @@ class Checkpointer:
             except UserError as e:
                 if resume != "latest" or "is corrupt" not in str(e):
                     raise
+                errors.append(e.args[0].split("; pass")[0])
                 if i + 1 < len(candidates):
                     log(f"WARNING: {e.args[0].split('; pass')[0]}; resuming from the previous complete checkpoint "
                         f"{candidates[i + 1]} instead")
-        raise UserError(f"--resume latest: no complete checkpoint of {self.run_dir} can be read; start a new --out")
+        raise UserError(f"--resume latest: {errors[0]}, and no older complete checkpoint of {self.run_dir} can be "
+                        "read; start a new --out")
 
 
 def prune(run_dir: Path, keep: int) -> None:
