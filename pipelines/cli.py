@@ -139,8 +139,19 @@ def _extract_targets(cfg) -> None:
     if state.is_main_process:
         typer.echo(format_summary(total, state.num_processes))
         typer.echo(f"store: {cfg.out}")
+    _end_ranks(state)
     if total.units_failed:
         raise typer.Exit(1)
+
+
+def _end_ranks(state) -> None:
+    """Every rank reaches the end, then the process group goes (a gloo group left to the interpreter's
+    exit can abort a rank that finished early: 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_initialized():
+        state.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def _extract_config():
