@@ -37,7 +37,7 @@ for s in $SECTIONS; do
     extract) bench 170 bench.extract --images 300 --repeat 24 --views 5 --batch-size 512 --workers "$W" \
         --view-path device --teacher-modes fp16,fp16-weights,fp16-weights+compile ;;
     pipeline) bench 50 bench.data_pipeline --repeat 6 --batches 56 --workers "0,$W" ;;
-    speedup) bench 290 bench.speedup --images 300 --repeat 40 --steps 40 --batch-size 256 --mixed-precision bf16 \
+    speedup) bench 265 bench.speedup --images 300 --repeat 40 --steps 40 --batch-size 256 --mixed-precision bf16 \
         --compile --view-path device --workers "$W" --students cae2_vit_tiny,cae2_vit_small,cae2_vit_base \
         --step-table 128:0,256:0,256:1 ;;
     *) echo "unknown section $s" | tee -a "$LOG"; status=1 ;;
