@@ -30,7 +30,7 @@ def main() -> None:
     from pipelines.data import StreamConfig, index_shards, make_loader, padded_groups, sample_rng, view_index
     from pipelines.shards import expand_shards, image_bytes, iter_shard
     from targets.cache import TargetStore
-    from targets.device_views import crop_box
+    from targets.device_views import crop_pixels
     from targets.views import ViewParams, apply_view, decode_image
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-data-"))
@@ -55,7 +55,7 @@ def main() -> None:
         k = view_index(0, 0, u.keys[row], 5)
         params.append(ViewParams.from_record(u.view_int[row, k], u.view_float[row, k]))
     ms_view, _ = timed(lambda ip: apply_view(ip[0], ip[1], 224, "bicubic"), list(zip(images, params, strict=True)))
-    ms_crop, crops = timed(lambda ip: crop_box(np.asarray(ip[0]), ip[1]), list(zip(images, params, strict=True)))
+    ms_crop, crops = timed(lambda ip: crop_pixels(ip[0], ip[1]), list(zip(images, params, strict=True)))
     t0 = time.perf_counter()
     for start in range(0, len(crops), 32):  # the worker's share of the device path: pad a batch into groups
         padded_groups(crops[start:start + 32], params[start:start + 32], 224, "bicubic")

@@ -36,7 +36,7 @@ from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.shards import Shard, image_bytes, iter_shard
 from targets.cache import CorruptTarget, StoreMeta, TargetStore
-from targets.device_views import crop_box, group_inputs, pad_crops, plan_groups
+from targets.device_views import crop_pixels, group_inputs, pad_crops, plan_groups
 from targets.views import ViewParams, apply_view, decode_image
 
 
@@ -222,7 +222,7 @@ class TrainStream(IterableDataset):
             p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
             image = decode_image(image_bytes(sample))
             if cfg.view_path == "device":
-                images.append(crop_box(np.asarray(image), p))
+                images.append(crop_pixels(image, p))
                 params.append(p)
             else:
                 images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))

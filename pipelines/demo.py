@@ -140,17 +140,15 @@ def run_demo(out: Path, steps: int = 60, echo=print) -> dict:
 
 def _knn_top1(model, labelled: Path) -> float:
     """k-NN top-1 % (k = 10) of a student's CLS features (None: the demo's teacher) on the labelled split."""
-    from cae2.config import IMAGENET_MEAN, IMAGENET_STD
     from pipelines.eval_data import load_labelled
-    from pipelines.eval_models import FeatureModel, load_feature_model
-    from pipelines.evaluate import extract_features, knn_classify
+    from pipelines.eval_models import load_feature_model
+    from pipelines.evaluate import extract_features, knn_classify, student_knn
 
-    if model is None:
-        fm = load_feature_model("clip:cae2-tiny-clip:none")
-    else:
-        fm = FeatureModel(model.encoder.eval(), "vit", model.cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, "demo", "")
     train = load_labelled(str(labelled / "train"), "train")
     val = load_labelled(str(labelled / "val"), "val", classes=train.classes)
+    if model is not None:
+        return student_knn(model, train, val, k=10)[0]
+    fm = load_feature_model("clip:cae2-tiny-clip:none")
     tf, tl = extract_features(fm, train, log=lambda m: None)
     vf, vl = extract_features(fm, val, log=lambda m: None)
     return knn_classify(tf, tl, vf, vl, len(train.classes), (10,))[10][0]

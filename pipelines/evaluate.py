@@ -89,6 +89,21 @@ def extract_features(model, data, pool: str = "cls", batch_size: int = 128, work
     return feats, labels
 
 
+def student_knn(model, train, val, k: int = 20, device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(top-1 %, top-5 %) of a CAEv2 student's CLS features (its encoder, eval mode, restored after)."""
+    from pipelines.eval_models import FeatureModel
+
+    encoder = model.encoder
+    was_training = encoder.training
+    fm = FeatureModel(encoder.eval(), "vit", model.cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, "student", "")
+    try:
+        tf, tl = extract_features(fm, train, log=lambda m: None)
+        vf, vl = extract_features(fm, val, log=lambda m: None)
+    finally:
+        encoder.train(was_training)
+    return knn_classify(tf, tl, vf, vl, len(train.classes), (k,), device=device)[k]
+
+
 # --- k-NN (DINO's weighted voting) -------------------------------------------------------------------
 
 @torch.no_grad()

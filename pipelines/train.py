@@ -529,22 +529,12 @@ class KnnMonitor:
         self.model_cfg, self.accelerator = model_cfg, accelerator
 
     def evaluate(self, model) -> dict:
-        from pipelines.eval_models import FeatureModel
-        from pipelines.evaluate import extract_features, knn_classify
+        from pipelines.evaluate import student_knn
 
         acc = self.accelerator
         record = {}
         if acc.is_main_process:
-            encoder = acc.unwrap_model(model).encoder
-            was_training = encoder.training
-            fm = FeatureModel(encoder.eval(), "vit", self.model_cfg.img_size, IMAGENET_MEAN, IMAGENET_STD,
-                              "student", "")
-            with torch.no_grad():
-                tf, tl = extract_features(fm, self.train, log=lambda m: None)
-                vf, vl = extract_features(fm, self.val, log=lambda m: None)
-            encoder.train(was_training)
-            (top1, top5), = knn_classify(tf, tl, vf, vl, len(self.train.classes), (20,),
-                                         device=acc.device).values()
+            top1, top5 = student_knn(acc.unwrap_model(model), self.train, self.val, 20, acc.device)
             record = {"knn_top1": top1, "knn_top5": top5, "knn_k": 20}
         acc.wait_for_everyone()
         return record

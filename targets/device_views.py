@@ -34,8 +34,7 @@ from targets.views import CONTRAST, HUE, SATURATION, ViewParams, _enabled, _tabl
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 - 2
 _IDENTITY = np.arange(256, dtype=np.uint8)
-VIEW_PATHS = ("pillow", "device")
-DECODERS = ("pillow",)
+DECODERS = ("pillow",)  # decoders whose pixels the view paths are defined on
 
 
 _SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # Pillow's filter support
@@ -358,6 +357,12 @@ class DeviceViews:
             g = to_device(g, self.device)
             out[g["index"]] = render_group(g.pop("pixels"), g, vertical)
         return out
+
+
+def crop_pixels(image, p: ViewParams) -> np.ndarray:
+    """The view's crop box of a PIL image as uint8 [h, w, 3] (unflipped): only the box is copied."""
+    left = image.width - p.left - p.width if p.flip else p.left
+    return np.asarray(image.crop((left, p.top, left + p.width, p.top + p.height)))
 
 
 def crop_box(image: np.ndarray | torch.Tensor, p: ViewParams):
