@@ -65,6 +65,7 @@ def main() -> None:
         torch.cuda.synchronize()
     us_device = (time.perf_counter() - t0) / len(params) * 1e6
     device_views = device_views.cpu()
+    parts = where_the_time_goes(views, device_crops, params, batches, device)
 
     diff = (device_views.int() - pillow.int()).abs()
     per_view = diff.flatten(1).amax(1)
@@ -90,8 +91,45 @@ def main() -> None:
                 ["host: Pillow view (jitter, flip, crop, resize), ms per view", ms_pillow],
                 ["host: device path's crop copy, ms per view", ms_crop],
                 [f"device path on {device.type}: microseconds per view (batch {args.batch_size})", us_device],
+                *[[f"  of which {name} (us per view)", us] for name, us in parts.items()],
             ]))
     publish("device-views", body)
+
+
+def where_the_time_goes(views, crops, params, batches, device) -> dict[str, float]:
+    """`DeviceViews.make`'s steps timed one by one (synchronised): host inputs, padding copies, rendering."""
+    from targets.device_views import group_inputs, plan_groups, render_group, to_device
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    spent = {"host: plan and group inputs": 0.0, "inputs to the device": 0.0, "crops into padded groups": 0.0,
+             "jitter, resize (render_group)": 0.0}
+    for b in batches:
+        idx = list(b)
+        sub = [params[i] for i in idx]
+        t = time.perf_counter()
+        plans = plan_groups([(p.height, p.width) for p in sub], views.out_hw, views.group_elements)
+        inputs = [group_inputs(sub, plan, views.out_hw, views.interpolation) for plan in plans]
+        spent["host: plan and group inputs"] += time.perf_counter() - t
+        for plan, g in zip(plans, inputs, strict=True):
+            t = time.perf_counter()
+            vertical = bool(g.pop("vertical_first"))
+            g = to_device(g, device)
+            sync()
+            spent["inputs to the device"] += time.perf_counter() - t
+            t = time.perf_counter()
+            x = torch.zeros((len(plan.index), plan.hp, plan.wp, 3), dtype=torch.uint8, device=device)
+            for j, i in enumerate(plan.index):
+                x[j, :sub[i].height, :sub[i].width] = crops[idx[i]]
+            sync()
+            spent["crops into padded groups"] += time.perf_counter() - t
+            t = time.perf_counter()
+            render_group(x, g, vertical)
+            sync()
+            spent["jitter, resize (render_group)"] += time.perf_counter() - t
+    return {k: v / len(params) * 1e6 for k, v in spent.items()}
 
 
 if __name__ == "__main__":
