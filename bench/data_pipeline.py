@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import cae2
-    from pipelines.data import StreamConfig, index_shards, make_loader, padded_groups, sample_rng, view_index
+    from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, padded_groups, sample_rng, view_index
     from pipelines.shards import expand_shards, image_bytes, iter_shard
     from targets.cache import TargetStore
     from targets.device_views import crop_pixels
@@ -95,7 +95,7 @@ def main() -> None:
             f"{len(samples)} real ImageNet JPEGs (mean {np.mean([i.width * i.height for i in images]) / 1e3:.0f}k "
             "pixels), one thread, ViT-Base settings, K = 5 store of ViT-B/16-shaped latents.\n\n"
             + table(["component", "ms / sample", "samples/s per core"], rows)
-            + "\n\nEnd to end through `pipelines.data` (WebDataset stream, join, shuffle buffer, collate)"
+            + "\n\nEnd to end through `pipelines.pretrain.data` (WebDataset stream, join, shuffle buffer, collate)"
             + (f", the images used {args.repeat} times each" if args.repeat > 1 else "") + ":\n\n"
             + table(["view path", "data-loader workers", "samples/s", "samples/s per core"],
                     [[p, f"{w} ({f'{w} cores' if w else 'in the main process, 1 core'})", r, r / max(w, 1)]

@@ -27,10 +27,10 @@ def main() -> None:
 
     import cae2
     from cae2.config import IMAGENET_MEAN, IMAGENET_STD
-    from pipelines.eval_data import load_labelled
-    from pipelines.eval_models import FeatureModel
-    from pipelines.evaluate import extract_features, knn_classify
-
+    from pipelines.evaluate.data import load_labelled
+    from pipelines.evaluate.features import extract_features
+    from pipelines.evaluate.knn import knn_classify
+    from pipelines.evaluate.models import FeatureModel
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-eval-"))
     for i, p in enumerate(sample_images(args.images)):  # an ImageFolder tree: one class per image
         folder = work / f"c{i:03d}"

@@ -37,7 +37,8 @@ def main() -> None:
                          "fp16,fp16-weights,fp16-weights+compile on a GPU, none on CPU.")
     args = ap.parse_args()
 
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract.config import ExtractConfig
+    from pipelines.extract.run import run_extract
     from targets.cache import TargetStore
     from targets.teacher import Teacher, TeacherSpec
 

@@ -38,8 +38,9 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import cae2
-    from pipelines.data import StreamConfig, index_shards, make_loader
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract.config import ExtractConfig
+    from pipelines.extract.run import run_extract
+    from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
     from pipelines.shards import expand_shards
     from targets.cache import TargetStore
     from targets.teacher import TeacherSpec

@@ -58,7 +58,7 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision, --compile) without any data
     loading."""
     import cae2
-    from pipelines.train import make_optimizer
+    from pipelines.pretrain.step import make_optimizer
     from targets.teacher import Teacher, TeacherSpec
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,7 +144,8 @@ def main() -> None:
                          "where a worker process competes with the training threads for the cores; 8 on a GPU).")
     args = ap.parse_args()
 
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract.config import ExtractConfig
+    from pipelines.extract.run import run_extract
     from targets.cache import TargetStore
     from targets.teacher import TeacherSpec
 

@@ -4,7 +4,8 @@ RUN_DIR/checkpoints/step_00001000/ holds Accelerate's state (model, optimizer, g
 states of every process) plus trainer_state.json (global step, epoch, data position, model config).
 The file COMPLETE is written last, by the main process after every process has saved: a directory
 without it never counts, and is removed. Retention keeps the newest `keep` complete checkpoints and
-never deletes the newest complete one.
+never deletes the newest complete one. The readers at the end (`find_checkpoint`, `model_config_of`,
+`model_state_dict`) serve every command that starts from a run: export, evaluate, a resume.
 """
 
 from __future__ import annotations
@@ -14,10 +15,22 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from cae2.config import ModelConfig
 from cae2.errors import UserError
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+
+
+class CorruptCheckpoint(UserError):
+    """A complete checkpoint whose files cannot be read; `reason` says which and why."""
+
+    def __init__(self, ckpt: Path, reason: str):
+        super().__init__(f"checkpoint {ckpt} is corrupt ({reason}); pass --resume with an older checkpoint")
+        self.ckpt, self.reason = ckpt, reason
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -57,8 +70,7 @@ def read_state(ckpt: Path) -> dict:
     try:
         return json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint {ckpt} is corrupt ({STATE_FILE}: {e}); pass --resume with an older "
-                        "checkpoint") from None
+        raise CorruptCheckpoint(ckpt, f"{STATE_FILE}: {e}") from None
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
@@ -99,7 +111,7 @@ class Checkpointer:
             return None, None
         try:
             return ckpt, read_state(ckpt)
-        except UserError:
+        except CorruptCheckpoint:
             if resume != "latest":
                 raise
             return ckpt, {}  # `restore` falls back to an older checkpoint
@@ -122,8 +134,7 @@ class Checkpointer:
         try:
             accelerator.load_state(str(ckpt))
         except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
-            raise UserError(f"checkpoint {ckpt} is corrupt ({type(e).__name__}: {e}); pass --resume with an "
-                            "older checkpoint") from None
+            raise CorruptCheckpoint(ckpt, f"{type(e).__name__}: {e}") from None
 
     def restore(self, accelerator, resume: str | None, ckpt: Path, state: dict, check, log=print) -> tuple[Path, dict]:
         """Load `ckpt` (found by `find`) after check(ckpt, state). With --resume latest, a checkpoint
@@ -132,22 +143,22 @@ class Checkpointer:
         candidates = [ckpt]
         if resume == "latest":
             candidates += [c for c in reversed(complete_checkpoints(self.run_dir)) if c != ckpt]
-        errors = []
+        first = None
         for i, candidate in enumerate(candidates):
             try:
                 cand_state = state if i == 0 and state else read_state(candidate)
                 check(candidate, cand_state)
                 self.load(accelerator, candidate)
                 return candidate, cand_state
-            except UserError as e:
-                if resume != "latest" or "is corrupt" not in str(e):
+            except CorruptCheckpoint as e:
+                if resume != "latest":
                     raise
-                errors.append(e.args[0].split("; pass")[0])
+                first = first or e
                 if i + 1 < len(candidates):
-                    log(f"WARNING: {e.args[0].split('; pass')[0]}; resuming from the previous complete checkpoint "
-                        f"{candidates[i + 1]} instead")
-        raise UserError(f"--resume latest: {errors[0]}, and no older complete checkpoint of {self.run_dir} can be "
-                        "read; start a new --out")
+                    log(f"WARNING: checkpoint {e.ckpt} is corrupt ({e.reason}); resuming from the previous complete "
+                        f"checkpoint {candidates[i + 1]} instead")
+        raise UserError(f"--resume latest: checkpoint {first.ckpt} is corrupt ({first.reason}), and no older complete "
+                        f"checkpoint of {self.run_dir} can be read; start a new --out")
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -169,3 +180,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- reading a run's weights (export, evaluate) ------------------------------------------------------
+
+def find_checkpoint(path: Path) -> Path:
+    """A complete checkpoint dir itself, or a run dir's newest complete one."""
+    if (path / MARKER).is_file():
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise UserError(f"{path} is neither a complete checkpoint nor a run dir with one")
+    return ckpt
+
+
+def model_config_of(ckpt: Path) -> ModelConfig:
+    raw = dict(read_state(ckpt)["model_config"])
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def model_state_dict(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights with Accelerate's and torch.compile's wrapper prefixes removed;
+    with `prefix`, only the keys under it, without it (e.g. "encoder.")."""
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"checkpoint {ckpt} has no model.safetensors")
+    out = {}
+    for k, v in load_file(str(weights)).items():
+        for wrapper in ("module.", "_orig_mod."):
+            k = k.removeprefix(wrapper)
+        if k.startswith(prefix):
+            out[k.removeprefix(prefix)] = v.contiguous()
+    if not out:
+        raise UserError(f"checkpoint {ckpt}: no {prefix.rstrip('.') or 'model'} weights in model.safetensors")
+    return out

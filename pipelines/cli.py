@@ -1,19 +1,36 @@
-"""The `cae2` command line. Every stage is a subcommand; `cae2 --help` lists them."""
+"""The `cae2` command line. Every subcommand is generated from its config dataclass (`pipelines.options`)
+and calls the function of its stage; `cae2 --help` lists them."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass, replace
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
+from accelerate.utils import gather_object
 
 import cae2
 from cae2.errors import UserError
+from cae2.fields import Switch
 from pipelines import options
+from pipelines.demo import DemoConfig, run_demo
+from pipelines.evaluate.commands import run_knn, run_linear
+from pipelines.evaluate.config import KnnConfig, LinearConfig
+from pipelines.evaluate.monitor import KnnMonitor
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.convert import ConvertConfig, convert_store
+from pipelines.extract.run import ExtractStats, run_extract
+from pipelines.extract.verify import VerifyConfig, verify_store
+from pipelines.pretrain.config import TrainConfig
+from pipelines.pretrain.export import ExportConfig, export_encoder
+from pipelines.pretrain.loop import train
+from pipelines.runs import end_ranks, process_state
+from pipelines.shards import MakeShardsConfig, make_shards
 from targets.views import ViewSettings
 
 app = typer.Typer(
@@ -41,12 +58,18 @@ def _root(
     _state["debug"] = debug
 
 
-def _process_state():
-    """Accelerate's view of this process (gloo CPU ranks when no GPU is visible)."""
-    import torch
-    from accelerate import PartialState
+def _echo_err(message: str) -> None:
+    typer.echo(message, err=True)
 
-    return PartialState(cpu=not torch.cuda.is_available())
+
+# --- cae2 models --------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class ModelsConfig:
+    """Every option of `cae2 models`."""
+
+    as_json: Annotated[bool, Switch()] = False
+    """Print every field as JSON."""
 
 
 def _jsonable(value):
@@ -59,8 +82,6 @@ def _jsonable(value):
 
 def preset_record(name: str) -> dict:
     preset = cae2.get_preset(name)
-    import torch
-
     with torch.device("meta"):  # shapes only: parameter counts without allocating weights
         model = cae2.create_model(name)
     cfg = preset.model
@@ -78,16 +99,13 @@ def preset_record(name: str) -> dict:
     }
 
 
-@app.command()
-def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print every field as JSON.")] = False,
-) -> None:
+def _models(cfg: ModelsConfig) -> None:
     """List the model presets with their architecture, training defaults and parameter counts.
 
     Example: cae2 models --json
     """
     records = [preset_record(n) for n in cae2.list_presets()]
-    if as_json:
+    if cfg.as_json:
         typer.echo(json.dumps(records, indent=2))
         return
     header = f"{'name':<16}{'dim':>6}{'depth':>6}{'heads':>6}{'reg d/w/h':>12}{'masked':>8}{'drop':>6}" \
@@ -101,110 +119,79 @@ def models(
                    f"{r['params']['encoder'] / 1e6:>11.1f}M{r['params']['total'] / 1e6:>11.1f}M")
 
 
-@app.command("make-shards")
-def make_shards_cmd(
-    source: Annotated[Path, typer.Argument(help="Image folder (class sub-folders = labels) or a file of paths.")],
-    out_dir: Annotated[Path, typer.Argument(help="Directory for the .tar shards.")],
-    samples_per_shard: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 1000,
-    prefix: Annotated[str, typer.Option(help="Shard file name prefix.")] = "shard",
-) -> None:
+options.command(app, "models", ModelsConfig, _models, names={"as_json": "--json"}, config_file=False)
+
+
+# --- stage 1 ----------------------------------------------------------------------------------------
+
+def _make_shards(cfg: MakeShardsConfig) -> None:
     """Pack images into WebDataset tar shards (original bytes, labels, source paths).
 
     Example: cae2 make-shards /data/imagenet/train shards/ --samples-per-shard 1000
     """
-    from pipelines.shards import make_shards
-
-    paths = make_shards(source, out_dir, samples_per_shard, prefix)
-    typer.echo(f"wrote {len(paths)} shard(s) to {out_dir}: {paths[0].name} .. {paths[-1].name}")
+    paths = make_shards(cfg.source, cfg.out_dir, cfg.samples_per_shard, cfg.prefix)
+    typer.echo(f"wrote {len(paths)} shard(s) to {cfg.out_dir}: {paths[0].name} .. {paths[-1].name}")
 
 
-def _extract_targets(cfg) -> None:
+options.command(app, "make-shards", MakeShardsConfig, _make_shards, config_file=False)
+
+
+def _extract_targets(cfg: ExtractConfig) -> None:
     """Stage 1: cache the CLIP teacher's per-token latents for K views of every image.
 
     Example: accelerate launch -m pipelines.cli extract-targets --shards 'train-{000000..000127}.tar' --out targets.zarr
     """
-    from dataclasses import replace
-
-    from accelerate.utils import gather_object
-
-    from pipelines.extract import format_summary, merge_stats, run_extract
-
     cfg = replace(cfg, teacher=replace(cfg.teacher, init_seed=cfg.seed))  # a random teacher is seeded by --seed
     if cfg.teacher.is_random:
-        typer.echo("NOTE: --pretrained none: the teacher is RANDOMLY INITIALISED (tests and demos only); the store "
-                   "records this and `cae2 pretrain` refuses it without --allow-random-teacher", err=True)
-    stats = run_extract(cfg, log=lambda m: typer.echo(m, err=True))
-    state = _process_state()
-    total = merge_stats(gather_object([stats])) if state.num_processes > 1 else stats
+        _echo_err("NOTE: --pretrained none: the teacher is RANDOMLY INITIALISED (tests and demos only); the store "
+                  "records this and `cae2 pretrain` refuses it without --allow-random-teacher")
+    stats = run_extract(cfg, log=_echo_err)
+    state = process_state()
+    total = ExtractStats.merged(gather_object([stats])) if state.num_processes > 1 else stats
     if state.is_main_process:
-        typer.echo(format_summary(total, state.num_processes))
+        typer.echo(total.summary(state.num_processes))
         typer.echo(f"store: {cfg.out}")
-    _end_ranks(state)
+    end_ranks(state)
     if total.units_failed:
         raise typer.Exit(1)
-
-
-def _end_ranks(state) -> None:
-    """Every rank reaches the end, then the process group goes (a gloo group left to the interpreter's
-    exit can abort a rank that finished early: 'terminate called without an active exception')."""
-    import torch.distributed as dist
-
-    if state.num_processes > 1 and dist.is_initialized():
-        state.wait_for_everyone()
-        dist.destroy_process_group()
-
-
-def _extract_config():
-    from pipelines.extract import ExtractConfig
-
-    return ExtractConfig
 
 
 EXTRACT_FLAGS = {"teacher.name": "--teacher", "teacher.pretrained": "--pretrained",
                  "teacher.quick_gelu": "--quick-gelu", "teacher.image_size": "--teacher-image-size",
                  "teacher.init_seed": None, "views_per_image": "--views", "allow_download": "--download"}
-options.command(app, "extract-targets", _extract_config(), _extract_targets, names=EXTRACT_FLAGS)
+options.command(app, "extract-targets", ExtractConfig, _extract_targets, names=EXTRACT_FLAGS)
 
 
-@app.command("convert-targets")
-def convert_targets_cmd(
-    src: Annotated[str, typer.Argument(help="An fp16 target store (only read).")],
-    dst: Annotated[str, typer.Argument(help="The new store; rerun to resume.")],
-    latent_format: Annotated[str, typer.Option(help="int8: one float32 scale per token.")] = "int8",
-    min_cosine: Annotated[float, typer.Option(help="Fail a unit whose token cosine to the source falls below "
-                                                   "this.")] = 0.999,
-) -> None:
+def _convert_targets(cfg: ConvertConfig) -> None:
     """Rewrite an fp16 target store as int8 latents with per-token scales (about half the size).
 
     Example: cae2 convert-targets /out/in1k-b16-k5.zarr /out/in1k-b16-k5-int8.zarr --latent-format int8
     """
-    from pipelines.convert import convert_store
-
-    stats = convert_store(src, dst, latent_format, min_cosine, log=lambda m: typer.echo(m, err=True))
+    stats = convert_store(cfg, log=_echo_err)
     typer.echo(stats.summary())
-    typer.echo(f"store: {dst}")
+    typer.echo(f"store: {cfg.dst}")
     if stats.units_failed:
         raise typer.Exit(1)
 
 
-@app.command("verify-targets")
-def verify_targets_cmd(
-    store: Annotated[str, typer.Argument(help="Target store to check.")],
-    shards: Annotated[str | None, typer.Option(help="Shards the store must cover (counts and keys).")] = None,
-    recompute: Annotated[int, typer.Option(min=0, help="Recompute N random views with the teacher.")] = 0,
-    pretrained: Annotated[str | None, typer.Option(help="Teacher weights file, if moved since extraction.")] = None,
-) -> None:
+options.command(app, "convert-targets", ConvertConfig, _convert_targets, config_file=False)
+
+
+def _verify_targets(cfg: VerifyConfig) -> None:
     """Check a target store: complete units, counts, finite values, valid view parameters, fidelity.
 
     Example: cae2 verify-targets targets.zarr --shards 'train-{000000..000127}.tar' --recompute 64
     """
-    from pipelines.verify import verify_store
-
-    report = verify_store(store, shards, recompute, pretrained)
+    report = verify_store(cfg.store, cfg.shards, cfg.recompute, cfg.pretrained)
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(1)
 
+
+options.command(app, "verify-targets", VerifyConfig, _verify_targets, config_file=False)
+
+
+# --- stage 2 ----------------------------------------------------------------------------------------
 
 _PRESET_FIELDS = {"epochs": "train", "min_lr": "train", "warmup_epochs": "train", "weight_decay": "train",
                   "clip_grad": "train", "loss": "train", "loss_combine": "train", "drop_path": "model",
@@ -225,93 +212,70 @@ def _preset_defaults(opt) -> str | None:
     return "Default: the preset's: " + "; ".join(f"{v} ({', '.join(n)})" for v, n in values.items()) + "."
 
 
-def _pretrain(cfg) -> None:
+def _pretrain(cfg: TrainConfig) -> None:
     """Stage 2: pretrain a CAE v2 student on cached targets (plain or under `accelerate launch`).
 
     Example: accelerate launch -m pipelines.cli pretrain --shards shards/ --targets t.zarr --out runs/base
     """
-    from pipelines.train import train
-
-    result = train(cfg, log=lambda m: typer.echo(m, err=True))
-    if _process_state().is_main_process:
+    evaluator = KnnMonitor(cfg.eval_data) if cfg.eval_every else None
+    result = train(cfg, log=_echo_err, evaluator=evaluator)
+    if process_state().is_main_process:
         if result["status"] == "preempted":
             typer.echo(f"preempted at step {result['step']}: checkpoint saved; rerun with --resume latest")
         else:
             typer.echo(f"finished {result['step']} steps; run dir: {result['run_dir']}")
 
 
-def _train_config():
-    from pipelines.train import TrainConfig
-
-    return TrainConfig
+options.command(app, "pretrain", TrainConfig, _pretrain, default_help=_preset_defaults)
 
 
-options.command(app, "pretrain", _train_config(), _pretrain, default_help=_preset_defaults)
+def _export(cfg: ExportConfig) -> None:
+    """Export the pretrained encoder (no head, no regressor) as a timm VisionTransformer state dict.
 
+    Example: cae2 export runs/base --out vit_base_cae2.safetensors
+    """
+    ckpt, call = export_encoder(cfg.checkpoint, cfg.out)
+    typer.echo(f"exported the encoder of {ckpt} to {cfg.out}; load it with:\n{call}")
+
+
+# --- evaluation -------------------------------------------------------------------------------------
 
 evaluate_app = typer.Typer(help="Measure an encoder: k-NN and linear probes (docs/evaluation.md).",
                            no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
 
 
-def _evaluate_knn(cfg) -> None:
+def _evaluate_knn(cfg: KnnConfig) -> None:
     """k-NN classification of frozen features (DINO's weighted voting), k = 10, 20, 100, 200.
 
     Example: cae2 evaluate knn --model runs/base --train /data/in1k/train --val /data/in1k/val --out knn.json
     """
-    from pipelines.evaluate import run_knn
-
     run_knn(cfg, log=typer.echo)
 
 
-def _evaluate_linear(cfg) -> None:
+def _evaluate_linear(cfg: LinearConfig) -> None:
     """Linear probe: logistic regression on frozen features, or the paper's official protocol.
 
     Example: accelerate launch -m pipelines.cli evaluate linear --protocol official --model runs/base --train ...
     """
-    from pipelines.evaluate import run_linear
-
-    main = cfg.protocol != "official" or _process_state().is_main_process
+    main = cfg.protocol != "official" or process_state().is_main_process
     run_linear(cfg, log=typer.echo if main else lambda m: None)
 
 
-def _evaluate_configs():
-    from pipelines.evaluate import KnnConfig, LinearConfig
-
-    return KnnConfig, LinearConfig
-
-
-options.command(evaluate_app, "knn", _evaluate_configs()[0], _evaluate_knn)
-options.command(evaluate_app, "linear", _evaluate_configs()[1], _evaluate_linear)
+options.command(evaluate_app, "knn", KnnConfig, _evaluate_knn)
+options.command(evaluate_app, "linear", LinearConfig, _evaluate_linear)
+options.command(app, "export", ExportConfig, _export, config_file=False)
 
 
-@app.command()
-def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint dir, or a run dir (its newest checkpoint).")],
-    out: Annotated[Path, typer.Option(help="Output .safetensors file.")] = Path("encoder.safetensors"),
-) -> None:
-    """Export the pretrained encoder (no head, no regressor) as a timm VisionTransformer state dict.
-
-    Example: cae2 export runs/base --out vit_base_cae2.safetensors
-    """
-    from pipelines.export import export_encoder
-
-    ckpt, call = export_encoder(checkpoint, out)
-    typer.echo(f"exported the encoder of {ckpt} to {out}; load it with:\n{call}")
-
-
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="Directory for every output of the demo.")] = Path("demo"),
-    steps: Annotated[int, typer.Option(min=1, help="Pretraining steps.")] = 60,
-) -> None:
+def _demo(cfg: DemoConfig) -> None:
     """Run the whole pipeline on a small embedded default (random tiny teacher, offline, CPU minutes).
 
     Example: cae2 demo --out demo
     """
-    from pipelines.demo import run_demo
+    run_demo(cfg, echo=typer.echo)
 
-    run_demo(out, steps, echo=typer.echo)
+
+options.command(app, "demo", DemoConfig, _demo, config_file=False)
 
 
 def main() -> None:

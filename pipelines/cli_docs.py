@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import typer.main
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -21,8 +22,6 @@ def _help(args: list[str]) -> str:
 
 
 def render() -> str:
-    import typer.main
-
     group = typer.main.get_command(app)
     parts = ["# CLI reference", "", "Generated from `cae2 --help` by `python -m pipelines.cli_docs`; a test keeps it "
              "in sync.", "", "```text", _help([]), "```"]

@@ -9,13 +9,43 @@ not a useful model.
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from accelerate.utils import set_seed
 from PIL import Image
 
+import cae2
+from cae2.errors import UserError
+from cae2.fields import Range
+from pipelines.evaluate.alignment import alignment_cosine
+from pipelines.evaluate.data import load_labelled
+from pipelines.evaluate.features import extract_features
+from pipelines.evaluate.knn import knn_classify, student_knn
+from pipelines.evaluate.models import load_feature_model
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.extract.verify import verify_store
+from pipelines.pretrain.config import TrainConfig
+from pipelines.pretrain.export import export_encoder, load_model
+from pipelines.pretrain.loop import train
+from pipelines.shards import make_shards
+from targets.cache import TargetStore
 from targets.teacher import TeacherSpec
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Every option of `cae2 demo`."""
+
+    out: Path = Path("demo")
+    """Directory for every output of the demo."""
+    steps: Annotated[int, Range(min=1)] = 60
+    """Pretraining steps."""
 
 
 def synthetic_image(rng: np.random.Generator, h: int, w: int, label: int | None = None) -> np.ndarray:
@@ -52,98 +82,110 @@ def write_demo_images(folder: Path, n_classes: int = 4, per_class: int = 40, see
     return count
 
 
-def run_demo(out: Path, steps: int = 60, echo=print) -> dict:
-    from pipelines.evaluate import alignment_cosine
-    from pipelines.export import export_encoder, load_model
-    from pipelines.extract import ExtractConfig, format_summary, run_extract
-    from pipelines.shards import make_shards
-    from pipelines.train import TrainConfig, train
-    from pipelines.verify import verify_store
-    from targets.cache import TargetStore
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where every output of the demo goes, under one folder."""
 
+    images: Path
+    shards: Path
+    store: Path
+    run: Path
+    heldout_images: Path
+    heldout_shards: Path
+    heldout_store: Path
+    labelled: Path
+    encoder: Path
+
+    @classmethod
+    def under(cls, out: Path) -> DemoPaths:
+        return cls(images=out / "images", shards=out / "shards", store=out / "targets.zarr", run=out / "run",
+                   heldout_images=out / "heldout_images", heldout_shards=out / "heldout_shards",
+                   heldout_store=out / "heldout.zarr", labelled=out / "labelled", encoder=out / "encoder.safetensors")
+
+
+TEACHER = TeacherSpec(name="cae2-tiny-clip", pretrained="none")
+
+
+def run_demo(cfg: DemoConfig, echo=print) -> dict:
     t0 = time.perf_counter()
-    if out.exists() and any(out.iterdir()):
-        from cae2.errors import UserError
-
-        raise UserError(f"--out {out} is not empty; remove it or choose another directory")
-    images, shards, store, run = out / "images", out / "shards", out / "targets.zarr", out / "run"
-    heldout_images, heldout_shards, heldout_store = out / "heldout_images", out / "heldout_shards", out / "heldout.zarr"
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        raise UserError(f"--out {cfg.out} is not empty; remove it or choose another directory")
+    d = DemoPaths.under(cfg.out)
     echo("NOTE: no CLIP weights can be downloaded here, so the demo teacher is the bundled cae2-tiny-clip tower with "
          "RANDOMLY INITIALISED weights (--pretrained none). Real runs use --teacher ViT-B-16 --pretrained openai.")
+    _images_and_shards(d, echo)
+    _targets(d, echo)
+    records = _pretrain(d, cfg.steps, echo)
+    result = _measure(d, echo) | {"loss_first": records[0]["loss"], "loss_last": records[-1]["loss"]}
+    echo(f"[6/6] cae2 export {d.run} --out {d.encoder}")
+    _, call = export_encoder(d.run, d.encoder)
+    echo("      " + call.replace("\n", "\n      "))
+    echo(f"\ndone in {time.perf_counter() - t0:.0f}s. Outputs:\n"
+         f"  images          {d.images}\n  shards          {d.shards}\n  target store    {d.store}\n"
+         f"  run dir         {d.run} (metrics.jsonl, tensorboard/, checkpoints/)\n  encoder         {d.encoder}")
+    return result
 
-    echo(f"\n[1/6] demo images -> {images}")
-    n = write_demo_images(images)
-    write_demo_images(heldout_images, n_classes=2, per_class=8, seed=123)
-    labelled = out / "labelled"  # the k-NN evaluation's own train/val split (classes 0-3, other images)
-    write_demo_images(labelled / "train", per_class=16, seed=7)
-    write_demo_images(labelled / "val", per_class=8, seed=8)
+
+def _images_and_shards(d: DemoPaths, echo) -> None:
+    echo(f"\n[1/6] demo images -> {d.images}")
+    n = write_demo_images(d.images)
+    write_demo_images(d.heldout_images, n_classes=2, per_class=8, seed=123)
+    # the k-NN evaluation's own train/val split (classes 0-3, other images)
+    write_demo_images(d.labelled / "train", per_class=16, seed=7)
+    write_demo_images(d.labelled / "val", per_class=8, seed=8)
     echo(f"      {n} training + 16 held-out synthetic JPEGs; k-NN split: 64 train / 32 val in 4 classes")
-
-    echo(f"[2/6] cae2 make-shards {images} {shards} --samples-per-shard 20")
-    paths = make_shards(images, shards, samples_per_shard=20)
-    make_shards(heldout_images, heldout_shards, samples_per_shard=8)
+    echo(f"[2/6] cae2 make-shards {d.images} {d.shards} --samples-per-shard 20")
+    paths = make_shards(d.images, d.shards, samples_per_shard=20)
+    make_shards(d.heldout_images, d.heldout_shards, samples_per_shard=8)
     echo(f"      {len(paths)} shards")
 
-    teacher = TeacherSpec(name="cae2-tiny-clip", pretrained="none")
-    echo(f"[3/6] cae2 extract-targets --shards {shards} --out {store} --teacher cae2-tiny-clip --pretrained none "
-         "--views 4")
-    stats = run_extract(ExtractConfig(shards=str(shards), out=str(store), teacher=teacher, views_per_image=4,
-                                      workers=2, batch_size=64), log=lambda m: None)
-    run_extract(ExtractConfig(shards=str(heldout_shards), out=str(heldout_store), teacher=teacher, views_per_image=1,
-                              workers=0, progress=False), log=lambda m: None)
-    echo("      " + format_summary(stats, 1).replace("\n", "\n      "))
 
-    echo(f"[4/6] cae2 verify-targets {store} --shards {shards} --recompute 8")
-    report = verify_store(str(store), str(shards), recompute=8)
+def _targets(d: DemoPaths, echo) -> None:
+    echo(f"[3/6] cae2 extract-targets --shards {d.shards} --out {d.store} --teacher cae2-tiny-clip --pretrained none "
+         "--views 4")
+    stats = run_extract(ExtractConfig(shards=str(d.shards), out=str(d.store), teacher=TEACHER, views_per_image=4,
+                                      workers=2, batch_size=64), log=lambda m: None)
+    run_extract(ExtractConfig(shards=str(d.heldout_shards), out=str(d.heldout_store), teacher=TEACHER,
+                              views_per_image=1, workers=0, progress=False), log=lambda m: None)
+    echo("      " + stats.summary(1).replace("\n", "\n      "))
+    echo(f"[4/6] cae2 verify-targets {d.store} --shards {d.shards} --recompute 8")
+    report = verify_store(str(d.store), str(d.shards), recompute=8)
     echo("      " + report.summary().replace("\n", "\n      "))
     if not report.ok:
         raise RuntimeError("the demo store failed verification")
 
-    echo(f"[5/6] cae2 pretrain --shards {shards} --targets {store} --model cae2_debug --out {run} --steps {steps} "
-         "--batch-size 16 --warmup-steps 5 --lr 2e-3 --allow-random-teacher")
-    train(TrainConfig(shards=str(shards), targets=str(store), model="cae2_debug", out=str(run), steps=steps,
+
+def _pretrain(d: DemoPaths, steps: int, echo) -> list[dict]:
+    echo(f"[5/6] cae2 pretrain --shards {d.shards} --targets {d.store} --model cae2_debug --out {d.run} "
+         f"--steps {steps} --batch-size 16 --warmup-steps 5 --lr 2e-3 --allow-random-teacher")
+    train(TrainConfig(shards=str(d.shards), targets=str(d.store), model="cae2_debug", out=str(d.run), steps=steps,
                       batch_size=16, workers=2, warmup_steps=5, lr=2e-3, log_every=5, save_every=max(steps // 2, 1),
                       allow_random_teacher=True), log=lambda m: echo("      " + m))
-    import json
-
-    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    records = [r for r in map(json.loads, (d.run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     echo(f"      loss {records[0]['loss']:.4f} (step {records[0]['step']}) -> {records[-1]['loss']:.4f} "
          f"(step {records[-1]['step']})")
+    return records
 
-    from accelerate.utils import set_seed
 
-    import cae2
-
+def _measure(d: DemoPaths, echo) -> dict:
+    """Held-out alignment with the teacher and k-NN, at initialisation and after training."""
     set_seed(0)
     initial = cae2.CAEv2(cae2.resolve_model_config("cae2_debug"))
-    held = TargetStore.open(heldout_store)
-    before = alignment_cosine(initial, held, str(heldout_shards))
-    after = alignment_cosine(load_model(run), held, str(heldout_shards))
+    held = TargetStore.open(d.heldout_store)
+    before = alignment_cosine(initial, held, str(d.heldout_shards))
+    after = alignment_cosine(load_model(d.run), held, str(d.heldout_shards))
     echo(f"      held-out student/teacher cosine: {before:.3f} at init -> {after:.3f} after training")
-    knn = {name: _knn_top1(m, labelled) for name, m in (("init", initial), ("trained", load_model(run)))}
-    teacher_knn = _knn_top1(None, labelled)
+    knn = {name: _knn_top1(m, d.labelled) for name, m in (("init", initial), ("trained", load_model(d.run)))}
+    teacher_knn = _knn_top1(None, d.labelled)
     echo(f"      k-NN top-1 (k = 10, CLS) on the labelled split: {knn['init']:.1f}% at init -> {knn['trained']:.1f}% "
-         f"after training (chance 25%; the random teacher: {teacher_knn:.1f}%); cae2 evaluate knn --model {run} "
-         f"--train {labelled / 'train'} --val {labelled / 'val'} --out knn.json")
-
-    encoder = out / "encoder.safetensors"
-    echo(f"[6/6] cae2 export {run} --out {encoder}")
-    _, call = export_encoder(run, encoder)
-    echo("      " + call.replace("\n", "\n      "))
-
-    echo(f"\ndone in {time.perf_counter() - t0:.0f}s. Outputs:\n"
-         f"  images          {images}\n  shards          {shards}\n  target store    {store}\n"
-         f"  run dir         {run} (metrics.jsonl, tensorboard/, checkpoints/)\n  encoder         {encoder}")
-    return {"loss_first": records[0]["loss"], "loss_last": records[-1]["loss"], "cos_before": before,
-            "cos_after": after, "knn_before": knn["init"], "knn_after": knn["trained"], "knn_teacher": teacher_knn}
+         f"after training (chance 25%; the random teacher: {teacher_knn:.1f}%); cae2 evaluate knn --model {d.run} "
+         f"--train {d.labelled / 'train'} --val {d.labelled / 'val'} --out knn.json")
+    return {"cos_before": before, "cos_after": after, "knn_before": knn["init"], "knn_after": knn["trained"],
+            "knn_teacher": teacher_knn}
 
 
 def _knn_top1(model, labelled: Path) -> float:
     """k-NN top-1 % (k = 10) of a student's CLS features (None: the demo's teacher) on the labelled split."""
-    from pipelines.eval_data import load_labelled
-    from pipelines.eval_models import load_feature_model
-    from pipelines.evaluate import extract_features, knn_classify, student_knn
-
     train = load_labelled(str(labelled / "train"), "train")
     val = load_labelled(str(labelled / "val"), "val", classes=train.classes)
     if model is not None:

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+import tomllib
 import types
 import typing
 from collections.abc import Callable
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from cae2.errors import UserError
+from cae2.fields import Argument, Range, Switch, constraints
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,12 @@ class Option:
     default: Any
     """dataclasses.MISSING: required."""
     help: str
+    checks: tuple = ()
+    """The field's constraints (`cae2.fields`: Argument, Range, OneOf)."""
+
+    @property
+    def argument(self) -> bool:
+        return any(isinstance(c, Argument) for c in self.checks)
 
     @property
     def param(self) -> str:
@@ -44,14 +53,15 @@ class Option:
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstrings written under a dataclass's fields (`x: int = 0` then `\"\"\"...\"\"\"`)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """The docstrings written under a dataclass's fields (`x: int = 0` then `\"\"\"...\"\"\"`), its base
+    classes' included."""
     docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-            docs[node.target.id] = " ".join(after.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
 
@@ -66,7 +76,7 @@ def options(cls, names: dict[str, str | None] | None = None, prefix: tuple[str, 
     """The options of a config dataclass. `names` maps dotted field paths to flags (None: not an option);
     other fields are `--field-name`."""
     names = names or {}
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    hints, docs, checks = typing.get_type_hints(cls), field_docs(cls), constraints(cls)
     out = []
     for f in dataclasses.fields(cls):
         path = (*prefix, f.name)
@@ -79,8 +89,8 @@ def options(cls, names: dict[str, str | None] | None = None, prefix: tuple[str, 
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        flag = names.get(dotted) or "--" + f.name.replace("_", "-")
-        out.append(Option(path, flag, tp, default, docs.get(f.name, "")))
+        flag = names.get(dotted) or _flag(f.name)
+        out.append(Option(path, flag, tp, default, docs.get(f.name, ""), checks[f.name]))
     return out
 
 
@@ -115,14 +125,7 @@ def load_config_file(path: Path) -> dict:
         raise UserError(f"--config {path} does not exist")
     text = path.read_text()
     try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--config {path} cannot be parsed: {e}") from None
     if not isinstance(data, dict):
@@ -130,7 +133,10 @@ def load_config_file(path: Path) -> dict:
     return data
 
 
-def _parameter(opt: Option, default_help: Callable[[Option], str | None] | None) -> inspect.Parameter:
+def _parameter(opt: Option, default_help: Callable[[Option], str | None] | None,
+               config_file: bool) -> inspect.Parameter:
+    """The Typer parameter of an option. With a config file, every flag defaults to None (not given:
+    the file's value, else the field's default) and the help shows the field's default."""
     help_text = opt.help
     extra = default_help(opt) if default_help else None
     if extra:
@@ -138,25 +144,41 @@ def _parameter(opt: Option, default_help: Callable[[Option], str | None] | None)
     show = None if opt.default in (None, dataclasses.MISSING) else str(
         list(opt.default) if isinstance(opt.default, tuple) else
         opt.default.value if isinstance(opt.default, Enum) else opt.default)
-    if opt.default is dataclasses.MISSING:
+    required = opt.default is dataclasses.MISSING
+    default = None if config_file or required else opt.default
+    if opt.argument:
+        if required:
+            return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY,
+                                     annotation=Annotated[opt.type, typer.Argument(help=help_text)])
+        annotation = Annotated[opt.type | None, typer.Argument(help=help_text, show_default=show or False)]
+        return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    if required:
         help_text += " [required]"
-    decl = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
-    kwargs = {"help": help_text, "show_default": show if show is not None else False}
+    switch = any(isinstance(c, Switch) for c in opt.checks)
+    decl = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool and not switch else opt.flag
+    kwargs = {"help": help_text, "show_default": (show if show is not None else False) if config_file else True}
+    for check in opt.checks:
+        if isinstance(check, Range) and not (check.open_min or check.open_max):
+            kwargs |= {k: v for k, v in (("min", check.min), ("max", check.max)) if v is not None}
     annotation = Annotated[opt.type | None, typer.Option(decl, **kwargs)]
-    return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+    return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str, str | None] | None = None,
-            default_help: Callable[[Option], str | None] | None = None) -> list[Option]:
-    """Register `cae2 NAME`: the options of `cls` and --config; calls run(config). `run`'s docstring is
-    the command's help."""
+            default_help: Callable[[Option], str | None] | None = None, config_file: bool = True) -> list[Option]:
+    """Register `cae2 NAME`: the options of `cls` (and --config, unless config_file is False); calls
+    run(config). `run`'s docstring is the command's help."""
     opts = options(cls, names)
     by_key = {}
     for opt in opts:
         by_key[opt.flag[2:]] = by_key[opt.flag[2:].replace("-", "_")] = by_key[".".join(opt.path)] = opt
 
     def impl(**given):
-        config = given.pop("config")
+        config = given.pop("config", None)
         from_file = load_config_file(config) if config else {}
         unknown = sorted(str(k) for k in from_file if str(k) not in by_key)
         if unknown:
@@ -176,9 +198,10 @@ def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str,
             raise UserError(f"{name}: {e}") from None
         return run(cfg)
 
-    params = [_parameter(o, default_help) for o in opts]
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Path | None, typer.Option(help="YAML/TOML file of options (flag or field names); flags override it.")]))
+    params = [_parameter(o, default_help, config_file) for o in opts]
+    if config_file:
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Path | None, typer.Option(help="YAML/TOML file of options (flag or field names); flags override it.")]))
     impl.__signature__ = inspect.Signature(params)
     impl.__annotations__ = {}
     impl.__doc__ = run.__doc__

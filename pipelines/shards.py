@@ -15,8 +15,13 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import webdataset as wds
+from braceexpand import braceexpand
 
 from cae2.errors import UserError
+from cae2.fields import Argument, Range
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -38,8 +43,6 @@ def _is_remote(url: str) -> bool:
 
 def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
     """A brace pattern, a directory, a glob, or a text file listing one shard URL per line."""
-    from braceexpand import braceexpand
-
     spec = spec.strip()
     if not spec:
         raise UserError(f"{option} is empty; pass a directory, a brace pattern, a glob or a list file")
@@ -78,8 +81,6 @@ def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
 
 def iter_shard(url: str) -> Iterator[dict]:
     """Samples of one shard in file order, streamed with WebDataset (dict: __key__, fields as bytes)."""
-    import webdataset as wds
-
     def reraise(e: Exception) -> bool:
         raise UserError(f"shard {url} cannot be read: {type(e).__name__}: {e}") from e
 
@@ -94,6 +95,20 @@ def image_bytes(sample: dict) -> bytes | None:
 
 
 # --- make-shards -----------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class MakeShardsConfig:
+    """Every option of `cae2 make-shards`."""
+
+    source: Annotated[Path, Argument()]
+    """Image folder (class sub-folders = labels) or a file of paths."""
+    out_dir: Annotated[Path, Argument()]
+    """Directory for the .tar shards."""
+    samples_per_shard: Annotated[int, Range(min=1)] = 1000
+    """Images per shard."""
+    prefix: str = "shard"
+    """Shard file name prefix."""
+
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -4,7 +4,8 @@ Layout (see docs/cache.md):
 
     STORE/zarr.json                      attrs["cae2"]: schema, teacher, views, seed, K, grid, dims, ...
     STORE/units/<shard file name>/       one group per input shard ("unit"); attrs["complete"] last
-        latents     [N, K, 1 + T, D] float16   chunk = one view, zarr shard = `images_per_shard` images
+        latents     [N, K, 1 + T, D] float16   chunk = one view; block (a zarr shard file) = `images_per_shard`
+                                               images
                                                (int8 stores: int8, and scales [N, K, 1 + T] float32;
                                                latents ~= latents * scales[..., None])
         keys        [N] str                    sample keys in shard order
@@ -16,7 +17,7 @@ Layout (see docs/cache.md):
 
 Row i of a unit is the i-th sample of the shard, so stage 2 joins a streamed sample to its
 targets by (shard name, position) and checks the key. Exactly one process writes a unit, every
-zarr shard of `latents` is written whole in one call, and the completion marker (sample count,
+block of `latents` is written whole in one call, and the completion marker (sample count,
 checksum, skipped samples) is written last: a unit without it is incomplete and is redone.
 """
 
@@ -29,13 +30,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 
 from cae2.errors import UserError
+from targets.claims import Holder, holder_alive, read_claim, release, try_claim
 from targets.quantize import dequantize
-from targets.shard_files import LatentsChecksum, LocalShardReader, LocalShardWriter
+from targets.block_files import LatentsChecksum, BlockFileReader, BlockFileWriter
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: view_int without the contrast mean (stage 2 recomputes it from the image)
@@ -60,6 +63,7 @@ class StoreMeta:
     std: tuple[float, float, float]
     interpolation: str
     images_per_shard: int = 32
+    """Rows per block of a unit's latents (one file: a shard of the sharded Zarr array)."""
     latent_format: str = "fp16"
     """fp16: the teacher's latents in float16; int8: int8 with one float32 scale per token (targets.quantize)."""
     decoder: str = "pillow"
@@ -151,8 +155,6 @@ class TargetStore:
         """Read-only: raise the error `create_or_validate` would raise for this path (not a local path,
         a store built with other settings, a directory that is not a store). Every rank calls this
         before anyone writes."""
-        from targets.claims import holder_alive, read_claim
-
         path = str(path)
         require_local_out(path)
         if not Path(path).exists():
@@ -174,8 +176,6 @@ class TargetStore:
         """Create the store, or open an existing one whose settings equal `meta` (else a clear error).
         Processes that call this at once (independent jobs on one --out) take turns: one creates, the
         others then validate what it made."""
-        from targets.claims import Holder, release, try_claim
-
         path = str(path)
         lock = Path(path).parent / f".{Path(path).name}.create.claim"
         me = Holder.me()
@@ -208,8 +208,6 @@ class TargetStore:
         store and of `units/`, so those two folders can hold some; an incomplete unit is removed whole
         when it is redone. While another live process holds a claim on a unit of the store, only files
         older than five minutes go (a live writer's temp file lives for milliseconds)."""
-        from targets.claims import holder_alive, read_claim
-
         others = any(holder is not None and holder_alive(holder, age)
                      for holder, age in map(read_claim, (Path(self.path) / ".claims").glob("*.claim")))
         older_than = 300.0 if others else -1.0
@@ -237,7 +235,11 @@ class TargetStore:
         except KeyError:
             return None
 
-    def begin_unit(self, unit: str, source: str, keys: list[str]) -> UnitWriter:
+    def claim_path(self, unit: str) -> Path:
+        """The claim file of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""
+        return Path(self.path) / ".claims" / f"{unit}.claim"
+
+    def begin_unit(self, unit: str, source: str, keys: list[str], view_path: str = "pillow") -> UnitWriter:
         """Start (or restart) a unit: an incomplete leftover is removed first."""
         self._remove_unit(unit)
         m = self.meta
@@ -254,9 +256,9 @@ class TargetStore:
         int8 = m.latent_format == "int8"
         latents = per_view("latents", "int8" if int8 else "float16", (m.num_tokens, m.latent_dim))
         scales = per_view("scales", "float32", (m.num_tokens,)) if int8 else None
-        return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard,
-                          LocalShardWriter.for_array(latents, self.path, f"units/{unit}/latents"), scales,
-                          LocalShardWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None)
+        return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard, view_path,
+                          BlockFileWriter.for_array(latents, self.path, f"units/{unit}/latents"), scales,
+                          BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None)
 
     def _remove_unit(self, unit: str) -> None:
         if f"units/{unit}" in self.group:
@@ -270,14 +272,14 @@ class TargetStore:
 
 
 class UnitWriter:
-    """Writes one unit: whole zarr shards of latents as rows complete, then metadata and the marker."""
+    """Writes one unit: whole blocks of latents as rows complete, then metadata and the marker."""
 
-    def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_shard: int,
-                 direct: LocalShardWriter | None = None, scales: zarr.Array | None = None,
-                 direct_scales: LocalShardWriter | None = None):
+    def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_block: int,
+                 view_path: str = "pillow", direct: BlockFileWriter | None = None, scales: zarr.Array | None = None,
+                 direct_scales: BlockFileWriter | None = None):
         self.group = group
         self.latents, self.scales = latents, scales
-        self._direct = direct  # whole shard files written as bytes (local stores); else through zarr
+        self._direct = direct  # whole block files written as bytes (local stores); else through zarr
         self._direct_scales = direct_scales
         self.keys = keys
         n = len(keys)
@@ -287,19 +289,34 @@ class UnitWriter:
         self.valid = np.zeros(n, bool)
         self.view_crc = np.zeros((n, k), np.uint32)  # crc32c of each view's stored bytes, checked on reads
         self.skipped: list[dict] = []
-        self.view_path = "pillow"
-        self.writer: dict | None = None  # host, pid, job of the process that wrote the unit
-        self.rows_per_shard = rows_per_shard
+        self.view_path = view_path
+        self.rows_per_block = rows_per_block
         self._checksum = LatentsChecksum()
         self._written = 0
 
+    def set_view_params(self, row: int, view_int: np.ndarray, view_float: np.ndarray,
+                        image_hw: tuple[int, int]) -> None:
+        """Record the K views' parameters of a valid row (`ViewParams.to_record` of each)."""
+        self.view_int[row], self.view_float[row], self.image_hw[row] = view_int, view_float, image_hw
+        self.valid[row] = True
+
+    def skip(self, row: int, key: str, reason: str) -> None:
+        """Record a sample stage 1 could not use (its latents stay zero, `valid` False)."""
+        self.skipped.append({"key": key, "row": row, "reason": reason})
+
+    def copy_records(self, unit: UnitReader) -> None:
+        """Take every row's view parameters, validity and skip records from another store's unit."""
+        self.valid[:], self.view_int[:], self.view_float[:], self.image_hw[:] = \
+            unit.valid, unit.view_int, unit.view_float, unit.image_hw
+        self.skipped = list(unit.marker["skipped"])
+
     def write_rows(self, start: int, latents: np.ndarray, scales: np.ndarray | None = None) -> None:
         """Write rows [start, start + len) of latents (float16, or int8 with their float32 scales); must
-        be whole zarr shards in order (the last one may be short)."""
+        be whole blocks in order (the last one may be short)."""
         stop = start + len(latents)
-        if start != self._written or (start % self.rows_per_shard) or \
-                (len(latents) != self.rows_per_shard and stop != len(self.keys)):
-            raise ValueError(f"rows {start}:{stop} are not the next whole zarr shard")
+        if start != self._written or (start % self.rows_per_block) or \
+                (len(latents) != self.rows_per_block and stop != len(self.keys)):
+            raise ValueError(f"rows {start}:{stop} are not the next whole block")
         if (scales is None) != (self.scales is None):
             raise ValueError("int8 latents are written with their scales, float16 latents without")
         parts = [(self.latents, self._direct, np.ascontiguousarray(latents, dtype=self.latents.dtype))]
@@ -312,13 +329,14 @@ class UnitWriter:
         for array, direct, values in parts:
             data = values.tobytes()
             if direct is not None:
-                direct.write(start // self.rows_per_shard, data)
+                direct.write(start // self.rows_per_block, data)
             else:
                 array[start:stop] = values
             self._checksum.update(data)
         self._written = stop
 
-    def finish(self, source: str, quantization: dict | None = None) -> dict:
+    def finish(self, source: str, quantization: dict | None = None, writer: dict | None = None) -> dict:
+        """Write the small arrays, then the marker (last). `writer`: host, pid, job of the writing process."""
         if self._written != len(self.keys):
             raise ValueError(f"unit finished after {self._written} of {len(self.keys)} rows")
         g = self.group
@@ -336,7 +354,7 @@ class UnitWriter:
             "checksum": self._checksum.value(),
             "source": source,
             "view_path": self.view_path,
-            **({"writer": self.writer} if self.writer else {}),
+            **({"writer": writer} if writer else {}),
             **({"quantization": quantization} if quantization else {}),
             "completed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
@@ -346,8 +364,6 @@ class UnitWriter:
 
 def view_checksum(latents: np.ndarray, scales: np.ndarray | None = None) -> int:
     """crc32c of one view's stored bytes (latents, then int8 scales): ~8 us for a ViT-B/16 view."""
-    import google_crc32c
-
     crc = google_crc32c.value(np.ascontiguousarray(latents).tobytes())
     if scales is not None:
         crc = google_crc32c.extend(crc, np.ascontiguousarray(scales).tobytes())
@@ -367,8 +383,8 @@ class UnitReader:
         self.latents = group["latents"]
         self.scales = group.get("scales")  # int8 latents
         fast = store_path and self.latents.shape[0]
-        self._fast = LocalShardReader.for_array(self.latents, store_path, f"{group.path}/latents") if fast else None
-        self._fast_scales = LocalShardReader.for_array(self.scales, store_path, f"{group.path}/scales") \
+        self._fast = BlockFileReader.for_array(self.latents, store_path, f"{group.path}/latents") if fast else None
+        self._fast_scales = BlockFileReader.for_array(self.scales, store_path, f"{group.path}/scales") \
             if fast and self.scales is not None else None
         self.keys = [str(k) for k in group["keys"][:]] if self.marker["num_samples"] else []
         n = len(self.keys)
@@ -403,13 +419,13 @@ class UnitReader:
         return dequantize(torch.from_numpy(latents), torch.from_numpy(scales)).numpy()
 
     def blocks(self):
-        """(first row, latents [rows, K, 1 + T, D], scales [rows, K, 1 + T] or None) for each zarr shard of
+        """(first row, latents [rows, K, 1 + T, D], scales [rows, K, 1 + T] or None) for each block of
         the unit, in row order, as stored."""
         step = self.latents.shards[0]
-        for shard, start in enumerate(range(0, len(self), step)):
-            latents = self._fast.read_shard(shard) if self._fast is not None else self.latents[start:start + step]
+        for block, start in enumerate(range(0, len(self), step)):
+            latents = self._fast.read_block(block) if self._fast is not None else self.latents[start:start + step]
             scales = None
             if self.scales is not None:
-                scales = self._fast_scales.read_shard(shard) if self._fast_scales is not None \
+                scales = self._fast_scales.read_block(block) if self._fast_scales is not None \
                     else self.scales[start:start + step]
             yield start, latents, scales

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
-from targets.views import CONTRAST, HUE, SATURATION, ViewParams, _enabled, _table
+from targets.views import CONTRAST, HUE, SATURATION, ViewParams, jitter_table, op_enabled
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 - 2
 _IDENTITY = np.arange(256, dtype=np.uint8)
@@ -105,8 +106,6 @@ def resampling_matrix(in_size: int, out_size: int, interpolation: str) -> np.nda
 def _pillow_picks_vertical_first() -> bool:
     """Pillow >= 13 runs the vertical pass first when the height shrinks more than twice as much as the
     width; earlier versions always start with the horizontal one. Asked of the installed Pillow."""
-    from PIL import Image
-
     h, w, out = 40, 4, 16
     x = (np.arange(h * w * 3, dtype=np.int64).reshape(h, w, 3) * 7919 % 251).astype(np.uint8)
     got = np.asarray(Image.fromarray(x).resize((out, out), Image.Resampling.BICUBIC)).astype(np.int64)
@@ -147,7 +146,7 @@ class _Program:
 def _program(p: ViewParams, ops: Sequence[int], contrast_mean: int) -> _Program:
     pre, post, sat = _IDENTITY, _IDENTITY, 1.0
     for op in ops:
-        if not _enabled(op, p):
+        if not op_enabled(op, p):
             continue
         if op == HUE:
             raise ValueError(f"the device view path has no hue jitter (view hue factor {p.hue}); "
@@ -155,7 +154,7 @@ def _program(p: ViewParams, ops: Sequence[int], contrast_mean: int) -> _Program:
         if op == SATURATION:
             sat = p.saturation
             continue
-        table = _table(op, p, contrast_mean)
+        table = jitter_table(op, p, contrast_mean)
         if sat == 1.0:
             pre = table[pre]
         else:
@@ -243,7 +242,7 @@ def group_inputs(params: Sequence[ViewParams], plan: GroupPlan, out_hw: tuple[in
     """Everything but the pixels that a device needs to render a group (host side: tables, weights)."""
     views = [params[i] for i in plan.index]
     for p in views:
-        if p.contrast_mean is None and _enabled(CONTRAST, p):
+        if p.contrast_mean is None and op_enabled(CONTRAST, p):
             raise ValueError("a view with contrast jitter needs its contrast mean (targets.views.measure_view)")
     programs = [_program(p, p.order, p.contrast_mean or 0) for p in views]
     h_first, h_weights = _axis_weights([p.width for p in views], out_hw[1], interpolation)

@@ -74,6 +74,15 @@ class QuantStats:
         self.tokens += other.tokens
         self.max_abs_error = max(self.max_abs_error, other.max_abs_error)
 
+    def failure(self, unit: str, min_cosine: float, against: str, remedy: str) -> str | None:
+        """Why a unit fails `min_cosine` (naming the worst key, row, view and token), or None when it passes."""
+        if not self.tokens or self.min_cosine >= min_cosine:
+            return None
+        w = self.worst
+        return (f"unit {unit}: int8 latents of key {w['key']} (row {w['row']}, view {w['view']}, token {w['token']}) "
+                f"reach a token cosine of {self.min_cosine:.6f} to {against}, below --min-cosine {min_cosine}; the "
+                f"unit is left incomplete: {remedy}")
+
     @property
     def mean_cosine(self) -> float:
         return self.cosine_sum / self.tokens if self.tokens else 1.0

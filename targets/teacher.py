@@ -11,12 +11,17 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
 import torch
+from huggingface_hub import hf_hub_download
+from open_clip.pretrained import get_pretrained_cfg, list_pretrained, list_pretrained_tags_by_model
 from torch import nn
 
 from cae2.errors import UserError
@@ -60,8 +65,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def _model_name(spec_name: str) -> str:
     """Register a config JSON with open_clip and return the model name to build."""
-    import open_clip
-
     bundled = BUNDLED_CONFIGS / f"{spec_name}.json"
     if bundled.is_file():
         spec_name = str(bundled)
@@ -79,8 +82,6 @@ def _model_name(spec_name: str) -> str:
 
 def resolve_weights(model_name: str, pretrained: str, allow_download: bool) -> tuple[str, dict]:
     """-> (local weights file, pretrained cfg). Looks only in the local cache unless allow_download."""
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
     if os.path.isfile(pretrained):
         return pretrained, {}
     if "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
@@ -93,8 +94,6 @@ def resolve_weights(model_name: str, pretrained: str, allow_download: bool) -> t
     hub = cfg.get("hf_hub", "")
     repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
     candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    from huggingface_hub import hf_hub_download
-
     for candidate in candidates:
         try:
             return hf_hub_download(repo, candidate, local_files_only=not allow_download), cfg
@@ -163,8 +162,6 @@ class Teacher(nn.Module):
     def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu", precision: str = "auto",
                  allow_download: bool = False, compile: bool = False):
         super().__init__()
-        import open_clip
-
         self.spec = spec
         self.device = torch.device(device)
         self.compiled = compile
@@ -250,10 +247,6 @@ class Teacher(nn.Module):
 def released_checkpoints() -> dict[str, tuple[str, str, bool]]:
     """sha256 -> (model, tag, QuickGELU) of the released checkpoints whose checksum open_clip's registry
     records (OpenAI's download URLs carry the file's sha256)."""
-    import re
-
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained
-
     out = {}
     for model, tag in list_pretrained():
         cfg = get_pretrained_cfg(model, tag)
@@ -279,8 +272,6 @@ def _quick_gelu_of(model: str, pretrained: str, pcfg: dict, sha256: str | None) 
 @contextlib.contextmanager
 def _quiet_random_init_warning(asked_for: bool):
     """open_clip logs a warning for random init; when it was asked for, cae2 says so itself."""
-    import logging
-
     root = logging.getLogger()
     level = root.level
     if asked_for:

@@ -141,7 +141,7 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _crop_box(rng: np.random.Generator, H: int, W: int, scale, ratio) -> tuple[int, int, int, int]:
+def random_resized_crop(rng: np.random.Generator, H: int, W: int, scale, ratio) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params with an explicit generator -> (top, left, h, w)."""
     area = H * W
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -175,7 +175,7 @@ def sample_view(settings: ViewSettings, seed: int, key: str, index: int, image_h
     b, c, s = factor(settings.brightness), factor(settings.contrast), factor(settings.saturation)
     hue = _f32(rng.uniform(-settings.hue, settings.hue)) if settings.hue > 0 else 0.0
     flip = bool(rng.uniform() < settings.flip_prob)
-    top, left, h, w = _crop_box(rng, *image_hw, settings.crop_scale, settings.crop_ratio)
+    top, left, h, w = random_resized_crop(rng, *image_hw, settings.crop_scale, settings.crop_ratio)
     return ViewParams(order=order, brightness=b, contrast=c, saturation=s, hue=hue, flip=flip,
                       top=top, left=left, height=h, width=w)
 
@@ -215,7 +215,7 @@ def _blend_table(constant: float, factor: float) -> np.ndarray:
     return np.trunc(c + a * (_LEVELS - c)).clip(0, 255).astype(np.uint8)
 
 
-def _table(op: int, p: ViewParams, contrast_mean: int) -> np.ndarray | None:
+def jitter_table(op: int, p: ViewParams, contrast_mean: int) -> np.ndarray | None:
     """The per-channel lookup table of a brightness or contrast op; None for the other ops."""
     if op == BRIGHTNESS:
         return _blend_table(0, p.brightness)
@@ -224,7 +224,7 @@ def _table(op: int, p: ViewParams, contrast_mean: int) -> np.ndarray | None:
     return None
 
 
-def _enabled(op: int, p: ViewParams) -> bool:
+def op_enabled(op: int, p: ViewParams) -> bool:
     """Whether the op changes pixels (torchvision's ColorJitter skips hue at 0; a factor of 1 is identity)."""
     return p.hue != 0.0 if op == HUE else (p.brightness, p.contrast, p.saturation)[op] != 1.0
 
@@ -233,8 +233,8 @@ def _jitter(x: Image.Image, p: ViewParams, contrast_mean: int, ops: tuple[int, .
     """torchvision's PIL colour ops (ImageEnhance) in order. Brightness and contrast are per-channel
     lookup tables: adjacent ones are composed into a single table (exact: each op maps uint8 to uint8)."""
     table = None
-    for op in (o for o in ops if _enabled(o, p)):
-        t = _table(op, p, contrast_mean)
+    for op in (o for o in ops if op_enabled(o, p)):
+        t = jitter_table(op, p, contrast_mean)
         if t is not None:
             table = t if table is None else t[table]
             continue
@@ -246,7 +246,7 @@ def _jitter(x: Image.Image, p: ViewParams, contrast_mean: int, ops: tuple[int, .
 
 def measure_view(p: ViewParams, image: Image.Image) -> ViewParams:
     """`p` with the image-wide statistic it needs (the contrast mean) measured on `image`."""
-    if not _enabled(CONTRAST, p):
+    if not op_enabled(CONTRAST, p):
         return p
     before = _jitter(image, p, 0, p.order[: p.order.index(CONTRAST)])
     return replace(p, contrast_mean=int(ImageStat.Stat(before.convert("L")).mean[0] + 0.5))

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from pipelines.demo import synthetic_image
-from pipelines.extract import ExtractConfig, run_extract
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
 from pipelines.shards import make_shards
 from targets.cache import TargetStore
 from targets.device_views import (

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 
 from cae2.errors import UserError
 from pipelines.demo import write_demo_images
-from pipelines.eval_data import load_labelled
-from pipelines.eval_models import load_feature_model
-from pipelines.evaluate import extract_features, knn_classify, logistic_probe
-from pipelines.export import export_encoder
-from pipelines.extract import ExtractConfig, run_extract
+from pipelines.evaluate.data import load_labelled
+from pipelines.evaluate.features import extract_features
+from pipelines.evaluate.knn import knn_classify
+from pipelines.evaluate.logistic import logistic_probe
+from pipelines.evaluate.models import load_feature_model
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.pretrain.export import export_encoder
 from pipelines.shards import make_shards
 from targets.teacher import TeacherSpec
 from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, launch_errors

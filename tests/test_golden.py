@@ -16,7 +16,7 @@ import numpy as np
 
 import cae2
 from cae2.masking import create_mask_generator
-from pipelines.data import sample_rng, view_index
+from pipelines.pretrain.data import sample_rng, view_index
 from targets.views import ViewSettings, sample_view
 
 GOLDEN = Path(__file__).with_name("golden.json")

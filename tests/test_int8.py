@@ -16,10 +16,11 @@ import torch.nn.functional as F
 import zarr
 
 import cae2
-from pipelines.data import StreamConfig, index_shards, make_loader
-from pipelines.extract import ExtractConfig, run_extract
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.extract.verify import verify_store
+from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
 from pipelines.shards import expand_shards, make_shards
-from pipelines.verify import verify_store
 from targets.cache import TargetStore
 from targets.quantize import QMAX, dequantize, quantize, token_errors
 from targets.teacher import Teacher, TeacherSpec

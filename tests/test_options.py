@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from cae2.config import LossKind
 from pipelines import options
 from pipelines.cli import EXTRACT_FLAGS, app
-from pipelines.extract import ExtractConfig
-from pipelines.train import TrainConfig
+from pipelines.extract.config import ExtractConfig
+from pipelines.pretrain.config import TrainConfig
 from targets.teacher import TeacherSpec
 from targets.views import ViewSettings
 

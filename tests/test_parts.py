@@ -14,11 +14,12 @@ import torch
 import cae2
 from cae2.errors import UserError
 from pipelines.checkpoint import MARKER, Checkpointer, complete_checkpoints, prune, resolve_resume
-from pipelines.data import ShardIndex, StreamConfig, _shuffled, plan_epoch, resume_position
-from pipelines.extract import UnitAssembler
-from pipelines.schedule import Schedule, lr_at
+from pipelines.extract.assemble import UnitAssembler
+from pipelines.pretrain.config import TrainConfig
+from pipelines.pretrain.data import ShardIndex, StreamConfig, _shuffled, plan_epoch, resume_position
+from pipelines.pretrain.schedule import Schedule, lr_at
+from pipelines.pretrain.step import StepParts, make_optimizer, train_step
 from pipelines.shards import Shard
-from pipelines.train import StepParts, TrainConfig, make_optimizer, train_step
 from targets.cache import StoreMeta, TargetStore
 
 

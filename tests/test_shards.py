@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cae2.errors import UserError
-from pipelines.extract import ExtractConfig, run_extract
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
 from pipelines.shards import expand_shards, iter_shard, make_shards
 from targets.cache import TargetStore
 from targets.teacher import BUNDLED_CONFIGS, TeacherSpec

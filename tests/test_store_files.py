@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.verify import verify_store
+from pipelines.extract.verify import verify_store
 from targets.cache import StoreMeta, TargetStore
-from targets.shard_files import LatentsChecksum
+from targets.block_files import LatentsChecksum
 from targets.views import ViewSettings
 
 K, T, D, ROWS = 3, 5, 8, 4

@@ -20,10 +20,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 import cae2
 from cae2.encoder import timm_kwargs
-from pipelines.data import StreamConfig, index_shards, make_loader
-from pipelines.evaluate import alignment_cosine
-from pipelines.export import load_model
-from pipelines.extract import ExtractConfig, run_extract
+from pipelines.evaluate.alignment import alignment_cosine
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
+from pipelines.pretrain.export import load_model
 from pipelines.shards import expand_shards, make_shards
 from targets.cache import TargetStore
 from targets.teacher import Teacher, TeacherSpec
@@ -395,8 +396,7 @@ def test_a_flipped_byte_is_named_by_verify_and_stops_or_is_skipped_by_pretrain(d
     for v in range(ts.meta.views_per_image):  # one byte in every view of row 0
         raw[v * view_bytes + 100] ^= 0x10
     shard_file.write_bytes(bytes(raw))
-    from pipelines.verify import verify_store
-
+    from pipelines.extract.verify import verify_store
     report = verify_store(str(store), str(data / "shards"))
     assert not report.ok and any(f"unit {unit} row 0 (key {key}) view 0" in p for p in report.problems)
     args = [a if a != str(data / "targets.zarr") else str(store) for a in pretrain_args(data, tmp_path / "r", steps=13)]

@@ -1,12 +1,15 @@
-"""Direct access to the shard files of a local, uncompressed, sharded `latents` array, and the checksum
-of a unit's latents.
+"""Direct access to the block files of a local, uncompressed `latents` array, and the checksum of a
+unit's latents.
 
-zarr-python spends ~1.4 ms on one small chunk read of a sharded array (it re-reads the shard index
-every time) and ~3.5 ms per MB on a whole-shard write (its codec pipeline handles each inner chunk
-on its own). The layout cae2 writes is simple enough to read and write as bytes: a shard file
-(Zarr v3 sharding codec, index at the end) is the inner chunks back to back, then one little-endian
-(offset, nbytes) uint64 pair per inner chunk, then the crc32c of that index. Both classes are used
-only when the array's metadata is exactly this layout; anything else goes through zarr.
+A block is `images_per_shard` consecutive rows of a unit (all their K views), stored as one file:
+what Zarr v3 calls a shard of a sharded array (cae2 says "block" so that "shard" means a WebDataset
+tar shard only). zarr-python spends ~1.4 ms on one small chunk read of a sharded array (it re-reads
+the index every time) and ~3.5 ms per MB on a whole-block write (its codec pipeline handles each
+inner chunk on its own). The layout cae2 writes is simple enough to read and write as bytes: a block
+file (Zarr v3 sharding codec, index at the end) is the inner chunks (one view each) back to back, then
+one little-endian (offset, nbytes) uint64 pair per inner chunk, then the crc32c of that index. Both
+classes are used only when the array's metadata is exactly this layout; anything else goes through
+zarr.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ _DTYPES = {"float16": "<f2", "float32": "<f4", "int8": "i1"}  # what cae2 stores
 
 
 def _layout(array: zarr.Array, store_path: str, array_path: str) -> tuple[Path, tuple, int, np.dtype] | None:
-    """(array folder, shape, rows per shard, dtype) when the array is a local [N, K, ...] array of one
+    """(array folder, shape, rows per block, dtype) when the array is a local [N, K, ...] array of one
     of `_DTYPES` sharded as cae2 writes it (one view per inner chunk, K views of `rows` images per
-    shard): the latents [N, K, T, D] and, for int8 latents, their scales [N, K, T]."""
+    block): the latents [N, K, T, D] and, for int8 latents, their scales [N, K, T]."""
     if "://" in store_path:
         return None
     folder = Path(store_path) / array_path
@@ -52,44 +55,44 @@ def _layout(array: zarr.Array, store_path: str, array_path: str) -> tuple[Path, 
         np.dtype(_DTYPES[meta["data_type"]])
 
 
-def _shard_file(folder: Path, shard: int, ndim: int) -> Path:
-    """The file of shard (shard, 0, ..., 0) of an ndim-dimensional array."""
-    return folder.joinpath("c", str(shard), *["0"] * (ndim - 1))
+def _block_file(folder: Path, block: int, ndim: int) -> Path:
+    """The file of block `block` (zarr's block (block, 0, ..., 0)) of an ndim-dimensional array."""
+    return folder.joinpath("c", str(block), *["0"] * (ndim - 1))
 
 
-class LocalShardReader:
-    """Reads single views: each shard file's index once, then one pread per view."""
+class BlockFileReader:
+    """Reads single views: each block file's index once, then one pread per view."""
 
-    def __init__(self, folder: Path, shape: tuple, shard_rows: int, dtype: np.dtype = np.dtype("<f2")):
-        self.dir, self.shape, self.shard_rows, self.dtype = folder, shape, shard_rows, dtype
+    def __init__(self, folder: Path, shape: tuple, block_rows: int, dtype: np.dtype = np.dtype("<f2")):
+        self.dir, self.shape, self.block_rows, self.dtype = folder, shape, block_rows, dtype
         self.view_bytes = int(np.prod(shape[2:])) * dtype.itemsize
         self._index: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
 
     @classmethod
-    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> LocalShardReader | None:
+    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> BlockFileReader | None:
         layout = _layout(array, store_path, array_path)
         return cls(*layout) if layout else None
 
-    def _fd(self, shard: int) -> int:
-        """The shard file's descriptor, -1 where zarr stored no file (every view equal to the fill value)."""
-        fd = self._fds.get(shard)
+    def _fd(self, block: int) -> int:
+        """The block file's descriptor, -1 where zarr stored no file (every view equal to the fill value)."""
+        fd = self._fds.get(block)
         if fd is None:
-            n = self.shard_rows * self.shape[1]
+            n = self.block_rows * self.shape[1]
             try:
-                fd = os.open(_shard_file(self.dir, shard, len(self.shape)), os.O_RDONLY)
+                fd = os.open(_block_file(self.dir, block, len(self.shape)), os.O_RDONLY)
             except FileNotFoundError:
                 fd, index = -1, np.full((n, 2), EMPTY, dtype="<u8")
             else:
                 size = os.fstat(fd).st_size
                 index = np.frombuffer(os.pread(fd, 16 * n, size - 16 * n - 4), dtype="<u8").reshape(n, 2)
-            self._fds[shard], self._index[shard] = fd, index
+            self._fds[block], self._index[block] = fd, index
         return fd
 
     def read(self, row: int, view: int) -> np.ndarray:
-        shard, local = divmod(row, self.shard_rows)
-        fd = self._fd(shard)
-        offset, nbytes = self._index[shard][local * self.shape[1] + view]
+        block, local = divmod(row, self.block_rows)
+        fd = self._fd(block)
+        offset, nbytes = self._index[block][local * self.shape[1] + view]
         if offset == EMPTY and nbytes == EMPTY:  # a chunk equal to the fill value is not stored
             return np.zeros(self.shape[2:], dtype=self.dtype)
         if nbytes != self.view_bytes:
@@ -97,22 +100,22 @@ class LocalShardReader:
         data = bytearray(os.pread(fd, int(nbytes), int(offset)))  # writable: torch.from_numpy shares it
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[2:])
 
-    def read_shard(self, shard: int) -> np.ndarray:
-        """Every view of one shard's rows, [rows, K, ...]: one read when the views lie back to back in
+    def read_block(self, block: int) -> np.ndarray:
+        """Every view of one block's rows, [rows, K, ...]: one read when the views lie back to back in
         row order (as cae2 writes them), else one read per view."""
-        start = shard * self.shard_rows
-        rows = min(self.shard_rows, self.shape[0] - start)
+        start = block * self.block_rows
+        rows = min(self.block_rows, self.shape[0] - start)
         out = np.empty((rows, *self.shape[1:]), dtype=self.dtype)
-        fd = self._fd(shard)
+        fd = self._fd(block)
         n = rows * self.shape[1]
-        index = self._index[shard][:n]
+        index = self._index[block][:n]
         if (index[:, 1] == self.view_bytes).all() and \
                 (index[:, 0] == np.arange(n, dtype=np.uint64) * np.uint64(self.view_bytes)).all():
             buf, done = memoryview(out).cast("B"), 0
             while done < len(buf):
                 got = os.preadv(fd, [buf[done:]], done)
                 if got == 0:
-                    raise OSError(f"{_shard_file(self.dir, shard, len(self.shape))}: file ends before its views do")
+                    raise OSError(f"{_block_file(self.dir, block, len(self.shape))}: file ends before its views do")
                 done += got
             return out
         for r in range(rows):
@@ -130,27 +133,27 @@ class LocalShardReader:
         self.close()
 
 
-class LocalShardWriter:
-    """Writes whole shards as one file each: the rows' views in order, then the index and its crc32c.
-    Like zarr's local store it writes a `.partial` file and renames it, so a shard file is whole or absent."""
+class BlockFileWriter:
+    """Writes whole blocks as one file each: the rows' views in order, then the index and its crc32c.
+    Like zarr's local store it writes a `.partial` file and renames it, so a block file is whole or absent."""
 
-    def __init__(self, folder: Path, shape: tuple, shard_rows: int, dtype: np.dtype = np.dtype("<f2")):
-        self.dir, self.shape, self.shard_rows, self.dtype = folder, shape, shard_rows, dtype
+    def __init__(self, folder: Path, shape: tuple, block_rows: int, dtype: np.dtype = np.dtype("<f2")):
+        self.dir, self.shape, self.block_rows, self.dtype = folder, shape, block_rows, dtype
         self.view_bytes = int(np.prod(shape[2:])) * dtype.itemsize
 
     @classmethod
-    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> LocalShardWriter | None:
+    def for_array(cls, array: zarr.Array, store_path: str, array_path: str) -> BlockFileWriter | None:
         layout = _layout(array, store_path, array_path)
         return cls(*layout) if layout else None
 
-    def write(self, shard: int, data: bytes) -> None:
-        """`data`: the C-order bytes of rows [shard * shard_rows, ...) (all of them but in the last shard)."""
+    def write(self, block: int, data: bytes) -> None:
+        """`data`: the C-order bytes of rows [block * block_rows, ...) (all of them but in the last block)."""
         n_views = len(data) // self.view_bytes
-        index = np.full((self.shard_rows * self.shape[1], 2), EMPTY, dtype="<u8")
+        index = np.full((self.block_rows * self.shape[1], 2), EMPTY, dtype="<u8")
         index[:n_views, 0] = np.arange(n_views, dtype=np.uint64) * self.view_bytes
         index[:n_views, 1] = self.view_bytes
         raw = index.tobytes()
-        path = _shard_file(self.dir, shard, len(self.shape))
+        path = _block_file(self.dir, block, len(self.shape))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         with open(tmp, "wb") as f:

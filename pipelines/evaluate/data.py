@@ -4,19 +4,17 @@ RandomResizedCrop + flip for the official linear probe, its draws keyed by (seed
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 
 from cae2.errors import UserError
 from pipelines.shards import IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
-from targets.views import _crop_box, decode_image
+from targets.views import decode_image, random_resized_crop
 
 
 @dataclass
@@ -86,10 +84,6 @@ def eval_resize(size: int) -> int:
     return round(size * 256 / 224)
 
 
-def _rgb(data: bytes) -> Image.Image:
-    return decode_image(data)
-
-
 class CenterCropImages(Dataset):
     """Resize (shorter side, bicubic, antialiased) + CenterCrop -> uint8 [3, S, S], label, index."""
 
@@ -100,7 +94,8 @@ class CenterCropImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        img = TF.resize(_rgb(self.data.load(i)), eval_resize(self.size), interpolation=TF.InterpolationMode.BICUBIC)
+        img = TF.resize(decode_image(self.data.load(i)), eval_resize(self.size),
+                        interpolation=TF.InterpolationMode.BICUBIC)
         img = TF.center_crop(img, self.size)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.data.labels[i]), i
 
@@ -116,15 +111,11 @@ class AugmentedImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        img = _rgb(self.data.load(i))
+        img = decode_image(self.data.load(i))
         rng = np.random.default_rng([self.seed, self.epoch, i, 0x11E])
-        top, left, h, w = _crop_box(rng, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3))
+        top, left, h, w = random_resized_crop(rng, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3))
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                               interpolation=TF.InterpolationMode.BICUBIC)
         if rng.uniform() < 0.5:
             img = TF.hflip(img)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.data.labels[i]), i
-
-
-def default_workers() -> int:
-    return min(8, max(0, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) - 1))

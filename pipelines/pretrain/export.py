@@ -3,49 +3,31 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import cae2
 from cae2.config import ModelConfig
 from cae2.encoder import timm_kwargs
-from cae2.errors import UserError
-from pipelines.checkpoint import MARKER, latest_checkpoint, read_state
+from cae2.fields import Argument
+from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Every option of `cae2 export`."""
+
+    checkpoint: Annotated[Path, Argument()]
+    """A checkpoint dir, or a run dir (its newest checkpoint)."""
+    out: Path = Path("encoder.safetensors")
+    """Output .safetensors file."""
+
 
 TIMM_NAMES = {(192, 12): "vit_tiny_patch16_224", (384, 12): "vit_small_patch16_224",
               (768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224"}
-
-
-def find_checkpoint(path: Path) -> Path:
-    if (path / MARKER).is_file():
-        return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise UserError(f"{path} is neither a complete checkpoint nor a run dir with one")
-    return ckpt
-
-
-def model_config_of(ckpt: Path) -> ModelConfig:
-    raw = dict(read_state(ckpt)["model_config"])
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-
-def encoder_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"checkpoint {ckpt} has no model.safetensors")
-    state = load_file(str(weights))
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k.removeprefix(prefix)
-        if k.startswith("encoder."):
-            out[k.removeprefix("encoder.")] = v.contiguous()
-    if not out:
-        raise UserError(f"checkpoint {ckpt}: no encoder weights in model.safetensors")
-    return out
 
 
 def timm_call(cfg: ModelConfig, file: str) -> str:
@@ -65,7 +47,7 @@ def timm_call(cfg: ModelConfig, file: str) -> str:
 def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
     ckpt = find_checkpoint(src)
     cfg = model_config_of(ckpt)
-    state = encoder_state_dict(ckpt)
+    state = model_state_dict(ckpt, "encoder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "timm.VisionTransformer", "timm_kwargs": json.dumps(timm_kwargs(cfg)),
             "source_checkpoint": str(ckpt), "cae2_version": cae2.__version__}
@@ -77,10 +59,5 @@ def load_model(src: Path) -> cae2.CAEv2:
     """The whole student (encoder, regressor, head) of a checkpoint or a run dir's newest one."""
     ckpt = find_checkpoint(src)
     model = cae2.CAEv2(model_config_of(ckpt))
-    state = {}
-    for k, v in load_file(str(ckpt / "model.safetensors")).items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k.removeprefix(prefix)
-        state[k] = v
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(model_state_dict(ckpt), strict=True)
     return model

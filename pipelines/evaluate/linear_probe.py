@@ -12,7 +12,6 @@ same number of steps, and the position in the epoch is a number saved with every
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,10 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
+from torch.utils.data import DataLoader
 
 from cae2.errors import UserError
 from pipelines.checkpoint import Checkpointer
+from pipelines.evaluate.data import AugmentedImages, CenterCropImages, LabelledImages, load_labelled
+from pipelines.evaluate.models import FeatureModel, load_feature_model, state_sha256
 
 
 class LARS(torch.optim.Optimizer):
@@ -83,15 +87,57 @@ class ProbePlan:
         return order[rank * self.per_rank:(rank + 1) * self.per_rank]
 
 
+@dataclass
+class Probe:
+    """An official probe run, set up: the frozen model, the head and its optimizer, the plan, the position."""
+
+    cfg: object
+    acc: Accelerator
+    model: FeatureModel
+    head: nn.Module
+    optimizer: LARS
+    plan: ProbePlan
+    dataset: AugmentedImages
+    val: LabelledImages
+    checkpointer: Checkpointer
+    run_dir: Path
+    layout: dict
+    peak: float
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.plan.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per rank in an epoch."""
+        return self.plan.steps_per_epoch * self.plan.grad_accum
+
+
 def run_official(cfg, log=print) -> dict:
-    """cfg: pipelines.evaluate.LinearConfig with protocol 'official'."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
+    """cfg: a LinearConfig with protocol 'official'."""
+    probe = _setup(cfg, log)
+    t0 = time.perf_counter()
+    probe.head.train()
+    while probe.step < probe.total:
+        _train_epoch(probe)
+    acc, head = probe.acc, probe.acc.unwrap_model(probe.head)
+    top1, top5 = _validate(acc, probe.model, head, probe.val, cfg)
+    acc.log({"val/top1": top1, "val/top5": top5}, step=probe.step)
+    acc.end_training()
+    return {"top1": top1, "top5": top5, "epochs": cfg.epochs, "steps": probe.total, "global_batch": cfg.global_batch,
+            "grad_accum": probe.plan.grad_accum, "processes": acc.num_processes, "lr": probe.peak, "blr": cfg.blr,
+            "warmup_epochs": cfg.warmup_epochs, "optimizer": "LARS (momentum 0.9, weight decay 0)",
+            "head": "BatchNorm1d(affine=False, eps=1e-6) + Linear", "feature": "cls",
+            "train_transform": "RandomResizedCrop (0.08..1, bicubic) + flip", "run_dir": str(probe.run_dir),
+            "head_sha256": state_sha256(head), "seconds": time.perf_counter() - t0}
 
-    from pipelines.eval_data import AugmentedImages, load_labelled
-    from pipelines.eval_models import load_feature_model
 
+def _setup(cfg, log) -> Probe:
+    """Model, splits, plan, head and LARS under Accelerate; the checkpoint to resume from, restored."""
     run_dir = Path(cfg.run_dir or Path(cfg.out).with_suffix("").as_posix() + "-run")
     model = load_feature_model(cfg.model)
     train = load_labelled(cfg.train, "--train")
@@ -100,7 +146,7 @@ def run_official(cfg, log=print) -> dict:
     ckpt, state = checkpointer.find(cfg.resume)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                       project_dir=str(run_dir))
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     micro = cfg.batch_size * world
     if cfg.global_batch % micro:
         raise UserError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
@@ -109,7 +155,6 @@ def run_official(cfg, log=print) -> dict:
     if plan.steps_per_epoch < 1:
         raise UserError(f"--train has {len(train)} images, fewer than one global batch of {cfg.global_batch}; "
                         "lower --global-batch")
-    total = plan.steps_per_epoch * cfg.epochs
     peak = cfg.blr * cfg.global_batch / 256
     model.to(acc.device)
     dim = model.features(torch.zeros(1, 3, model.img_size, model.img_size, dtype=torch.uint8), "cls").shape[1]
@@ -117,76 +162,71 @@ def run_official(cfg, log=print) -> dict:
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, len(train.classes)))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
-    optimizer = LARS(head.parameters(), lr=peak, weight_decay=0.0)
-    head, optimizer = acc.prepare(head, optimizer)
+    head, optimizer = acc.prepare(head, LARS(head.parameters(), lr=peak, weight_decay=0.0))
     layout = {"processes": world, "batch_size": cfg.batch_size, "global_batch": cfg.global_batch, "seed": cfg.seed,
               "train_images": len(train), "model_sha256": model.sha256}
-    step, epoch, position = 0, 0, 0
+    probe = Probe(cfg, acc, model, head, optimizer, plan, AugmentedImages(train, model.img_size, cfg.seed), val,
+                  checkpointer, run_dir, layout, peak)
     if ckpt is not None:
-        def check(candidate, saved):
-            if saved.get("layout") != layout:
-                raise UserError(f"--resume {candidate}: another probe layout ({saved.get('layout')} vs {layout}); "
-                                "resume with the original options")
-
-        ckpt, state = checkpointer.restore(acc, cfg.resume, ckpt, state, check, log)
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        log(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {position})")
+        _resume(probe, ckpt, state, log)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         acc.init_trackers("linear_probe")
-    dataset = AugmentedImages(train, model.img_size, cfg.seed)
     log(f"linear probe (official): {cfg.model} ({dim}-d CLS), {len(train)} train / {len(val)} val images, "
         f"{len(train.classes)} classes; global batch {cfg.global_batch} = {cfg.batch_size} x {world} x "
         f"{plan.grad_accum}; lr {peak:.3g}; {cfg.epochs} epochs of {plan.steps_per_epoch} steps")
-    t0 = time.perf_counter()
-    head.train()
-    while step < total:
-        dataset.epoch = epoch
-        indices = plan.rank_indices(cfg.seed, epoch, rank)[position * cfg.batch_size:]
-        loader = DataLoader(torch.utils.data.Subset(dataset, indices.tolist()), batch_size=cfg.batch_size,
-                            num_workers=cfg.workers, generator=torch.Generator().manual_seed(0))
-        it = iter(loader)
-        while position < plan.steps_per_epoch * plan.grad_accum:
-            for group in optimizer.param_groups:
-                group["lr"] = probe_lr(step / plan.steps_per_epoch, peak, cfg.warmup_epochs, cfg.epochs)
-            for m in range(plan.grad_accum):
-                images, labels, _ = next(it)
-                feats = model.features(images, "cls")
-                with acc.no_sync(head) if m < plan.grad_accum - 1 else torch.enable_grad():
-                    loss = F.cross_entropy(head(feats), labels.to(acc.device))
-                    acc.backward(loss / plan.grad_accum)
-                position += 1
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                acc.log({"train/loss": float(acc.reduce(loss.detach(), reduction="mean")),
-                         "train/lr": optimizer.param_groups[0]["lr"]}, step=step)
-            if position == plan.steps_per_epoch * plan.grad_accum:
-                epoch, position = epoch + 1, 0
-            if checkpointer.should_save(step, total, False):
-                checkpointer.save(acc, step, {"step": step, "epoch": epoch, "position": position, "layout": layout,
-                                              "config": asdict(cfg)})
-            if position == 0:
-                break
-    top1, top5 = _validate(acc, model, acc.unwrap_model(head), val, cfg)
-    acc.log({"val/top1": top1, "val/top5": top5}, step=step)
-    acc.end_training()
-    return {"top1": top1, "top5": top5, "epochs": cfg.epochs, "steps": total, "global_batch": cfg.global_batch,
-            "grad_accum": plan.grad_accum, "processes": world, "lr": peak, "blr": cfg.blr,
-            "warmup_epochs": cfg.warmup_epochs, "optimizer": "LARS (momentum 0.9, weight decay 0)",
-            "head": "BatchNorm1d(affine=False, eps=1e-6) + Linear", "feature": "cls",
-            "train_transform": "RandomResizedCrop (0.08..1, bicubic) + flip", "run_dir": str(run_dir),
-            "head_sha256": _sha(acc.unwrap_model(head)), "seconds": time.perf_counter() - t0}
+    return probe
+
+
+def _resume(probe: Probe, ckpt: Path, state: dict, log) -> None:
+    def check(candidate, saved):
+        if saved.get("layout") != probe.layout:
+            raise UserError(f"--resume {candidate}: another probe layout ({saved.get('layout')} vs {probe.layout}); "
+                            "resume with the original options")
+
+    ckpt, state = probe.checkpointer.restore(probe.acc, probe.cfg.resume, ckpt, state, check, log)
+    probe.step, probe.epoch, probe.position = state["step"], state["epoch"], state["position"]
+    log(f"resumed from {ckpt} at step {probe.step} (epoch {probe.epoch}, micro-batch {probe.position})")
+
+
+def _train_epoch(probe: Probe) -> None:
+    """The rest of the current epoch (from `probe.position`), a checkpoint where one is due."""
+    cfg, acc, plan = probe.cfg, probe.acc, probe.plan
+    probe.dataset.epoch = probe.epoch
+    indices = plan.rank_indices(cfg.seed, probe.epoch, acc.process_index)[probe.position * cfg.batch_size:]
+    loader = DataLoader(torch.utils.data.Subset(probe.dataset, indices.tolist()), batch_size=cfg.batch_size,
+                        num_workers=cfg.workers, generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    while probe.position < probe.micro_batches:
+        for group in probe.optimizer.param_groups:
+            group["lr"] = probe_lr(probe.step / plan.steps_per_epoch, probe.peak, cfg.warmup_epochs, cfg.epochs)
+        for m in range(plan.grad_accum):
+            images, labels, _ = next(it)
+            feats = probe.model.features(images, "cls")
+            with acc.no_sync(probe.head) if m < plan.grad_accum - 1 else torch.enable_grad():
+                loss = F.cross_entropy(probe.head(feats), labels.to(acc.device))
+                acc.backward(loss / plan.grad_accum)
+            probe.position += 1
+        probe.optimizer.step()
+        probe.optimizer.zero_grad(set_to_none=True)
+        probe.step += 1
+        if probe.step % cfg.log_every == 0 or probe.step == probe.total:
+            acc.log({"train/loss": float(acc.reduce(loss.detach(), reduction="mean")),
+                     "train/lr": probe.optimizer.param_groups[0]["lr"]}, step=probe.step)
+        end_of_epoch = probe.position == probe.micro_batches
+        if end_of_epoch:
+            probe.epoch, probe.position = probe.epoch + 1, 0
+        if probe.checkpointer.should_save(probe.step, probe.total, False):
+            probe.checkpointer.save(acc, probe.step, {"step": probe.step, "epoch": probe.epoch,
+                                                      "position": probe.position, "layout": probe.layout,
+                                                      "config": asdict(cfg)})
+        if end_of_epoch:
+            return
 
 
 @torch.no_grad()
 def _validate(acc, model, head, val, cfg) -> tuple[float, float]:
     """Top-1 / top-5 % on the validation split, each rank a contiguous part, gathered."""
-    from torch.utils.data import DataLoader
-
-    from pipelines.eval_data import CenterCropImages
-
     head.eval()
     part = np.array_split(np.arange(len(val)), acc.num_processes)[acc.process_index]
     loader = DataLoader(torch.utils.data.Subset(CenterCropImages(val, model.img_size), part.tolist()),
@@ -199,16 +239,3 @@ def _validate(acc, model, head, val, cfg) -> tuple[float, float]:
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()]).float()
     hits = acc.reduce(hits, reduction="sum")
     return (100.0 * hits / len(val)).tolist()
-
-
-def _sha(module: nn.Module) -> str:
-    from pipelines.eval_models import state_sha256
-
-    return state_sha256(module)
-
-
-def write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(path)

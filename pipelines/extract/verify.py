@@ -4,17 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cae2.errors import UserError
+from cae2.fields import Argument, Range
 from pipelines.shards import expand_shards, image_bytes, iter_shard
 from targets.cache import TargetStore, view_checksum
-from targets.shard_files import LatentsChecksum
+from targets.block_files import LatentsChecksum
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
+
+
+@dataclass(kw_only=True)
+class VerifyConfig:
+    """Every option of `cae2 verify-targets`."""
+
+    store: Annotated[str, Argument()]
+    """Target store to check."""
+    shards: str | None = None
+    """Shards the store must cover (counts and keys)."""
+    recompute: Annotated[int, Range(min=0)] = 0
+    """Recompute N random views with the teacher."""
+    pretrained: str | None = None
+    """Teacher weights file, if moved since extraction."""
 
 
 @dataclass
@@ -78,27 +94,39 @@ def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretr
 
 
 def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyReport) -> None:
-    marker = unit.marker
-    n = len(unit)
-    if marker["num_samples"] != n or unit.latents.shape[0] != n:
-        report.problems.append(f"unit {name}: marker says {marker['num_samples']} samples, arrays hold {n}")
+    problem = _shape_problem(name, unit, meta)
+    if problem:
+        report.problems.append(problem)
         return
+    n, valid = len(unit), int(unit.valid.sum())
+    report.images += valid
+    report.views += valid * meta.views_per_image
+    report.skipped += n - valid
+    if len(unit.marker["skipped"]) != n - valid:
+        report.problems.append(f"unit {name}: {n - valid} invalid rows but {len(unit.marker['skipped'])} skip records")
+    _check_latents(name, unit, report)
+    _check_view_params(name, unit, meta, settings, report)
+
+
+def _shape_problem(name: str, unit, meta) -> str | None:
+    """What is wrong with the unit's array shapes and types, if anything."""
+    n = len(unit)
+    if unit.marker["num_samples"] != n or unit.latents.shape[0] != n:
+        return f"unit {name}: marker says {unit.marker['num_samples']} samples, arrays hold {n}"
     expected = (n, meta.views_per_image, meta.num_tokens, meta.latent_dim)
     dtype = np.int8 if meta.latent_format == "int8" else np.float16
     if unit.latents.shape != expected or unit.latents.dtype != dtype:
-        report.problems.append(f"unit {name}: latents are {unit.latents.shape} {unit.latents.dtype}, expected "
-                               f"{expected} {np.dtype(dtype).name}")
-        return
+        return (f"unit {name}: latents are {unit.latents.shape} {unit.latents.dtype}, expected {expected} "
+                f"{np.dtype(dtype).name}")
     if dtype == np.int8 and (unit.scales is None or unit.scales.shape != expected[:3]):
-        report.problems.append(f"unit {name}: int8 latents need scales {expected[:3]}, found "
-                               f"{None if unit.scales is None else unit.scales.shape}")
-        return
-    report.images += int(unit.valid.sum())
-    report.views += int(unit.valid.sum()) * meta.views_per_image
-    report.skipped += n - int(unit.valid.sum())
-    if len(marker["skipped"]) != n - int(unit.valid.sum()):
-        report.problems.append(f"unit {name}: {n - int(unit.valid.sum())} invalid rows but "
-                               f"{len(marker['skipped'])} skip records")
+        return (f"unit {name}: int8 latents need scales {expected[:3]}, found "
+                f"{None if unit.scales is None else unit.scales.shape}")
+    return None
+
+
+def _check_latents(name: str, unit, report: VerifyReport) -> None:
+    """Per-view checksums, the unit's checksum, and finite, written values."""
+    marker = unit.marker
     try:
         digest = LatentsChecksum.like(marker["checksum"])
     except ValueError as e:
@@ -126,6 +154,10 @@ def _check_unit(name: str, unit, meta, settings: ViewSettings, report: VerifyRep
             report.problems.append(f"unit {name} row {start + r}: latents are all zero (never written)")
     if digest is not None and digest.value() != marker["checksum"]:
         report.problems.append(f"unit {name}: latents checksum differs from the completion marker")
+
+
+def _check_view_params(name: str, unit, meta, settings: ViewSettings, report: VerifyReport) -> None:
+    """Every valid view's parameters fit its image and equal the ones (seed, key, view) regenerate."""
     for row in np.flatnonzero(unit.valid):
         hw = tuple(int(v) for v in unit.image_hw[row])
         for k in range(meta.views_per_image):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import hashlib
 import sys
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cae2.errors import UserError
 from cae2.masking import create_mask_generator
+from pipelines.runs import one_thread_per_worker
 from pipelines.shards import Shard, image_bytes, iter_shard
 from targets.cache import CorruptTarget, StoreMeta, TargetStore
 from targets.device_views import crop_pixels, group_inputs, pad_crops, plan_groups
@@ -166,7 +168,8 @@ class TrainStream(IterableDataset):
         self.store_path, self.meta, self.plan, self.cfg = store_path, meta, plan, cfg
         self.model_cfg, self.epoch, self.skip_batches = model_cfg, epoch, skip_batches
         # --teacher-online with the teacher's input size and resampling: its view is the student's
-        self.same_views = (cfg.student_size, cfg.student_interpolation) == (meta.input_size, meta.interpolation)
+        same_views = (cfg.student_size, cfg.student_interpolation) == (meta.input_size, meta.interpolation)
+        self.view_batch = functools.partial(VIEW_BATCHES[cfg.view_path], cfg, meta, same_views)
 
     def __iter__(self):
         info = get_worker_info()
@@ -206,52 +209,86 @@ class TrainStream(IterableDataset):
                                 "store was built from")
 
     def _collate(self, batch, masker) -> dict:
-        meta, cfg = self.meta, self.cfg
-        images, masks, targets, scales, teacher_images, keys, views, params = [], [], [], [], [], [], [], []
+        cfg = self.cfg
+        views = self.view_batch()
+        masks, keys, chosen, targets = [], [], [], []
         for unit, row, sample in batch:
             key = unit.keys[row]
-            k = view_index(cfg.seed, self.epoch, key, meta.views_per_image)
+            k = view_index(cfg.seed, self.epoch, key, self.meta.views_per_image)
             if not cfg.teacher_views:
-                try:
-                    latents, token_scales = unit.read_stored(row, k, check=cfg.corrupt_targets != "off")
-                except CorruptTarget as e:
-                    if cfg.corrupt_targets == "stop":
-                        raise
-                    print(f"WARNING: skipped: {e}", file=sys.stderr, flush=True)
+                stored = self._read_targets(unit, row, k)
+                if stored is None:
                     continue
-            p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
-            image = decode_image(image_bytes(sample))
-            if cfg.view_path == "device":
-                images.append(crop_pixels(image, p))
-                params.append(p)
-            else:
-                images.append(apply_view(image, p, cfg.student_size, cfg.student_interpolation))
-                if cfg.teacher_views:
-                    teacher_images.append(images[-1] if self.same_views else apply_view(image, p, meta.input_size,
-                                                                                         meta.interpolation))
-            if not cfg.teacher_views:
-                targets.append(torch.from_numpy(latents))
-                if token_scales is not None:
-                    scales.append(torch.from_numpy(token_scales))
+                targets.append(stored)
+            views.add(decode_image(image_bytes(sample)),
+                      ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k]))
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
-            views.append(k)
+            chosen.append(k)
         if not keys:
             raise CorruptTarget("every sample of a batch failed its checksum; run `cae2 verify-targets` on the store")
-        out = {"mask": torch.stack(masks), "keys": keys, "views": views}
-        if cfg.view_path == "device":
-            out["view_groups"] = padded_groups(images, params, cfg.student_size, cfg.student_interpolation)
-            if cfg.teacher_views and not self.same_views:
-                out["teacher_view_groups"] = padded_groups(images, params, meta.input_size, meta.interpolation)
-        else:
-            out["images"] = torch.stack(images)
-            if cfg.teacher_views:
-                out["teacher_images"] = torch.stack(teacher_images)
-        if not cfg.teacher_views:
-            out["targets"] = torch.stack(targets)  # float16, or int8 with "target_scales" (dequantised on the device)
-            if scales:
-                out["target_scales"] = torch.stack(scales)
+        out = {"mask": torch.stack(masks), "keys": keys, "views": chosen, **views.batch()}
+        if targets:  # float16, or int8 with "target_scales" (dequantised on the device)
+            out["targets"] = torch.stack([torch.from_numpy(latents) for latents, _ in targets])
+            if targets[0][1] is not None:
+                out["target_scales"] = torch.stack([torch.from_numpy(scales) for _, scales in targets])
         return out
+
+    def _read_targets(self, unit, row: int, k: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A sample's stored view (latents, int8 scales or None); None: it failed its checksum and is skipped."""
+        try:
+            return unit.read_stored(row, k, check=self.cfg.corrupt_targets != "off")
+        except CorruptTarget as e:
+            if self.cfg.corrupt_targets == "stop":
+                raise
+            print(f"WARNING: skipped: {e}", file=sys.stderr, flush=True)
+            return None
+
+
+class PillowViewBatch:
+    """Pillow view path: the worker cuts each sample's view (and the teacher's, for --teacher-online)."""
+
+    def __init__(self, cfg: StreamConfig, meta: StoreMeta, same_views: bool):
+        self.cfg, self.meta, self.same_views = cfg, meta, same_views
+        self.images: list[torch.Tensor] = []
+        self.teacher_images: list[torch.Tensor] = []
+
+    def add(self, image, p: ViewParams) -> None:
+        self.images.append(apply_view(image, p, self.cfg.student_size, self.cfg.student_interpolation))
+        if self.cfg.teacher_views:
+            self.teacher_images.append(self.images[-1] if self.same_views else
+                                       apply_view(image, p, self.meta.input_size, self.meta.interpolation))
+
+    def batch(self) -> dict:
+        out = {"images": torch.stack(self.images)}
+        if self.cfg.teacher_views:
+            out["teacher_images"] = torch.stack(self.teacher_images)
+        return out
+
+
+class DeviceViewBatch:
+    """Device view path: the worker crops each sample's box and pads the batch's crops into groups with
+    their inputs; the training device cuts the views (`DeviceViews.make_batch`)."""
+
+    def __init__(self, cfg: StreamConfig, meta: StoreMeta, same_views: bool):
+        self.cfg, self.meta, self.same_views = cfg, meta, same_views
+        self.crops: list[np.ndarray] = []
+        self.params: list[ViewParams] = []
+
+    def add(self, image, p: ViewParams) -> None:
+        self.crops.append(crop_pixels(image, p))
+        self.params.append(p)
+
+    def batch(self) -> dict:
+        out = {"view_groups": padded_groups(self.crops, self.params, self.cfg.student_size,
+                                            self.cfg.student_interpolation)}
+        if self.cfg.teacher_views and not self.same_views:
+            out["teacher_view_groups"] = padded_groups(self.crops, self.params, self.meta.input_size,
+                                                       self.meta.interpolation)
+        return out
+
+
+VIEW_BATCHES = {"pillow": PillowViewBatch, "device": DeviceViewBatch}
 
 
 def padded_groups(crops: list[np.ndarray], params: list[ViewParams], size: int, interpolation: str) -> list[dict]:
@@ -293,10 +330,6 @@ def start_loader(loader: DataLoader):
     return iter(loader)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: StreamConfig, model_cfg,
                 epoch: int, skip_batches: int = 0, pin_memory: bool = False) -> tuple[DataLoader, EpochPlan]:
     plan = plan_epoch(index, cfg, epoch)
@@ -304,7 +337,7 @@ def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: 
     # Its own generator: creating the iterator must not consume the global RNG that drop path uses,
     # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
     generator = torch.Generator().manual_seed(_stable_int(LOADER_SALT, cfg.seed, epoch, cfg.rank))
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=one_thread_per_worker,
                         pin_memory=pin_memory, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False, generator=generator)
     return loader, plan

@@ -11,13 +11,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 import torch
 
 import cae2
 from cae2.errors import UserError
+from cae2.fields import Argument
 from targets.cache import TargetStore, require_local_out
 from targets.quantize import LATENT_FORMATS, QuantStats, quantize, token_errors
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """Every option of `cae2 convert-targets`."""
+
+    src: Annotated[str, Argument()]
+    """An fp16 target store (only read)."""
+    dst: Annotated[str, Argument()]
+    """The new store; rerun to resume."""
+    latent_format: str = "int8"
+    """int8: one float32 scale per token."""
+    min_cosine: float = 0.999
+    """Fail a unit whose token cosine to the source falls below this."""
 
 
 @dataclass
@@ -42,8 +58,8 @@ class ConvertStats:
         return "\n".join(lines + [f"FAILED: {m}" for m in self.units_failed])
 
 
-def convert_store(src: str, dst: str, latent_format: str = "int8", min_cosine: float = 0.999,
-                  log=print) -> ConvertStats:
+def convert_store(cfg: ConvertConfig, log=print) -> ConvertStats:
+    src, dst, latent_format, min_cosine = cfg.src, cfg.dst, cfg.latent_format, cfg.min_cosine
     if latent_format != "int8":
         raise UserError(f"--latent-format: convert-targets writes int8 stores (one of {', '.join(LATENT_FORMATS)} "
                         f"is the source's); got {latent_format!r}")
@@ -75,11 +91,8 @@ def convert_store(src: str, dst: str, latent_format: str = "int8", min_cosine: f
 def _convert_unit(source: TargetStore, target: TargetStore, name: str, min_cosine: float, stats: ConvertStats) -> None:
     unit = source.unit(name)
     marker = unit.marker
-    writer = target.begin_unit(name, marker["source"], unit.keys)
-    writer.valid[:], writer.view_int[:], writer.view_float[:], writer.image_hw[:] = \
-        unit.valid, unit.view_int, unit.view_float, unit.image_hw
-    writer.skipped = list(marker["skipped"])
-    writer.view_path = marker.get("view_path", "pillow")
+    writer = target.begin_unit(name, marker["source"], unit.keys, marker.get("view_path", "pillow"))
+    writer.copy_records(unit)
     quant = QuantStats()
     for start, block, _ in unit.blocks():
         x = torch.from_numpy(block)
@@ -92,11 +105,9 @@ def _convert_unit(source: TargetStore, target: TargetStore, name: str, min_cosin
         stats.bytes_read += block.nbytes
         stats.bytes_written += q.numpy().nbytes + scales.numpy().nbytes
         stats.views += int(unit.valid[start:start + len(block)].sum()) * block.shape[1]
-    if quant.tokens and quant.min_cosine < min_cosine:
-        w = quant.worst
-        stats.units_failed.append(f"unit {name}: int8 latents of key {w['key']} (row {w['row']}, view {w['view']}, "
-                                  f"token {w['token']}) reach a token cosine of {quant.min_cosine:.6f} to the source, "
-                                  f"below --min-cosine {min_cosine}; the unit is left incomplete")
+    failure = quant.failure(name, min_cosine, "the source", "rerun with a lower --min-cosine")
+    if failure:
+        stats.units_failed.append(failure)
         return
     writer.finish(marker["source"], quant.record() | {"against": "source float16 latents"})
     stats.units_done += 1

@@ -17,11 +17,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD
+from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
+from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
+from targets.teacher import Teacher, TeacherSpec
 from targets.views import normalize
 
 POOLS = ("cls", "avg", "cls+avg")
@@ -74,8 +81,6 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def _vit(kwargs: dict, state: dict, source: str) -> FeatureModel:
-    from timm.models.vision_transformer import VisionTransformer
-
     net = VisionTransformer(**kwargs)
     try:
         net.load_state_dict(state, strict=True)
@@ -95,19 +100,13 @@ def load_feature_model(spec: str) -> FeatureModel:
     if path.suffix == ".safetensors":
         return _exported(path, spec)
     if path.is_dir():
-        from cae2.encoder import timm_kwargs
-        from pipelines.export import encoder_state_dict, find_checkpoint, model_config_of
-
         ckpt = find_checkpoint(path)
-        return _vit(timm_kwargs(model_config_of(ckpt)), encoder_state_dict(ckpt), spec)
+        return _vit(timm_kwargs(model_config_of(ckpt)), model_state_dict(ckpt, "encoder."), spec)
     raise UserError(f"--model {spec}: not a run or checkpoint directory, an exported .safetensors file, "
                     "timm:NAME or clip:NAME:WEIGHTS")
 
 
 def _exported(path: Path, spec: str) -> FeatureModel:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise UserError(f"--model {spec}: no such file")
     with safe_open(str(path), "pt") as f:
@@ -118,8 +117,6 @@ def _exported(path: Path, spec: str) -> FeatureModel:
 
 
 def _timm(spec: str) -> FeatureModel:
-    import timm
-
     name, _, mode = spec.removeprefix("timm:").partition(":")
     if mode not in ("", "random"):
         raise UserError(f"--model {spec}: use timm:NAME (pretrained weights) or timm:NAME:random")
@@ -137,8 +134,6 @@ def _timm(spec: str) -> FeatureModel:
 
 
 def _clip(spec: str) -> FeatureModel:
-    from targets.teacher import Teacher, TeacherSpec
-
     parts = spec.split(":", 2)
     if len(parts) != 3 or not parts[1] or not parts[2]:
         raise UserError(f"--model {spec}: use clip:MODEL:WEIGHTS, e.g. clip:ViT-B-16:openai or clip:ViT-B-16:/w.pt "

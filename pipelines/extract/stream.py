@@ -1,0 +1,138 @@
+"""Stage 1's data-loader side: each worker claims a unit, reads its whole shard, decodes each image
+once and yields its K views (or the decoded image, for the device view path) as messages.
+
+Per unit a worker yields `NotMine` (complete, or another live process holds it), `ShardError`, or
+`UnitStart` followed by one `ImageViews` or `Skip` per sample, in shard order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from cae2.errors import UserError
+from pipelines.shards import Shard, image_bytes, iter_shard
+from targets.cache import TargetStore
+from targets.claims import STALE_AFTER, Holder, release, try_claim
+from targets.views import DecodeError, ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
+
+
+@dataclass
+class UnitStart:
+    shard: Shard
+    keys: list[str]
+
+
+@dataclass
+class ImageViews:
+    unit: str
+    row: int
+    views: torch.Tensor | None  # [K, 3, S, S] uint8 (the teacher normalises); None until cut (device path)
+    view_int: np.ndarray  # [K, 10]
+    view_float: np.ndarray  # [K, 4]
+    image_hw: tuple[int, int]
+    image: torch.Tensor | None = None  # device path: the decoded image, uint8 [H, W, 3]
+    params: list[ViewParams] | None = None  # device path: the K views' parameters
+
+    def pin_memory(self) -> ImageViews:
+        """The DataLoader's pin-memory thread pins the image, so that its copy to the GPU waits for nothing."""
+        if self.image is not None:
+            self.image = self.image.pin_memory()
+        return self
+
+
+@dataclass
+class Skip:
+    unit: str
+    row: int
+    key: str
+    reason: str
+
+
+@dataclass
+class ShardError:
+    shard: Shard
+    message: str
+
+
+@dataclass
+class NotMine:
+    """A unit this run does not write: complete by now, or claimed by another live process."""
+
+    shard: Shard
+    holder: Holder | None  # None: complete
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """How a worker makes an image's views."""
+
+    settings: ViewSettings
+    seed: int
+    k: int
+    size: int
+    interpolation: str
+    device_views: bool = False
+    """Hand on the decoded image; the main process cuts the views on the teacher's device."""
+
+
+class UnitViewStream(IterableDataset):
+    """Worker w of W takes units w, w + W, ...; it claims each one in `store` (when given) before
+    reading it, and each image is decoded once for all its K views."""
+
+    def __init__(self, shards: list[Shard], recipe: ViewRecipe, store: str | None = None,
+                 holder: Holder | None = None, claim_timeout: float = STALE_AFTER):
+        self.shards, self.recipe = shards, recipe
+        self.store, self.holder, self.claim_timeout = store, holder, claim_timeout
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        store = TargetStore.open(self.store) if self.store else None
+        for shard in self.shards[wid::nw]:
+            if store is not None:
+                taken = self._claim(store, shard)
+                if taken is not None:
+                    yield taken
+                    continue
+            try:
+                samples = list(iter_shard(shard.url))  # whole shard: the row count is known up front
+            except UserError as e:
+                yield ShardError(shard, str(e))
+                continue
+            yield UnitStart(shard, [s["__key__"] for s in samples])
+            for row, sample in enumerate(samples):
+                yield self._views(shard.name, row, sample)
+
+    def _claim(self, store: TargetStore, shard: Shard) -> NotMine | None:
+        """Claim the unit first, then make sure nobody finished it meanwhile; None: it is ours."""
+        claim = store.claim_path(shard.name)
+        got, other = try_claim(claim, self.holder, self.claim_timeout)
+        if not got:
+            return NotMine(shard, other)
+        if store.marker(shard.name) is not None:
+            release(claim, self.holder)
+            return NotMine(shard, None)
+        return None
+
+    def _views(self, unit: str, row: int, sample: dict) -> ImageViews | Skip:
+        key, r = sample["__key__"], self.recipe
+        data = image_bytes(sample)
+        if data is None:
+            fields = ", ".join(k for k in sample if not k.startswith("__")) or "none"
+            return Skip(unit, row, key, f"no image field (has: {fields})")
+        try:
+            image = decode_image(data)
+        except DecodeError as e:
+            return Skip(unit, row, key, str(e))
+        hw = (image.height, image.width)
+        params = [measure_view(sample_view(r.settings, r.seed, key, k, hw), image) for k in range(r.k)]
+        records = [p.to_record() for p in params]
+        view_int, view_float = np.stack([rec[0] for rec in records]), np.stack([rec[1] for rec in records])
+        if r.device_views:
+            return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.array(image)), params)
+        views = torch.stack([apply_view(image, p, r.size, r.interpolation) for p in params])
+        return ImageViews(unit, row, views, view_int, view_float, hw)

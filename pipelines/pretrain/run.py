@@ -1,0 +1,230 @@
+"""Setting up a pretraining run: every check before anything is written, then Accelerate, the schedule,
+the model and optimizer, and (when resumed) the restored state. RUN_DIR is written only after every
+check has passed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+import cae2
+from cae2.config import ModelConfig
+from cae2.errors import UserError
+from pipelines.checkpoint import Checkpointer
+from pipelines.pretrain.config import TrainConfig
+from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, plan_epoch, start_loader
+from pipelines.pretrain.schedule import Schedule
+from pipelines.pretrain.step import StepParts, make_optimizer
+from pipelines.runs import RunLock, git_sha
+from pipelines.shards import expand_shards
+from targets.cache import StoreMeta, TargetStore
+from targets.device_views import DECODERS, DeviceViews
+from targets.teacher import teacher_for_store
+from targets.view_paths import resolve_view_path, where_views_are_cut
+from targets.views import ViewSettings
+
+Evaluator = Callable[[torch.nn.Module, object], dict]
+"""(the student, the accelerator) -> metrics of the student (`--eval-every`); it must not touch the
+student's state or any random generator, so that the run goes on exactly as without it."""
+
+
+@dataclass
+class Run:
+    """A pretraining run, set up and (when resumed) restored: everything `train` loops over."""
+
+    cfg: TrainConfig
+    dir: Path
+    accelerator: object
+    store: TargetStore
+    index: list
+    model_cfg: ModelConfig
+    stream_cfg: StreamConfig
+    schedule: Schedule
+    parts: StepParts
+    checkpointer: Checkpointer
+    resolved: dict
+    data_layout: dict
+    evaluator: Evaluator | None = None
+    lock: RunLock | None = None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def start_epoch(self, epoch: int, skip: int):
+        """Start an epoch's loader (its workers begin decoding at once) -> (iterator, plan)."""
+        loader, plan = make_loader(self.store.path, self.store.meta, self.index, self.stream_cfg, self.model_cfg,
+                                   epoch, skip_batches=skip, pin_memory=self.accelerator.device.type == "cuda")
+        return start_loader(loader), plan
+
+    def trainer_state(self, step: int, epoch: int, batch_in_epoch: int) -> dict:
+        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": self.cfg.model,
+                "model_config": self.resolved["model"], "data_layout": self.data_layout,
+                "config": self.resolved["config"]}
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    names = ("drop_path", "mask_strategy", "target_dim")
+    overrides = {k: getattr(cfg, k) for k in names if getattr(cfg, k) is not None}
+    return cae2.resolve_model_config(cfg.model, **overrides)
+
+
+def preflight(cfg: TrainConfig) -> tuple[TargetStore, list, ModelConfig]:
+    """Every check that can fail before the first step, in the order a user would fix them."""
+    try:
+        cae2.get_preset(cfg.model)
+    except KeyError as e:
+        raise UserError(f"--model: {e.args[0]}") from None
+    shards = expand_shards(cfg.shards)
+    store = TargetStore.open(cfg.targets)
+    meta = store.meta
+    model_cfg = model_config(cfg)
+    if meta.latent_dim != model_cfg.target_dim:
+        raise UserError(f"--targets {cfg.targets}: teacher latents are {meta.latent_dim}-d but {cfg.model}'s head "
+                        f"predicts {model_cfg.target_dim}-d; pass --target-dim {meta.latent_dim}, or use the preset "
+                        "made for this teacher (CLIP ViT-L/14 -> cae2_vit_large)")
+    if tuple(meta.grid) != model_cfg.grid_size:
+        raise UserError(f"--targets {cfg.targets}: the teacher's patch grid is {meta.grid[0]}x{meta.grid[1]} but "
+                        f"{cfg.model} has {model_cfg.grid_size[0]}x{model_cfg.grid_size[1]}; extract with a teacher "
+                        "input size giving the student's grid (e.g. --teacher-image-size 196 for ViT-L-14)")
+    if meta.teacher.get("random_init") and not cfg.allow_random_teacher:
+        raise UserError(f"--targets {cfg.targets} was made with a RANDOMLY INITIALISED teacher; pass "
+                        "--allow-random-teacher if that is intended (tests, demos)")
+    index = index_shards(store, shards)
+    return store, index, model_cfg
+
+
+def start_run(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -> Run:
+    """Preflight, Accelerate, the schedule, the model and optimizer, the resume; RUN_DIR is written only
+    after every check has passed."""
+    run_dir = Path(cfg.out)
+    store, index, model_cfg = preflight(cfg)
+    checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo ranks when launched on CPUs
+                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    lock = RunLock.take(run_dir, accelerator)
+    try:
+        found = checkpointer.find(cfg.resume)  # before anything is logged: a refusal comes first
+        run = _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelerator)
+        run.lock, run.evaluator = lock, evaluator
+        _resume(run, *found, log)
+        _open_run_dir(run)
+        return run
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelerator) -> Run:
+    """Everything but the restored state: stream, schedule, model, optimizer, the step's parts."""
+    meta = store.meta
+    world, rank = accelerator.num_processes, accelerator.process_index
+    view_path = _view_path(cfg.view_path, accelerator.device, meta)
+    stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
+                              shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
+                              teacher_views=cfg.teacher_online, view_path=view_path,
+                              corrupt_targets=cfg.corrupt_targets)
+    preset = cae2.get_preset(cfg.model).train
+    first_plan = plan_epoch(index, stream_cfg, 0)
+    schedule = Schedule.resolve(cfg, preset, first_plan.batches_per_rank, world)
+    resolved = {
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg).items()},
+        "model": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(model_cfg).items()},
+        "derived": schedule.to_json(),
+        "store": {"path": store.path, "teacher": meta.teacher, "views_per_image": meta.views_per_image,
+                  "latent_format": meta.latent_format},
+        "git_sha": git_sha(), "cae2_version": cae2.__version__,
+    }
+    if accelerator.is_main_process:
+        _log_start(log, cfg, accelerator, schedule, meta, index, first_plan, view_path)
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = cae2.CAEv2(model_cfg)
+    optimizer = make_optimizer(model, preset, schedule.weight_decay, schedule.peak_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = StepParts(accelerator=accelerator, model=model, forward=model, optimizer=optimizer, schedule=schedule,
+                      n_visible=model_cfg.num_visible_tokens, grad_accum=cfg.grad_accum)
+    if cfg.teacher_online:
+        parts.teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
+    if view_path == "device":
+        parts.student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
+        parts.teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
+    data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                   "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
+                   "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
+    return Run(cfg=cfg, dir=run_dir, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
+               stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=checkpointer, resolved=resolved,
+               data_layout=data_layout)
+
+
+def _resume(run: Run, ckpt: Path | None, resume_state: dict | None, log) -> None:
+    """Restore the checkpoint `Checkpointer.find` chose, or seed a fresh run's per-process streams."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if ckpt is None:
+        set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
+        return
+    ckpt, resume_state = run.checkpointer.restore(
+        accelerator, cfg.resume, ckpt, resume_state,
+        lambda c, s: _check_resume(c, s, run.resolved["model"], run.data_layout), log=log)
+    run.step, run.epoch, run.batch_in_epoch = (resume_state[k] for k in ("step", "epoch", "batch_in_epoch"))
+    if accelerator.is_main_process:
+        log(f"resumed from {ckpt} at step {run.step} (epoch {run.epoch}, micro-batch {run.batch_in_epoch})")
+
+
+def _open_run_dir(run: Run) -> None:
+    """Compile, then write RUN_DIR: config.json, TensorBoard, the key audit files."""
+    cfg, accelerator = run.cfg, run.accelerator
+    # Compiled after prepare/load: checkpoints hold the plain module's keys, so runs with and without
+    # --compile resume each other's checkpoints.
+    run.parts.forward = torch.compile(run.parts.model) if cfg.compile else run.parts.model
+    if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "config.json").write_text(json.dumps(run.resolved, indent=1, default=str))
+        accelerator.init_trackers("tensorboard", config=run.resolved["derived"])
+    if cfg.log_keys:
+        (run.dir / "keys").mkdir(parents=True, exist_ok=True)
+        run.parts.keys_file = (run.dir / "keys" / f"rank{accelerator.process_index}.txt").open("a")
+
+
+def _log_start(log, cfg: TrainConfig, accelerator, schedule: Schedule, meta: StoreMeta, index: list, plan,
+               view_path: str) -> None:
+    s = schedule
+    log(f"pretrain: {cfg.model} on {s.processes} process(es) ({accelerator.device}, {accelerator.mixed_precision}); "
+        f"global batch {s.global_batch} = {cfg.batch_size} x {s.processes} x {cfg.grad_accum}; peak lr "
+        f"{s.peak_lr:.3g} ({s.lr_rule}); {s.total_steps} steps, {s.steps_per_epoch}/epoch, warmup {s.warmup_steps}; "
+        f"targets {'ONLINE teacher' if cfg.teacher_online else f'cache ({meta.latent_format})'}")
+    log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
+        f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
+        + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)"))
+    skipped = sum(i.num_samples - len(i.rows) for i in index)
+    log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
+        f"{plan.left_out} left out per epoch to keep {s.processes} rank(s) in step")
+
+
+def _view_path(choice: str, device: torch.device, meta: StoreMeta) -> str:
+    """The view path of this run; views must come from the decoder the store's views came from."""
+    if meta.decoder not in DECODERS:
+        raise UserError(f"--targets: the store's views were cut from images decoded by {meta.decoder!r}; this "
+                        f"cae2 decodes with {', '.join(DECODERS)}: use the cae2 version that made the store")
+    return resolve_view_path(choice, device, meta.interpolation, ViewSettings.from_dict(meta.views))
+
+
+def _check_resume(ckpt: Path, state: dict, model: dict, data_layout: dict) -> None:
+    """The data position means something only under the same data layout; the weights only fit the same model."""
+    if state.get("model_config") != model:
+        diff = sorted(k for k in model if state.get("model_config", {}).get(k) != model[k])
+        raise UserError(f"--resume {ckpt}: the checkpoint is for another model configuration ({', '.join(diff)} "
+                        "differ); resume with the original --model and options, or start a new --out")
+    saved = state.get("data_layout", {})
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in data_layout.items() if saved.get(k) != v]
+    if diff:
+        raise UserError(f"--resume {ckpt}: the data layout changed ({'; '.join(diff)}); the saved position in the "
+                        "epoch only holds for the same shards, processes, batch size, grad accumulation, workers, "
+                        "seed and shuffle buffer")

@@ -1,0 +1,131 @@
+"""One optimizer step of CAE v2 pretraining, and what it reports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+import cae2
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD, TrainDefaults
+from cae2.errors import UserError
+from pipelines.pretrain.schedule import Schedule
+from targets.device_views import DeviceViews
+from targets.quantize import dequantize
+from targets.views import normalize
+
+
+def make_optimizer(model: cae2.CAEv2, preset: TrainDefaults, weight_decay: float, lr: float) -> torch.optim.AdamW:
+    """The preset's AdamW (betas, eps; no decay on norms, biases and the preset's tokens), fused: one
+    vectorised kernel per parameter on CPU and CUDA instead of ~6 elementwise ops each."""
+    return torch.optim.AdamW(model.param_groups(weight_decay, preset.decay_tokens), lr=lr, betas=preset.betas,
+                             eps=preset.eps, fused=True)
+
+
+@dataclass
+class StepStats:
+    losses: torch.Tensor
+    """[loss, loss_v, loss_z] of this process, averaged over the step's micro-batches."""
+    grad_norm: torch.Tensor
+    lr: float
+    wait: float
+    """Seconds spent waiting for the data loader."""
+
+
+@dataclass
+class LogWindow:
+    """Throughput and data waiting over the optimizer steps since the last metrics record."""
+
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+
+    def add(self, stats: StepStats) -> None:
+        self.wait += stats.wait
+        self.steps += 1
+
+    def record(self, accelerator, stats: StepStats, step: int, epoch: int, global_batch: int) -> dict:
+        """The metrics record of the last step (losses averaged over processes) and the window's rates."""
+        reduced = accelerator.reduce(stats.losses, reduction="mean").tolist()
+        elapsed = time.perf_counter() - self.t0
+        return {"step": step, "epoch": epoch, "loss": reduced[0], "loss_v": reduced[1], "loss_z": reduced[2],
+                "lr": stats.lr, "grad_norm": float(stats.grad_norm),
+                "samples_per_s": self.steps * global_batch / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed)}
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step needs."""
+
+    accelerator: object
+    model: torch.nn.Module
+    forward: torch.nn.Module
+    """The model, or its torch.compile wrapper."""
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    n_visible: int
+    grad_accum: int
+    teacher: torch.nn.Module | None = None
+    """--teacher-online: targets from the teacher instead of the store."""
+    student_views: DeviceViews | None = None
+    teacher_views: DeviceViews | None = None
+    keys_file: object = None
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A loader batch -> (normalised images, mask, targets) on the device."""
+        device = self.accelerator.device
+        raw = self.student_views.make_batch(batch["view_groups"], len(batch["keys"])) if self.student_views \
+            else batch["images"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        if self.teacher is not None:
+            return normalize(raw, IMAGENET_MEAN, IMAGENET_STD), mask, self.teacher(self._teacher_views(batch, raw))
+        targets = batch["targets"].to(device, non_blocking=True)
+        if "target_scales" in batch:  # int8 store
+            targets = dequantize(targets, batch["target_scales"].to(device, non_blocking=True))
+        return normalize(raw, IMAGENET_MEAN, IMAGENET_STD), mask, targets
+
+    def _teacher_views(self, batch: dict, student: torch.Tensor) -> torch.Tensor:
+        """The teacher's view of each sample (--teacher-online): the student's when sizes match."""
+        if "teacher_images" in batch:
+            return batch["teacher_images"]
+        if "teacher_view_groups" in batch:
+            return self.teacher_views.make_batch(batch["teacher_view_groups"], len(batch["keys"]))
+        return student
+
+
+def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
+    """One optimizer step: `grad_accum` micro-batches (gradients synchronised on the last), clipping,
+    the scheduled lr, the update."""
+    acc = parts.accelerator
+    losses = torch.zeros(3, device=acc.device)
+    wait, keys = 0.0, []
+    for micro in range(parts.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        images, mask, targets = parts.inputs(batch)
+        with contextlib.nullcontext() if micro == parts.grad_accum - 1 else acc.no_sync(parts.model):
+            pred = parts.forward(images, mask)
+            out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), parts.n_visible,
+                                      parts.schedule.loss, parts.schedule.loss_combine)
+            acc.backward(out.loss / parts.grad_accum)
+        losses += torch.stack([out.loss.detach(), out.loss_v.detach(), out.loss_z.detach()]).float()
+        keys += batch["keys"]
+        if parts.keys_file:
+            parts.keys_file.write("".join(f"{step} {epoch} {k}\n" for k in batch["keys"]))
+    grad_norm = acc.clip_grad_norm_(parts.model.parameters(), parts.schedule.clip_grad)
+    if not torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced); nothing is applied
+        raise UserError(f"step {step + 1}: the loss or a gradient is not finite (loss {float(losses[0]):.4g}, "
+                        f"gradient norm {float(grad_norm):.4g}); this rank's samples of the step: "
+                        f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. Nothing of the step was applied "
+                        "and the checkpoints are untouched: check these samples' targets (cae2 verify-targets), "
+                        "or resume with a lower --lr")
+    lr = parts.schedule.lr(step)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return StepStats(losses / parts.grad_accum, grad_norm, lr, wait)

@@ -1,0 +1,114 @@
+"""What every command that runs under Accelerate shares: the process state, agreement between ranks,
+stop signals, one process per run directory, and the metrics log of a resumable run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+
+from cae2.errors import UserError
+from targets.claims import Heartbeat, Holder, release, try_claim
+
+
+def process_state() -> PartialState:
+    """Accelerate's view of this process (gloo CPU ranks when no GPU is visible)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def one_thread_per_worker(_: int) -> None:
+    """A data-loader worker's `worker_init_fn`: one intra-op thread (the workers already fill the cores)."""
+    torch.set_num_threads(1)
+
+
+def agree(accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is True on any of them."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def end_ranks(state) -> None:
+    """Every rank reaches the end, then the process group goes (a gloo group left to the interpreter's
+    exit can abort a rank that finished early: 'terminate called without an active exception')."""
+    if state.num_processes > 1 and dist.is_initialized():
+        state.wait_for_everyone()
+        dist.destroy_process_group()
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Preemption:
+    """Remembers a SIGTERM (a scheduler's preemption) so that the loop can save and stop after the step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+class RunLock:
+    """One training process (job) per run directory: the main process claims `.<RUN_DIR>.train.claim`
+    beside it (targets.claims; a dead or silent holder's claim is taken over), and every rank agrees."""
+
+    def __init__(self, path: Path | None, holder: Holder | None, heartbeat: Heartbeat | None):
+        self.path, self.holder, self.heartbeat = path, holder, heartbeat
+
+    @classmethod
+    def take(cls, run_dir: Path, accelerator) -> RunLock:
+        path = run_dir.resolve().parent / f".{run_dir.name}.train.claim"
+        ok, other = True, None
+        if accelerator.is_main_process:
+            holder = Holder.me()
+            ok, other = try_claim(path, holder)
+        if not agree(accelerator, not ok):
+            if not accelerator.is_main_process:
+                return cls(None, None, None)
+            heartbeat = Heartbeat()
+            heartbeat.add(path)
+            return cls(path, holder, heartbeat)
+        who = other.describe() if other else "a process that is starting"
+        raise UserError(f"--out {run_dir}: {who} is training in it ({path}); wait for it to finish, or use another "
+                        "--out")
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.heartbeat.stop()
+            release(self.path, self.holder)
+            self.path = None
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl (main process) + Accelerate's trackers; on resume drops records past the
+    checkpoint, so that the file reads like an uninterrupted run's."""
+
+    def __init__(self, run_dir: Path, accelerator, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.accelerator = accelerator
+        if accelerator.is_main_process and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in kept))
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
