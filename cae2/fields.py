@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
+from pathlib import Path
+
+from cae2.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,41 @@ class OneOf:
         return f"must be one of {', '.join(self.choices)}"
 
 
+@dataclass(frozen=True)
+class PathKind:
+    """What a path must be, checked before any work: `file` (an existing file), `dir` (an existing
+    directory), `new_file` (a file to write: not a directory, in a folder that is or can be made
+    writable), `out_dir` (a directory to write: not a file, somewhere writable)."""
+
+    kind: str
+
+    def problem(self, value) -> str | None:
+        if value is None or "://" in str(value):
+            return None
+        path = Path(value)
+        if self.kind == "file":
+            return None if path.is_file() else "is a directory; pass a file" if path.is_dir() else "does not exist"
+        if self.kind == "dir":
+            return None if path.is_dir() else "is a file; pass a directory" if path.exists() else "does not exist"
+        if path.is_dir() and self.kind == "new_file":
+            return "is a directory; pass the path of a file to write"
+        if path.exists() and not path.is_dir() and self.kind == "out_dir":
+            return "is a file; pass a directory (new or existing)"
+        return _unwritable(path)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why nothing could be written at `path` (its nearest existing folder), or None."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot be created: {folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot be written: {folder} is not writable"
+    return None
+
+
 def constraints(cls) -> dict[str, tuple]:
     """{field name: the constraint objects in its Annotated type} of a dataclass."""
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -73,12 +112,21 @@ def constraints(cls) -> dict[str, tuple]:
 
 
 def field_problems(obj) -> list[tuple[str, str]]:
-    """[(field name, what is wrong)] of a dataclass instance against its fields' constraints."""
+    """[(field name, what is wrong)] of a dataclass instance against its fields' constraints (values,
+    not paths: those are checked where a command starts)."""
     problems = []
     for name, checks in constraints(type(obj)).items():
         value = getattr(obj, name)
         for check in checks:
-            problem = check.problem(value) if hasattr(check, "problem") else None
+            problem = None if isinstance(check, PathKind) or not hasattr(check, "problem") else check.problem(value)
             if problem:
                 problems.append((name, f"{problem}, not {value!r}"))
     return problems
+
+
+def check_fields(obj) -> None:
+    """Raise UserError for the first field of `obj` outside its constraints (configs built in code)."""
+    problems = field_problems(obj)
+    if problems:
+        name, problem = problems[0]
+        raise UserError(f"{type(obj).__name__}.{name} {problem}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Annotated
@@ -13,6 +14,7 @@ from typing import Annotated
 import torch
 import typer
 from accelerate.utils import gather_object
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer bundles click; no public name
 
 import cae2
 from cae2.errors import UserError
@@ -23,7 +25,7 @@ from pipelines.evaluate.commands import run_knn, run_linear
 from pipelines.evaluate.config import KnnConfig, LinearConfig
 from pipelines.evaluate.monitor import KnnMonitor
 from pipelines.extract.config import ExtractConfig
-from pipelines.extract.convert import ConvertConfig, convert_store
+from pipelines.extract.convert import ConvertConfig, ConvertStats, convert_store
 from pipelines.extract.run import ExtractStats, run_extract
 from pipelines.extract.verify import VerifyConfig, verify_store
 from pipelines.pretrain.config import TrainConfig
@@ -168,9 +170,13 @@ def _convert_targets(cfg: ConvertConfig) -> None:
     Example: cae2 convert-targets /out/in1k-b16-k5.zarr /out/in1k-b16-k5-int8.zarr --latent-format int8
     """
     stats = convert_store(cfg, log=_echo_err)
-    typer.echo(stats.summary())
-    typer.echo(f"store: {cfg.dst}")
-    if stats.units_failed:
+    state = process_state()
+    total = ConvertStats.merged(gather_object([stats])) if state.num_processes > 1 else stats
+    if state.is_main_process:
+        typer.echo(total.summary())
+        typer.echo(f"store: {cfg.dst}")
+    end_ranks(state)
+    if total.units_failed:
         raise typer.Exit(1)
 
 
@@ -278,24 +284,56 @@ def _demo(cfg: DemoConfig) -> None:
 options.command(app, "demo", DemoConfig, _demo, config_file=False)
 
 
-def main() -> None:
-    """Console-script entry: user errors become one line on stderr and exit status 2."""
+def run(args: list[str] | None = None) -> int:
+    """Run the `cae2` command line -> its exit status. Every error is one line on stderr (status 2): bad
+    usage, a user error, an OS error; Ctrl-C says what is kept (status 130)."""
     try:
-        app()
+        status = app(args=args, prog_name="cae2", standalone_mode=False)
+        status = status if isinstance(status, int) else 0
+    except NoArgsIsHelpError as e:  # `cae2` or `cae2 evaluate` alone: the help
+        typer.echo(e.format_message())
+        return 0
+    except UsageError as e:
+        command = e.ctx.command_path if e.ctx else "cae2"
+        return _error(f"{' '.join(e.format_message().split())} (see `{command} --help`)")
     except UserError as e:
         if _state["debug"]:
             raise
         text = str(e)
         if "Original Traceback" in text:  # raised in a data-loader worker: its own line is the last one
             text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-        typer.echo(f"error: {text}", err=True)
-        sys.exit(2)
+        return _error(text)
     except OSError as e:  # a full, read-only or vanished file system, reported where it happened
         if _state["debug"]:
             raise
-        typer.echo(f"error: {e.strerror or e}: {e.filename or 'a file'}; fix the file system (free space, "
-                   "permissions, mounts) and rerun: complete work is kept", err=True)
-        sys.exit(2)
+        return _error(f"{e.strerror or e}: {e.filename or 'a file'}; fix the file system (free space, permissions, "
+                      "mounts) and rerun: complete work is kept")
+    except typer.Abort:
+        status = 130
+    if status == 130:  # Ctrl-C: typer turns KeyboardInterrupt into exit status 130
+        _say("interrupted: complete work is kept (finished units, saved checkpoints); rerun the same command "
+             "to go on")
+    return status
+
+
+def _error(text: str) -> int:
+    _say(f"error: {text}")
+    return 2
+
+
+def _say(line: str) -> None:
+    """One line on stderr; retried briefly, so that the line survives a moment in which writes fail."""
+    for attempt in range(20):
+        try:
+            print(line, file=sys.stderr, flush=True)
+            return
+        except OSError:
+            time.sleep(0.1 * (attempt + 1))
+
+
+def main() -> None:
+    """Console-script entry."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from PIL import Image
 
 import cae2
 from cae2.errors import UserError
-from cae2.fields import Range
+from cae2.fields import PathKind, Range
 from pipelines.evaluate.alignment import alignment_cosine
 from pipelines.evaluate.data import load_labelled
 from pipelines.evaluate.features import extract_features
@@ -42,7 +42,7 @@ from targets.teacher import TeacherSpec
 class DemoConfig:
     """Every option of `cae2 demo`."""
 
-    out: Path = Path("demo")
+    out: Annotated[Path, PathKind("out_dir")] = Path("demo")
     """Directory for every output of the demo."""
     steps: Annotated[int, Range(min=1)] = 60
     """Pretraining steps."""

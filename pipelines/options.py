@@ -27,7 +27,7 @@ import typer
 import yaml
 
 from cae2.errors import UserError
-from cae2.fields import Argument, Range, Switch, constraints
+from cae2.fields import Argument, PathKind, Range, Switch, constraints
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class Option:
     @property
     def argument(self) -> bool:
         return any(isinstance(c, Argument) for c in self.checks)
+
+    @property
+    def name(self) -> str:
+        """How errors name it: the flag, or a positional argument's metavar (STORE)."""
+        return self.path[-1].upper() if self.argument else self.flag
 
     @property
     def param(self) -> str:
@@ -94,15 +99,44 @@ def options(cls, names: dict[str, str | None] | None = None, prefix: tuple[str, 
     return out
 
 
-def _convert(opt: Option, value):
-    """A config-file value -> the field's type."""
+def _convert(opt: Option, value, where: str):
+    """A config-file value -> the field's type; a value of another type is refused (a quoted "false" is a
+    string, not a boolean), naming the option."""
     if value is None:
         return None
-    if isinstance(opt.type, type) and issubclass(opt.type, Enum):
-        return opt.type(value)
-    if typing.get_origin(opt.type) is tuple:
-        return tuple(value)
+    tp = opt.type
+
+    def refuse(expected: str):
+        raise UserError(f"{opt.flag[2:]} in {where}: expected {expected}, got {type(value).__name__} {value!r}")
+
+    if tp is bool:
+        return value if isinstance(value, bool) else refuse("true or false (unquoted)")
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else refuse("a whole number")
+    if tp is float:
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else refuse("a number")
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        choices = [m.value for m in tp]
+        return tp(value) if value in choices else refuse(f"one of {', '.join(map(str, choices))}")
+    if typing.get_origin(tp) is tuple:
+        n = len(typing.get_args(tp))
+        ok = isinstance(value, list | tuple) and len(value) == n and \
+            all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        return tuple(float(v) for v in value) if ok else refuse(f"a list of {n} numbers")
+    if tp in (str, Path):
+        ok = isinstance(value, str | int | float) and not isinstance(value, bool)
+        return tp(str(value)) if ok else refuse("a string")
     return value
+
+
+def check(opt: Option, value) -> None:
+    """Refuse a value outside the option's constraints, naming the option."""
+    for constraint in opt.checks:
+        problem = constraint.problem(value) if hasattr(constraint, "problem") else None
+        if problem and isinstance(constraint, PathKind):
+            raise UserError(f"{opt.name} {value} {problem}")
+        if problem:
+            raise UserError(f"{opt.name} {problem}, not {value.value if isinstance(value, Enum) else value!r}")
 
 
 def build(cls, values: dict[tuple[str, ...], Any], prefix: tuple[str, ...] = ()):
@@ -122,7 +156,8 @@ def build(cls, values: dict[tuple[str, ...], Any], prefix: tuple[str, ...] = ())
 def load_config_file(path: Path) -> dict:
     """Options from a YAML or TOML file: {name: value}."""
     if not path.is_file():
-        raise UserError(f"--config {path} does not exist")
+        what = "is a directory; pass a YAML or TOML file" if path.is_dir() else "does not exist"
+        raise UserError(f"--config {path} {what}")
     text = path.read_text()
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
@@ -184,12 +219,15 @@ def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str,
         if unknown:
             raise UserError(f"--config {config}: unknown option(s) {', '.join(unknown)} (known: "
                             f"{', '.join(o.flag[2:] for o in opts)})")
-        values = {by_key[str(k)].path: _convert(by_key[str(k)], v) for k, v in from_file.items()}
+        values = {by_key[str(k)].path: _convert(by_key[str(k)], v, f"--config {config}") for k, v in from_file.items()}
         values |= {opt.path: given[opt.param] for opt in opts if given[opt.param] is not None}
         missing = [o.flag for o in opts if o.default is dataclasses.MISSING and o.path not in values]
         if missing:
             raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (on the command "
                             "line or in --config)")
+        for opt in opts:  # every value within its field's constraints, before any work
+            if opt.path in values:
+                check(opt, values[opt.path])
         try:
             cfg = build(cls, values)
         except (ValueError, TypeError) as e:

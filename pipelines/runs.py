@@ -13,7 +13,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 from cae2.errors import UserError
-from targets.claims import Heartbeat, Holder, release, try_claim
+from targets.claims import Heartbeat, Holder, claim_beside, release, try_claim
 
 
 def process_state() -> PartialState:
@@ -73,7 +73,7 @@ class RunLock:
 
     @classmethod
     def take(cls, run_dir: Path, accelerator) -> RunLock:
-        path = run_dir.resolve().parent / f".{run_dir.name}.train.claim"
+        path = claim_beside(run_dir, "train")
         ok, other = True, None
         if accelerator.is_main_process:
             holder = Holder.me()

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import google_crc32c
 import webdataset as wds
 from braceexpand import braceexpand
 
 from cae2.errors import UserError
-from cae2.fields import Argument, Range
+from cae2.fields import Argument, PathKind, Range
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -82,9 +83,45 @@ def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
 def iter_shard(url: str) -> Iterator[dict]:
     """Samples of one shard in file order, streamed with WebDataset (dict: __key__, fields as bytes)."""
     def reraise(e: Exception) -> bool:
-        raise UserError(f"shard {url} cannot be read: {type(e).__name__}: {e}") from e
+        # webdataset hands on (message, stream) in the exception's args: the message alone says what happened
+        message = e.args[0] if len(e.args) > 1 and isinstance(e.args[0], str) else str(e)
+        raise UserError(f"shard {url} cannot be read ({type(e).__name__}: {message}); check or rewrite the shard "
+                        "(cae2 make-shards)") from e
 
     yield from wds.tarfile_samples([{"url": url}], handler=reraise)
+
+
+def shard_identity(url: str) -> dict | None:
+    """What a completion marker records of the shard a unit was made from: its size, modification time
+    and crc32c (None for a remote shard)."""
+    if _is_remote(url):
+        return None
+    crc = 0
+    with open(url, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = google_crc32c.extend(crc, block)
+        st = os.fstat(f.fileno())
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "crc32c": f"{crc:08x}"}
+
+
+def shard_changed(recorded: dict | None, url: str, read: bool = True) -> str | None:
+    """How the shard at `url` differs from the one a unit was made from, or None when it is the same (or
+    cannot be told: a remote shard, a unit written before identities were recorded). The size decides at
+    once; the crc32c is read only when the modification time differs (a copy of the same bytes) and
+    `read` allows it (stage 2 checks sizes here and every sample's key as it streams)."""
+    if not recorded or _is_remote(url):
+        return None
+    try:
+        st = os.stat(url)
+    except OSError:
+        return None  # a missing shard is reported where it is read
+    if st.st_size != recorded["size"]:
+        return f"it has {st.st_size} bytes, the unit was made from {recorded['size']}"
+    if read and st.st_mtime_ns != recorded["mtime_ns"]:
+        crc = shard_identity(url)["crc32c"]
+        if crc != recorded["crc32c"]:
+            return f"its crc32c is {crc}, the unit was made from {recorded['crc32c']}"
+    return None
 
 
 def image_bytes(sample: dict) -> bytes | None:
@@ -102,7 +139,7 @@ class MakeShardsConfig:
 
     source: Annotated[Path, Argument()]
     """Image folder (class sub-folders = labels) or a file of paths."""
-    out_dir: Annotated[Path, Argument()]
+    out_dir: Annotated[Path, Argument(), PathKind("out_dir")]
     """Directory for the .tar shards."""
     samples_per_shard: Annotated[int, Range(min=1)] = 1000
     """Images per shard."""

@@ -24,6 +24,8 @@ import google_crc32c
 import numpy as np
 import zarr
 
+from cae2.errors import UserError
+
 EMPTY = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not stored (zarr: equal to the fill value)
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
@@ -60,6 +62,15 @@ def _block_file(folder: Path, block: int, ndim: int) -> Path:
     return folder.joinpath("c", str(block), *["0"] * (ndim - 1))
 
 
+class DamagedBlock(UserError):
+    """A block file that is not what cae2 wrote (cut short, a damaged index)."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path} is damaged: {problem}; delete its unit's folder (the folder under units/) and "
+                         "rerun the command that wrote the store (extract-targets or convert-targets) with the same "
+                         "options to rewrite it")
+
+
 class BlockFileReader:
     """Reads single views: each block file's index once, then one pread per view."""
 
@@ -84,10 +95,23 @@ class BlockFileReader:
             except FileNotFoundError:
                 fd, index = -1, np.full((n, 2), EMPTY, dtype="<u8")
             else:
-                size = os.fstat(fd).st_size
-                index = np.frombuffer(os.pread(fd, 16 * n, size - 16 * n - 4), dtype="<u8").reshape(n, 2)
+                index = self._read_index(fd, block, n)
             self._fds[block], self._index[block] = fd, index
         return fd
+
+    def _read_index(self, fd: int, block: int, n: int) -> np.ndarray:
+        """The block file's index of n (offset, nbytes) pairs, checked against its crc32c and the file size."""
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, 16 * n + 4, size - 16 * n - 4) if size >= 16 * n + 4 else b""
+        if len(raw) != 16 * n + 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            os.close(fd)
+            raise DamagedBlock(_block_file(self.dir, block, len(self.shape)), f"its index does not read ({size} bytes)")
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n, 2)
+        stored = index[:, 0] != EMPTY
+        if (index[stored, 0] + index[stored, 1] > np.uint64(size - 16 * n - 4)).any():
+            os.close(fd)
+            raise DamagedBlock(_block_file(self.dir, block, len(self.shape)), f"its views run past its {size} bytes")
+        return index
 
     def read(self, row: int, view: int) -> np.ndarray:
         block, local = divmod(row, self.block_rows)
@@ -96,7 +120,8 @@ class BlockFileReader:
         if offset == EMPTY and nbytes == EMPTY:  # a chunk equal to the fill value is not stored
             return np.zeros(self.shape[2:], dtype=self.dtype)
         if nbytes != self.view_bytes:
-            raise OSError(f"{self.dir}: view ({row}, {view}) has {nbytes} bytes, expected {self.view_bytes}")
+            raise DamagedBlock(_block_file(self.dir, block, len(self.shape)),
+                               f"view ({row}, {view}) has {nbytes} bytes, expected {self.view_bytes}")
         data = bytearray(os.pread(fd, int(nbytes), int(offset)))  # writable: torch.from_numpy shares it
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[2:])
 
@@ -115,7 +140,8 @@ class BlockFileReader:
             while done < len(buf):
                 got = os.preadv(fd, [buf[done:]], done)
                 if got == 0:
-                    raise OSError(f"{_block_file(self.dir, block, len(self.shape))}: file ends before its views do")
+                    raise DamagedBlock(_block_file(self.dir, block, len(self.shape)),
+                                       "the file ends before its views do")
                 done += got
             return out
         for r in range(rows):

@@ -36,9 +36,18 @@ import torch
 import zarr
 
 from cae2.errors import UserError
-from targets.claims import Holder, holder_alive, read_claim, release, try_claim
+from targets.block_files import BlockFileReader, BlockFileWriter, LatentsChecksum
+from targets.claims import (
+    Holder,
+    claim_beside,
+    claim_within,
+    claims_within,
+    holder_alive,
+    read_claim,
+    release,
+    try_claim,
+)
 from targets.quantize import dequantize
-from targets.block_files import LatentsChecksum, BlockFileReader, BlockFileWriter
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: view_int without the contrast mean (stage 2 recomputes it from the image)
@@ -110,8 +119,9 @@ def _is_local(path: str) -> bool:
 def _unfinished_creation(path: Path) -> bool:
     """True for a store whose creation was interrupted: no cae2 attribute (written last) and no units."""
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError):
+        data = json.loads((path / "zarr.json").read_text())
+        attrs = data.get("attributes", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
         return not any((path / "units").glob("*/zarr.json"))
     return ROOT_ATTR not in attrs and not any((path / "units").glob("*/zarr.json"))
 
@@ -137,18 +147,28 @@ class TargetStore:
         path = str(path)
         if _is_local(path) and not (Path(path) / "zarr.json").is_file():
             raise UserError(f"target store {path} does not exist (no zarr.json); run `cae2 extract-targets` first")
+        damaged = f"target store {path}: {path}/zarr.json is damaged"
         try:
             group = zarr.open_group(path, mode=mode)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"target store {path} cannot be opened as a Zarr group: {e}") from e
-        raw = group.attrs.get(ROOT_ATTR)
+            raw = group.attrs.get(ROOT_ATTR)
+        except Exception as e:  # noqa: BLE001 - zarr reports unreadable metadata in many types
+            raise UserError(f"{damaged} ({type(e).__name__}: {str(e)[:160]}); restore it from a copy, or extract "
+                            "into a new --out") from None
         if not raw:
             raise UserError(f"{path} is a Zarr group but not a cae2 target store (no '{ROOT_ATTR}' attribute)")
+        if not isinstance(raw, dict):
+            raise UserError(f"{damaged}: its '{ROOT_ATTR}' attribute is {raw!r}, not a store description; restore it "
+                            "from a copy, or extract into a new --out")
         if raw.get("schema_version") not in READABLE_SCHEMAS:
             raise UserError(f"target store {path} has schema version {raw.get('schema_version')}, this cae2 "
                             f"reads {', '.join(map(str, READABLE_SCHEMAS))}; use the cae2 version that wrote "
                             f"it ({raw.get('cae2_version') or 'unknown'}) or rebuild it with this one")
-        return cls(path, group, StoreMeta.from_json(raw))
+        try:
+            meta = StoreMeta.from_json(raw)
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(f"{damaged}: its store description does not read ({e}); restore it from a copy, or "
+                            "extract into a new --out") from None
+        return cls(path, group, meta)
 
     @classmethod
     def check_settings(cls, path: str | Path, meta: StoreMeta) -> None:
@@ -159,7 +179,7 @@ class TargetStore:
         require_local_out(path)
         if not Path(path).exists():
             return
-        creator, age = read_claim(Path(path).parent / f".{Path(path).name}.create.claim")
+        creator, age = read_claim(claim_beside(path, "create"))
         if creator is not None and holder_alive(creator, age, 60):
             return  # another process is creating it; create_or_validate checks it once that is done
         if (Path(path) / "zarr.json").is_file():
@@ -177,7 +197,7 @@ class TargetStore:
         Processes that call this at once (independent jobs on one --out) take turns: one creates, the
         others then validate what it made."""
         path = str(path)
-        lock = Path(path).parent / f".{Path(path).name}.create.claim"
+        lock = claim_beside(path, "create")
         me = Holder.me()
         deadline = time.monotonic() + 300
         while not try_claim(lock, me, stale_after=60)[0]:
@@ -209,7 +229,7 @@ class TargetStore:
         when it is redone. While another live process holds a claim on a unit of the store, only files
         older than five minutes go (a live writer's temp file lives for milliseconds)."""
         others = any(holder is not None and holder_alive(holder, age)
-                     for holder, age in map(read_claim, (Path(self.path) / ".claims").glob("*.claim")))
+                     for holder, age in map(read_claim, claims_within(self.path)))
         older_than = 300.0 if others else -1.0
         now = time.time()
         stale = []
@@ -229,18 +249,36 @@ class TargetStore:
         return sorted(units.group_keys()) if units is not None else []
 
     def marker(self, unit: str) -> dict | None:
-        """The unit's completion marker, or None when the unit is missing or incomplete."""
+        """The unit's completion marker, or None when the unit is missing, incomplete or damaged (its
+        marker does not hold: `unit_state` says why)."""
+        return self.unit_state(unit)[0]
+
+    def unit_state(self, unit: str) -> tuple[dict | None, str | None]:
+        """(marker, None) for a complete unit whose marker holds; (None, None) for a missing or incomplete
+        one; (None, why) for a damaged one: its metadata cannot be read, or a file the marker lists is
+        missing or has another size. A rerun of the command that wrote the unit redoes both."""
+        folder = Path(self.path) / "units" / unit
+        if not (folder / "zarr.json").is_file():
+            return None, None
         try:
-            return self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
-        except KeyError:
-            return None
+            marker = self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+            return None, f"its zarr.json cannot be read ({type(e).__name__}: {str(e)[:120]})"
+        if marker is None:
+            return None, None
+        if not isinstance(marker, dict) or not isinstance(marker.get("num_samples"), int):
+            return None, "its completion marker is not a marker cae2 writes"
+        problem = _files_problem(folder, marker, self.meta.latent_format)
+        return (None, problem) if problem else (marker, None)
 
     def claim_path(self, unit: str) -> Path:
         """The claim file of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""
-        return Path(self.path) / ".claims" / f"{unit}.claim"
+        return claim_within(self.path, unit)
 
-    def begin_unit(self, unit: str, source: str, keys: list[str], view_path: str = "pillow") -> UnitWriter:
-        """Start (or restart) a unit: an incomplete leftover is removed first."""
+    def begin_unit(self, unit: str, source: str, keys: list[str], view_path: str = "pillow",
+                   source_identity: dict | None = None) -> UnitWriter:
+        """Start (or restart) a unit: an incomplete leftover is removed first. `source`: the shard's URL;
+        `source_identity`: what tells that shard apart from another of the same name (its marker keeps it)."""
         self._remove_unit(unit)
         m = self.meta
         n = len(keys)
@@ -256,28 +294,72 @@ class TargetStore:
         int8 = m.latent_format == "int8"
         latents = per_view("latents", "int8" if int8 else "float16", (m.num_tokens, m.latent_dim))
         scales = per_view("scales", "float32", (m.num_tokens,)) if int8 else None
-        return UnitWriter(ug, latents, keys, m.views_per_image, m.images_per_shard, view_path,
-                          BlockFileWriter.for_array(latents, self.path, f"units/{unit}/latents"), scales,
-                          BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None)
+        direct = BlockFileWriter.for_array(latents, self.path, f"units/{unit}/latents")
+        direct_scales = BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None
+        return UnitWriter(ug, Path(self.path) / "units" / unit, latents, keys, m.views_per_image, m.images_per_shard,
+                          view_path, direct, scales, direct_scales, source_identity)
 
     def _remove_unit(self, unit: str) -> None:
-        if f"units/{unit}" in self.group:
-            shutil.rmtree(Path(self.path) / "units" / unit)  # stores are written on local paths only
+        folder = Path(self.path) / "units" / unit  # stores are written on local paths only
+        if folder.exists():
+            shutil.rmtree(folder)
 
     def unit(self, unit: str) -> UnitReader:
-        if self.marker(unit) is None:
+        marker, problem = self.unit_state(unit)
+        if problem:
+            raise DamagedUnit(self.path, unit, problem)
+        if marker is None:
             raise UserError(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
                             "`cae2 extract-targets` with the same options to finish it")
         return UnitReader(self.group[f"units/{unit}"], self.path)
 
 
+class DamagedUnit(UserError):
+    """A unit whose completion marker does not hold (files missing or cut short, unreadable metadata)."""
+
+    def __init__(self, store: str, unit: str, problem: str):
+        self.unit, self.problem = unit, problem
+        super().__init__(f"target store {store}: unit {unit} is damaged: {problem}; rerun the command that wrote "
+                         "it (extract-targets or convert-targets) with the same options: it redoes the unit")
+
+
+REQUIRED_ARRAYS = ("latents", "keys", "valid", "view_int", "view_float", "image_hw")
+
+
+def unit_files(folder: Path) -> dict[str, int | None]:
+    """{path relative to the unit folder: size} of every file of a unit but its own zarr.json (which
+    holds the marker): what a completion marker promises. Array metadata (zarr.json) is promised to
+    exist, not its size: tools may rewrite it compatibly."""
+    own = folder / "zarr.json"
+    return {str(p.relative_to(folder)): None if p.name == "zarr.json" else p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p != own}
+
+
+def _files_problem(folder: Path, marker: dict, latent_format: str) -> str | None:
+    """Why the files of a unit do not hold what its marker promises, or None. Markers written before
+    they listed files promise the arrays' metadata."""
+    files = marker.get("files")
+    if files is None:
+        arrays = REQUIRED_ARRAYS + (("scales",) if latent_format == "int8" else ())
+        files = {f"{a}/zarr.json": None for a in arrays if marker["num_samples"] or a == "latents"}
+    for name, size in files.items():
+        try:
+            actual = (folder / name).stat().st_size
+        except FileNotFoundError:
+            return f"{folder / name} is missing"
+        if size is not None and actual != size:
+            return f"{folder / name} has {actual} bytes, its completion marker says {size}"
+    return None
+
+
 class UnitWriter:
     """Writes one unit: whole blocks of latents as rows complete, then metadata and the marker."""
 
-    def __init__(self, group: zarr.Group, latents: zarr.Array, keys: list[str], k: int, rows_per_block: int,
-                 view_path: str = "pillow", direct: BlockFileWriter | None = None, scales: zarr.Array | None = None,
-                 direct_scales: BlockFileWriter | None = None):
-        self.group = group
+    def __init__(self, group: zarr.Group, folder: Path, latents: zarr.Array, keys: list[str], k: int,
+                 rows_per_block: int, view_path: str = "pillow", direct: BlockFileWriter | None = None,
+                 scales: zarr.Array | None = None, direct_scales: BlockFileWriter | None = None,
+                 source_identity: dict | None = None):
+        self.group, self.folder = group, folder
         self.latents, self.scales = latents, scales
         self._direct = direct  # whole block files written as bytes (local stores); else through zarr
         self._direct_scales = direct_scales
@@ -290,6 +372,7 @@ class UnitWriter:
         self.view_crc = np.zeros((n, k), np.uint32)  # crc32c of each view's stored bytes, checked on reads
         self.skipped: list[dict] = []
         self.view_path = view_path
+        self.source_identity = source_identity
         self.rows_per_block = rows_per_block
         self._checksum = LatentsChecksum()
         self._written = 0
@@ -305,10 +388,12 @@ class UnitWriter:
         self.skipped.append({"key": key, "row": row, "reason": reason})
 
     def copy_records(self, unit: UnitReader) -> None:
-        """Take every row's view parameters, validity and skip records from another store's unit."""
+        """Take every row's view parameters, validity and skip records, and the identity of the shard they
+        came from, from another store's unit."""
         self.valid[:], self.view_int[:], self.view_float[:], self.image_hw[:] = \
             unit.valid, unit.view_int, unit.view_float, unit.image_hw
         self.skipped = list(unit.marker["skipped"])
+        self.source_identity = unit.marker.get("source_identity")
 
     def write_rows(self, start: int, latents: np.ndarray, scales: np.ndarray | None = None) -> None:
         """Write rows [start, start + len) of latents (float16, or int8 with their float32 scales); must
@@ -349,10 +434,12 @@ class UnitWriter:
                 arr[...] = data
         marker = {
             "num_samples": n,
+            "files": unit_files(self.folder),
             "num_valid": int(self.valid.sum()),
             "skipped": self.skipped,
             "checksum": self._checksum.value(),
             "source": source,
+            **({"source_identity": self.source_identity} if self.source_identity else {}),
             "view_path": self.view_path,
             **({"writer": writer} if writer else {}),
             **({"quantization": quantization} if quantization else {}),

@@ -26,6 +26,22 @@ STALE_AFTER = 600.0
 """Seconds without a heartbeat after which another host's claim counts as abandoned."""
 
 
+def claim_beside(path: str | Path, purpose: str) -> Path:
+    """The claim on a whole folder (a store being created, a run dir being trained in): a hidden file
+    beside it, `.<name>.<purpose>.claim`, so that it outlives the folder's removal and re-creation."""
+    path = Path(path).resolve()
+    return path.parent / f".{path.name}.{purpose}.claim"
+
+
+def claim_within(folder: str | Path, item: str) -> Path:
+    """The claim on one piece of work inside a folder (a store's unit): FOLDER/.claims/<item>.claim."""
+    return Path(folder) / ".claims" / f"{item}.claim"
+
+
+def claims_within(folder: str | Path) -> list[Path]:
+    return sorted((Path(folder) / ".claims").glob("*.claim"))
+
+
 def _proc_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
     try:

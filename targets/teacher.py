@@ -17,6 +17,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import open_clip
 import torch
@@ -25,6 +26,7 @@ from open_clip.pretrained import get_pretrained_cfg, list_pretrained, list_pretr
 from torch import nn
 
 from cae2.errors import UserError
+from cae2.fields import Range, check_fields
 from targets.views import normalize
 
 DEFAULT_TEACHER = "ViT-B-16"
@@ -45,10 +47,13 @@ class TeacherSpec:
     """Tag (openai), weights file, or 'none' (random weights: tests and demos)."""
     quick_gelu: bool | None = None
     """QuickGELU activations; default: on for OpenAI weights."""
-    image_size: int | None = None
+    image_size: Annotated[int, Range(min=1)] | None = None
     """Override the tower's input size (196 for ViT-L/14 so that the grid is 14x14)."""
-    init_seed: int = 0
+    init_seed: Annotated[int, Range(min=0)] = 0
     """Seed of the random initialisation when pretrained is 'none' (so both stages build the same one)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def is_random(self) -> bool:
@@ -80,6 +85,19 @@ def _model_name(spec_name: str) -> str:
     return spec_name
 
 
+class MissingWeights(UserError):
+    """CLIP weights named by a tag that are neither in the local Hugging Face cache nor downloadable."""
+
+    def __init__(self, model: str, tag: str, download: bool):
+        self.model, self.tag, self.download = model, tag, download
+        super().__init__(f"--pretrained: CLIP weights {model}/{tag} {self.where()}; pass --pretrained /path/to/weights "
+                         f"(open_clip .bin/.safetensors or OpenAI .pt){'' if download else ', or add --download'}")
+
+    def where(self) -> str:
+        how = "could not be downloaded" if self.download else "are not in the local Hugging Face cache"
+        return f"{how} (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+
+
 def resolve_weights(model_name: str, pretrained: str, allow_download: bool) -> tuple[str, dict]:
     """-> (local weights file, pretrained cfg). Looks only in the local cache unless allow_download."""
     if os.path.isfile(pretrained):
@@ -99,10 +117,7 @@ def resolve_weights(model_name: str, pretrained: str, allow_download: bool) -> t
             return hf_hub_download(repo, candidate, local_files_only=not allow_download), cfg
         except Exception:  # noqa: BLE001 - every miss gives the same user-facing message below
             continue
-    how = "could not be downloaded" if allow_download else "are not in the local Hugging Face cache"
-    raise UserError(f"--pretrained: CLIP weights {model_name}/{pretrained} {how} (HF_HOME="
-                    f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass --pretrained /path/to/weights "
-                    f"(open_clip .bin/.safetensors or OpenAI .pt){'' if allow_download else ', or add --download'}")
+    raise MissingWeights(model_name, pretrained, allow_download)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,11 +20,15 @@ import hashlib
 import io
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Annotated
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF1
 from PIL import Image, ImageStat, UnidentifiedImageError
+
+from cae2.errors import UserError
+from cae2.fields import Range, check_fields
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # jitter op ids, as in torchvision's ColorJitter order
 
@@ -33,15 +37,15 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # jitter op ids, as in torchvi
 class ViewSettings:
     """Augmentation strengths: their one home (defaults: Table 7 and the official pipeline, for every preset)."""
 
-    brightness: float = 0.4
+    brightness: Annotated[float, Range(0, 1, open_max=True)] = 0.4
     """Brightness jitter: factors in [1 - b, 1 + b]."""
-    contrast: float = 0.4
+    contrast: Annotated[float, Range(0, 1, open_max=True)] = 0.4
     """Contrast jitter: factors in [1 - c, 1 + c]."""
-    saturation: float = 0.4
+    saturation: Annotated[float, Range(0, 1, open_max=True)] = 0.4
     """Saturation jitter: factors in [1 - s, 1 + s]."""
-    hue: float = 0.0
+    hue: Annotated[float, Range(0, 0.5)] = 0.0
     """Hue jitter (0 in CAE v2; the device view path has none)."""
-    flip_prob: float = 0.5
+    flip_prob: Annotated[float, Range(0, 1)] = 0.5
     """Probability of a horizontal flip."""
     crop_scale: tuple[float, float] = (0.4, 1.0)
     """RandomResizedCrop area fractions (min max)."""
@@ -49,15 +53,11 @@ class ViewSettings:
     """RandomResizedCrop aspect ratios (min max)."""
 
     def __post_init__(self) -> None:
-        for name in ("brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.hue <= 0.5:
-            raise ValueError(f"hue jitter must be in [0, 0.5], got {self.hue}")
+        check_fields(self)
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        if not (0 < self.crop_ratio[0] <= self.crop_ratio[1]):
-            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+            raise UserError(f"--crop-scale must satisfy 0 < min <= max <= 1, not {list(self.crop_scale)}")
+        if not (0 < self.crop_ratio[0] <= self.crop_ratio[1]) or not all(map(math.isfinite, self.crop_ratio)):
+            raise UserError(f"--crop-ratio must satisfy 0 < min <= max, not {list(self.crop_ratio)}")
 
     @classmethod
     def from_jitter(cls, color_jitter: float, **kw) -> ViewSettings:

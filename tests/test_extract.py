@@ -21,7 +21,7 @@ from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.extract.verify import verify_store
 from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
-from targets.cache import TargetStore
+from targets.cache import TargetStore, unit_files
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import ViewParams, apply_view, measure_view
 from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, launch_errors, write_bad_images, write_good_images
@@ -121,6 +121,14 @@ def test_fidelity_cached_view_equals_teacher_on_reapplied_view(store, shards):
     assert checked == 48 and flips > 5 and jittered == 48
 
 
+def _reseal(store: Path, unit: str) -> None:
+    """Make a unit's marker promise its files as they are now (a store whose values went wrong while its
+    marker holds, as a faulty writer could leave it)."""
+    g = zarr.open_group(str(store), mode="r+")
+    marker = dict(g[f"units/{unit}"].attrs["complete"])
+    g[f"units/{unit}"].attrs["complete"] = marker | {"files": unit_files(store / "units" / unit)}
+
+
 def test_verify_passes_and_detects_damage(store, shards, tmp_path):
     out, _ = store
     report = verify_store(str(out), str(shards[0]), recompute=4)
@@ -139,6 +147,11 @@ def test_verify_passes_and_detects_damage(store, shards, tmp_path):
     del g["units/shard-000000.tar"].attrs["complete"]
     problems = "\n".join(verify_store(str(damaged), str(shards[0])).problems)
     assert "shard-000000.tar is missing or incomplete" in problems
+    # rewriting the compressed view_int changed its file's size: the marker no longer holds
+    assert "shard-000001.tar is damaged" in problems and "view_int" in problems
+    for unit in ("shard-000001.tar", "shard-000002.tar"):  # markers that hold over wrong values
+        _reseal(damaged, unit)
+    problems = "\n".join(verify_store(str(damaged), str(shards[0])).problems)
     assert "outside" in problems and "NaN" in problems and "checksum" in problems
 
     wrong_mean = tmp_path / "wrong-mean.zarr"
@@ -148,6 +161,7 @@ def test_verify_passes_and_detects_damage(store, shards, tmp_path):
         ints = g[f"units/{unit}/view_int"][:]
         ints[..., 9] = (ints[..., 9] + 9) % 256
         g[f"units/{unit}/view_int"][:] = ints
+        _reseal(wrong_mean, unit)
     report = verify_store(str(wrong_mean), str(shards[0]), recompute=3)
     assert not report.ok and "stored contrast mean" in "\n".join(report.problems), report.summary()
 

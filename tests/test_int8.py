@@ -197,7 +197,7 @@ def test_bad_conversions_are_refused(data, tmp_path):
     for args, message in (([str(root / "int8.zarr"), str(tmp_path / "x.zarr")], "already holds int8"),
                           ([str(root / "fp16.zarr"), str(root / "fp16.zarr")], "must differ from SRC"),
                           ([str(root / "fp16.zarr"), str(tmp_path / "y.zarr"), "--latent-format", "fp16"],
-                           "writes int8 stores"),
+                           "--latent-format must be one of int8"),
                           ([str(tmp_path / "missing.zarr"), str(tmp_path / "z.zarr")], "does not exist")):
         res = cli("convert-targets", *args)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

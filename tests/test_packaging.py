@@ -66,5 +66,5 @@ def test_debug_flag_shows_traceback_only_when_asked(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "pipelines.cli", "--debug", *args], capture_output=True, text=True,
                            env=env)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
-    assert plain.stderr.strip().startswith("error: target store") and len(plain.stderr.strip().splitlines()) == 1
+    assert plain.stderr.strip().startswith("error: STORE") and len(plain.stderr.strip().splitlines()) == 1
     assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -12,8 +12,8 @@ import pytest
 import zarr
 
 from pipelines.extract.verify import verify_store
-from targets.cache import StoreMeta, TargetStore
 from targets.block_files import LatentsChecksum
+from targets.cache import StoreMeta, TargetStore
 from targets.views import ViewSettings
 
 K, T, D, ROWS = 3, 5, 8, 4

@@ -17,29 +17,28 @@ from pipelines.evaluate.features import extract_features
 from pipelines.evaluate.knn import knn_classify
 from pipelines.evaluate.linear_probe import run_official
 from pipelines.evaluate.logistic import logistic_probe
-from pipelines.evaluate.models import POOLS, load_feature_model
+from pipelines.evaluate.models import load_feature_model
 from pipelines.evaluate.report import publish
 
 
 def _device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice not in ("cuda", "cpu"):
-        raise UserError(f"--device must be auto, cuda or cpu, not {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is visible to this process; use --device cpu or auto")
     return torch.device(choice)
 
 
-def _check_pool(pool: str) -> None:
-    if pool not in POOLS:
-        raise UserError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+def load_model(cfg):
+    """The --model of an evaluation config, with its seed, QuickGELU and download settings."""
+    return load_feature_model(cfg.model, cfg.seed, cfg.quick_gelu, cfg.download)
 
 
 def _prepare(cfg, log):
-    _check_pool(cfg.pool)
     device = _device(cfg.device)
     train = load_labelled(cfg.train, "--train")
     val = load_labelled(cfg.val, "--val", classes=train.classes)
-    model = load_feature_model(cfg.model).to(device)
+    model = load_model(cfg).to(device)
     t0 = time.perf_counter()
     train_f, train_l = extract_features(model, train, cfg.pool, cfg.batch_size, cfg.workers, cfg.cache_dir, log)
     val_f, val_l = extract_features(model, val, cfg.pool, cfg.batch_size, cfg.workers, cfg.cache_dir, log)
@@ -55,12 +54,7 @@ def _prepare(cfg, log):
 
 
 def run_knn(cfg: KnnConfig, log=print) -> dict:
-    try:
-        ks = tuple(int(k) for k in str(cfg.ks).split(","))
-    except ValueError:
-        ks = ()
-    if not ks or min(ks) < 1:
-        raise UserError(f"--ks {cfg.ks}: comma-separated positive numbers of neighbours, e.g. 10,20,100,200")
+    ks = cfg.neighbours()
     base, train, (tf, tl, vf, vl), device = _prepare(cfg, log)
     results = knn_classify(tf, tl, vf, vl, len(train.classes), ks, cfg.temperature, device=device)
     record = base | {"evaluation": "knn", "temperature": cfg.temperature, "similarity": "cosine (L2-normalised)",
@@ -72,8 +66,6 @@ def run_knn(cfg: KnnConfig, log=print) -> dict:
 
 
 def run_linear(cfg: LinearConfig, log=print) -> dict:
-    if cfg.protocol not in ("features", "official"):
-        raise UserError(f"--protocol must be features or official, not {cfg.protocol!r}")
     if cfg.protocol == "official":
         result = run_official(cfg, log)
         if not PartialState().is_main_process:  # every rank has the result; one writes it
@@ -84,7 +76,7 @@ def run_linear(cfg: LinearConfig, log=print) -> dict:
                  [["CLS, BN + Linear, LARS", f"{result['top1']:.2f}", f"{result['top5']:.2f}"]], {}, log)
         return record
     base, train, (tf, tl, vf, vl), device = _prepare(cfg, log)
-    result = logistic_probe(tf, tl, vf, vl, len(train.classes), device=device)
+    result = logistic_probe(tf, tl, vf, vl, len(train.classes), seed=cfg.seed, device=device)
     record = base | {"evaluation": "linear", "protocol": "features",
                      "head": "multinomial logistic regression on standardised features (L-BFGS)", "results": result}
     publish(cfg.out, record, ["linear probe (features)", "top-1 %", "top-5 %"],

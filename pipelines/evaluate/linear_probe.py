@@ -139,7 +139,7 @@ def run_official(cfg, log=print) -> dict:
 def _setup(cfg, log) -> Probe:
     """Model, splits, plan, head and LARS under Accelerate; the checkpoint to resume from, restored."""
     run_dir = Path(cfg.run_dir or Path(cfg.out).with_suffix("").as_posix() + "-run")
-    model = load_feature_model(cfg.model)
+    model = load_feature_model(cfg.model, cfg.seed, cfg.quick_gelu, cfg.download)
     train = load_labelled(cfg.train, "--train")
     val = load_labelled(cfg.val, "--val", classes=train.classes)
     checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)

@@ -28,10 +28,8 @@ from cae2.config import IMAGENET_MEAN, IMAGENET_STD
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
-from targets.teacher import Teacher, TeacherSpec
+from targets.teacher import MissingWeights, Teacher, TeacherSpec
 from targets.views import normalize
-
-POOLS = ("cls", "avg", "cls+avg")
 
 
 @dataclass
@@ -91,11 +89,13 @@ def _vit(kwargs: dict, state: dict, source: str) -> FeatureModel:
                         state_sha256(net))
 
 
-def load_feature_model(spec: str) -> FeatureModel:
+def load_feature_model(spec: str, seed: int = 0, quick_gelu: bool | None = None,
+                       download: bool = False) -> FeatureModel:
+    """The model a `--model` spec names; `seed` initialises random weights (timm:NAME:random, clip:M:none)."""
     if spec.startswith("timm:"):
-        return _timm(spec)
+        return _timm(spec, seed)
     if spec.startswith("clip:"):
-        return _clip(spec)
+        return _clip(spec, seed, quick_gelu, download)
     path = Path(spec)
     if path.suffix == ".safetensors":
         return _exported(path, spec)
@@ -116,14 +116,16 @@ def _exported(path: Path, spec: str) -> FeatureModel:
     return _vit(json.loads(meta["timm_kwargs"]), load_file(str(path)), spec)
 
 
-def _timm(spec: str) -> FeatureModel:
+def _timm(spec: str, seed: int) -> FeatureModel:
     name, _, mode = spec.removeprefix("timm:").partition(":")
     if mode not in ("", "random"):
         raise UserError(f"--model {spec}: use timm:NAME (pretrained weights) or timm:NAME:random")
     if not timm.is_model(name):
         raise UserError(f"--model {spec}: timm has no model {name!r} (timm.list_models() lists them)")
     try:
-        net = timm.create_model(name, pretrained=mode != "random", num_classes=0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the random baseline is the same in every run of one --seed
+            net = timm.create_model(name, pretrained=mode != "random", num_classes=0)
     except Exception as e:  # noqa: BLE001 - a missing download has many exception types
         raise UserError(f"--model {spec}: pretrained weights of {name} cannot be loaded ({type(e).__name__}); put "
                         f"them in the Hugging Face cache, or ask for timm:{name}:random") from None
@@ -133,11 +135,16 @@ def _timm(spec: str) -> FeatureModel:
                         tuple(cfg.get("std", IMAGENET_STD)), spec, state_sha256(net))
 
 
-def _clip(spec: str) -> FeatureModel:
+def _clip(spec: str, seed: int, quick_gelu: bool | None, download: bool) -> FeatureModel:
     parts = spec.split(":", 2)
     if len(parts) != 3 or not parts[1] or not parts[2]:
         raise UserError(f"--model {spec}: use clip:MODEL:WEIGHTS, e.g. clip:ViT-B-16:openai or clip:ViT-B-16:/w.pt "
                         "(clip:MODEL:none for random weights)")
-    teacher = Teacher(TeacherSpec(name=parts[1], pretrained=parts[2]))
+    try:
+        teacher = Teacher(TeacherSpec(name=parts[1], pretrained=parts[2], quick_gelu=quick_gelu, init_seed=seed),
+                          allow_download=download)
+    except MissingWeights as e:
+        raise UserError(f"--model {spec}: CLIP weights {e.model}/{e.tag} {e.where()}; use clip:{parts[1]}:/path/to/"
+                        f"weights{'' if download else ', or add --download'}") from None
     return FeatureModel(teacher, "clip", teacher.image_size, teacher.mean, teacher.std, spec,
                         teacher.weights_sha256 or state_sha256(teacher.visual))

@@ -1,7 +1,7 @@
 """`cae2 convert-targets SRC DST --latent-format int8`: an fp16 target store rewritten as int8 + scales.
 
-The source is only read. Each unit of DST is written by the one process converting it, shard by
-shard, with the error of its int8 latents against the source's float16 latents in its completion
+The source is only read. Each unit of DST is written by the one process that claims it, block by
+block, with the error of its int8 latents against the source's float16 latents in its completion
 marker (written last), so an interrupted conversion resumes where it stopped: complete units are
 kept, an incomplete one is redone. The int8 bytes equal those of a store extracted as int8 with the
 same settings (both quantise the same float16 latents).
@@ -11,28 +11,31 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Annotated
 
 import torch
 
 import cae2
 from cae2.errors import UserError
-from cae2.fields import Argument
+from cae2.fields import Argument, OneOf, PathKind, Range
+from pipelines.runs import process_state
 from targets.cache import TargetStore, require_local_out
-from targets.quantize import LATENT_FORMATS, QuantStats, quantize, token_errors
+from targets.claims import Heartbeat, Holder, release, try_claim
+from targets.quantize import QuantStats, quantize, token_errors
 
 
 @dataclass(kw_only=True)
 class ConvertConfig:
     """Every option of `cae2 convert-targets`."""
 
-    src: Annotated[str, Argument()]
+    src: Annotated[str, Argument(), PathKind("dir")]
     """An fp16 target store (only read)."""
-    dst: Annotated[str, Argument()]
+    dst: Annotated[str, Argument(), PathKind("out_dir")]
     """The new store; rerun to resume."""
-    latent_format: str = "int8"
+    latent_format: Annotated[str, OneOf(("int8",))] = "int8"
     """int8: one float32 scale per token."""
-    min_cosine: float = 0.999
+    min_cosine: Annotated[float, Range(0, 1)] = 0.999
     """Fail a unit whose token cosine to the source falls below this."""
 
 
@@ -46,6 +49,20 @@ class ConvertStats:
     bytes_written: int = 0
     seconds: float = 0.0
     quant: QuantStats = field(default_factory=QuantStats)
+    units_elsewhere: list[str] = field(default_factory=list)
+    """Units another live process was writing (skipped)."""
+
+    @classmethod
+    def merged(cls, all_stats: list[ConvertStats]) -> ConvertStats:
+        total = cls()
+        for s in all_stats:
+            for name in ("units_done", "units_already_complete", "views", "bytes_read", "bytes_written"):
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+            total.units_failed += s.units_failed
+            total.units_elsewhere += s.units_elsewhere
+            total.seconds = max(total.seconds, s.seconds)
+            total.quant.merge(s.quant)
+        return total
 
     def summary(self) -> str:
         lines = [f"units: {self.units_done} converted, {self.units_already_complete} already complete, "
@@ -53,42 +70,81 @@ class ConvertStats:
                  f"views: {self.views}  read: {self.bytes_read / 2**20:.1f} MiB  written: "
                  f"{self.bytes_written / 2**20:.1f} MiB ({self.bytes_written / max(self.bytes_read, 1):.3f} of the "
                  f"source)  time: {self.seconds:.1f}s"]
+        if self.units_elsewhere:
+            lines.append(f"units being written by other processes (skipped; rerun when they are done to check): "
+                         f"{len(self.units_elsewhere)}")
+            lines += [f"  {m}" for m in self.units_elsewhere[:20]]
         if self.quant.tokens:
             lines.append(self.quant.summary().replace("the teacher", "the source's float16 latents"))
         return "\n".join(lines + [f"FAILED: {m}" for m in self.units_failed])
 
 
 def convert_store(cfg: ConvertConfig, log=print) -> ConvertStats:
-    src, dst, latent_format, min_cosine = cfg.src, cfg.dst, cfg.latent_format, cfg.min_cosine
-    if latent_format != "int8":
-        raise UserError(f"--latent-format: convert-targets writes int8 stores (one of {', '.join(LATENT_FORMATS)} "
-                        f"is the source's); got {latent_format!r}")
-    require_local_out(dst)
-    source = TargetStore.open(src)
-    if source.meta.latent_format != "fp16":
-        raise UserError(f"{src} already holds {source.meta.latent_format} latents; convert-targets reads fp16 stores")
-    if str(src).rstrip("/") == str(dst).rstrip("/"):
-        raise UserError("convert-targets writes a new store: DST must differ from SRC (the source stays untouched)")
-    meta = replace(source.meta, latent_format="int8", cae2_version=cae2.__version__)
-    target = TargetStore.create_or_validate(dst, meta)
-    target.remove_stale_partials()
+    """Convert every complete unit of SRC that DST lacks. Each unit is claimed first (targets.claims), so
+    several converts, a multi-rank launch, or a convert beside an int8 extraction into the same DST share
+    the units, each written once; a complete unit of DST made from another shard is refused first."""
+    source, target = _open_stores(cfg)
     names = [n for n in source.unit_names() if source.marker(n) is not None]
-    skipped_incomplete = len(source.unit_names()) - len(names)
-    if skipped_incomplete:
-        log(f"convert-targets: {skipped_incomplete} incomplete unit(s) of {src} are left out; finish them with "
-            "extract-targets and rerun")
-    stats = ConvertStats()
+    if len(names) < len(source.unit_names()):
+        log(f"convert-targets: {len(source.unit_names()) - len(names)} incomplete unit(s) of {cfg.src} are left out; "
+            "finish them with extract-targets and rerun")
+    _check_reuse(source, target, names)
+    state = process_state()
+    names = names[state.process_index:] + names[:state.process_index]  # ranks start apart
+    stats, holder, heartbeat = ConvertStats(), Holder.me(), Heartbeat()
     t0 = time.perf_counter()
-    for name in names:
-        if target.marker(name) is not None:
-            stats.units_already_complete += 1
-            continue
-        _convert_unit(source, target, name, min_cosine, stats)
+    try:
+        for name in names:
+            claim = target.claim_path(name)
+            got, other = try_claim(claim, holder)
+            if not got:
+                stats.units_elsewhere.append(f"{name}: being written by {other.describe() if other else 'a process'}")
+                continue
+            try:
+                if target.marker(name) is not None:
+                    stats.units_already_complete += 1
+                    continue
+                heartbeat.add(claim)
+                _convert_unit(source, target, name, cfg.min_cosine, stats, holder)
+            finally:
+                heartbeat.discard(claim)
+                release(claim, holder)
+    finally:
+        heartbeat.stop()
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def _convert_unit(source: TargetStore, target: TargetStore, name: str, min_cosine: float, stats: ConvertStats) -> None:
+def _open_stores(cfg: ConvertConfig) -> tuple[TargetStore, TargetStore]:
+    require_local_out(cfg.dst)
+    source = TargetStore.open(cfg.src)
+    if source.meta.latent_format != "fp16":
+        raise UserError(f"{cfg.src} already holds {source.meta.latent_format} latents; convert-targets reads fp16 "
+                        "stores")
+    if Path(cfg.src).resolve() == Path(cfg.dst).resolve():
+        raise UserError("convert-targets writes a new store: DST must differ from SRC (the source stays untouched)")
+    meta = replace(source.meta, latent_format="int8", cae2_version=cae2.__version__)
+    target = TargetStore.create_or_validate(cfg.dst, meta)  # concurrent converts take turns creating it
+    target.remove_stale_partials()
+    return source, target
+
+
+def _check_reuse(source: TargetStore, target: TargetStore, names: list[str]) -> None:
+    """Refuse a DST whose complete units were made from other shards than SRC's units of the same name."""
+    for name in names:
+        done = target.marker(name)
+        if done is None:
+            continue
+        ours, theirs = source.marker(name).get("source_identity"), done.get("source_identity")
+        same = ours == theirs if ours and theirs else source.unit(name).keys == target.unit(name).keys
+        if not same:
+            raise UserError(f"{target.path}: its complete unit {name} was made from another shard than unit {name} of "
+                            f"{source.path} ({theirs or 'other keys'} vs {ours or 'these keys'}); convert into a new "
+                            "DST, or remove that unit's folder to have it redone")
+
+
+def _convert_unit(source: TargetStore, target: TargetStore, name: str, min_cosine: float, stats: ConvertStats,
+                  holder: Holder) -> None:
     unit = source.unit(name)
     marker = unit.marker
     writer = target.begin_unit(name, marker["source"], unit.keys, marker.get("view_path", "pillow"))
@@ -109,6 +165,7 @@ def _convert_unit(source: TargetStore, target: TargetStore, name: str, min_cosin
     if failure:
         stats.units_failed.append(failure)
         return
-    writer.finish(marker["source"], quant.record() | {"against": "source float16 latents"})
+    writer.finish(marker["source"], quant.record() | {"against": "source float16 latents"},
+                  writer={"host": holder.host, "pid": holder.pid, "job": holder.job})
     stats.units_done += 1
     stats.quant.merge(quant)

@@ -36,7 +36,7 @@ from pipelines.extract.config import ExtractConfig
 from pipelines.extract.stream import ImageViews, NotMine, ShardError, Skip, UnitStart, UnitViewStream, ViewRecipe
 from pipelines.extract.teacher_queue import TeacherQueue, cut_views
 from pipelines.runs import one_thread_per_worker, process_state
-from pipelines.shards import Shard, expand_shards
+from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
 from targets.claims import Heartbeat, Holder, release
 from targets.device_views import DeviceViews
@@ -118,6 +118,24 @@ def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStor
     return store
 
 
+def units_to_do(store: TargetStore, shards: list[Shard], log) -> list[Shard]:
+    """The shards whose units are not complete (damaged ones are redone, and said so); a complete unit made
+    from another shard of the same name is refused before any work."""
+    todo = []
+    for shard in shards:
+        marker, damage = store.unit_state(shard.name)
+        if marker is None:
+            if damage:
+                log(f"redoing unit {shard.name}: it is damaged ({damage})")
+            todo.append(shard)
+            continue
+        changed = shard_changed(marker.get("source_identity"), shard.url)
+        if changed:
+            raise UserError(f"--shards: {shard.url} is not the shard unit {shard.name} of {store.path} was made from "
+                            f"({changed}); pass the original shards, or extract into a new --out")
+    return todo
+
+
 def leave_cores_to_workers(device: torch.device, workers: int) -> None:
     """With the teacher on a GPU, the main process only batches views and hands latents on, while the
     decode workers keep the cores busy; a full OpenMP team then waits at every parallel region for
@@ -138,7 +156,7 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
     meta = store_meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
     mine = shards[state.process_index::state.num_processes]
-    todo = [s for s in mine if store.marker(s.name) is None]
+    todo = units_to_do(store, mine, log)
     stats = ExtractStats(units_already_complete=len(mine) - len(todo))
     if state.is_main_process:
         log(f"extract-targets: {len(shards)} shards, {len(todo)} to do on this rank ({stats.units_already_complete} "
@@ -215,7 +233,7 @@ class Extraction:
     def on_unit_start(self, item: UnitStart) -> None:
         name = item.shard.name
         self.heartbeat.add(self.store.claim_path(name))
-        writer = self.store.begin_unit(name, item.shard.url, item.keys, self.view_path)
+        writer = self.store.begin_unit(name, item.shard.url, item.keys, self.view_path, item.identity)
         self.units[name] = UnitAssembler(writer, item.shard.url, self.meta)
         if not item.keys:
             self.submit(name, [])

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cae2.errors import UserError
-from pipelines.shards import Shard, image_bytes, iter_shard
+from pipelines.shards import Shard, image_bytes, iter_shard, shard_identity
 from targets.cache import TargetStore
 from targets.claims import STALE_AFTER, Holder, release, try_claim
 from targets.views import DecodeError, ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
@@ -24,6 +24,7 @@ from targets.views import DecodeError, ViewParams, ViewSettings, apply_view, dec
 class UnitStart:
     shard: Shard
     keys: list[str]
+    identity: dict | None  # the shard file's size, mtime and crc32c (`shard_identity`)
 
 
 @dataclass
@@ -100,10 +101,11 @@ class UnitViewStream(IterableDataset):
                     continue
             try:
                 samples = list(iter_shard(shard.url))  # whole shard: the row count is known up front
+                identity = shard_identity(shard.url)  # the file is in the page cache now
             except UserError as e:
                 yield ShardError(shard, str(e))
                 continue
-            yield UnitStart(shard, [s["__key__"] for s in samples])
+            yield UnitStart(shard, [s["__key__"] for s in samples], identity)
             for row, sample in enumerate(samples):
                 yield self._views(shard.name, row, sample)
 

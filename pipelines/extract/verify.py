@@ -11,19 +11,24 @@ import torch
 import torch.nn.functional as F
 
 from cae2.errors import UserError
-from cae2.fields import Argument, Range
+from cae2.fields import Argument, PathKind, Range
 from pipelines.shards import expand_shards, image_bytes, iter_shard
-from targets.cache import TargetStore, view_checksum
 from targets.block_files import LatentsChecksum
+from targets.cache import TargetStore, view_checksum
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
+
+RERUN = ("rerun the command that wrote the store (extract-targets or convert-targets) with the same options: it "
+         "redoes the unit")
+DELETE_AND_RERUN = ("delete its folder (units/{unit}) and rerun the command that wrote the store with the same "
+                    "options: a rerun alone keeps a unit whose marker holds")
 
 
 @dataclass(kw_only=True)
 class VerifyConfig:
     """Every option of `cae2 verify-targets`."""
 
-    store: Annotated[str, Argument()]
+    store: Annotated[str, Argument(), PathKind("dir")]
     """Target store to check."""
     shards: str | None = None
     """Shards the store must cover (counts and keys)."""
@@ -73,12 +78,19 @@ def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretr
         report.problems += [f"unfinished write left behind: {p} (rerun extract-targets to clean up)" for p in stale]
     units = {}
     for name in names:
-        if store.marker(name) is None:
-            report.problems.append(f"unit {name} is missing or incomplete")
+        marker, damage = store.unit_state(name)
+        if damage:
+            report.problems.append(f"unit {name} is damaged: {damage}; {RERUN}")
             continue
-        units[name] = store.unit(name)
-        report.units += 1
-        _check_unit(name, units[name], meta, settings, report)
+        if marker is None:
+            report.problems.append(f"unit {name} is missing or incomplete; {RERUN}")
+            continue
+        try:
+            units[name] = store.unit(name)
+            report.units += 1
+            _check_unit(name, units[name], meta, settings, report)
+        except (UserError, OSError, ValueError, KeyError) as e:  # a unit that cannot be read is listed, not fatal
+            report.problems.append(f"unit {name} cannot be read ({e}); {DELETE_AND_RERUN.format(unit=name)}")
     for shard in shard_list or []:
         if shard.name in units:
             keys = [s["__key__"] for s in iter_shard(shard.url)]
@@ -139,7 +151,8 @@ def _check_latents(name: str, unit, report: VerifyReport) -> None:
                             strict=True):
                 if view_checksum(block[r, v], None if scales is None else scales[r, v]) != unit.view_crc[start + r, v]:
                     report.problems.append(f"unit {name} row {start + r} (key {unit.keys[start + r]}) view {v}: the "
-                                           "stored latents differ from their checksum (crc32c)")
+                                           "stored latents differ from their checksum (crc32c); "
+                                           + DELETE_AND_RERUN.format(unit=name))
         if digest is not None:
             digest.update(block.tobytes())
             if scales is not None:
@@ -153,7 +166,8 @@ def _check_latents(name: str, unit, report: VerifyReport) -> None:
         for r in np.flatnonzero(zero):
             report.problems.append(f"unit {name} row {start + r}: latents are all zero (never written)")
     if digest is not None and digest.value() != marker["checksum"]:
-        report.problems.append(f"unit {name}: latents checksum differs from the completion marker")
+        report.problems.append(f"unit {name}: latents checksum differs from the completion marker; "
+                               + DELETE_AND_RERUN.format(unit=name))
 
 
 def _check_view_params(name: str, unit, meta, settings: ViewSettings, report: VerifyReport) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from cae2.config import LossCombine, LossKind, MaskStrategy
 from cae2.errors import UserError
+from cae2.fields import OneOf, PathKind, Range, check_fields
 from targets.view_paths import VIEW_PATHS
+
+POSITIVE = Range(min=0, open_min=True)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass(kw_only=True)
@@ -20,31 +25,31 @@ class TrainConfig:
     """Target store made by extract-targets from these shards."""
     model: str = "cae2_vit_base"
     """Preset name (`cae2 models`)."""
-    out: str = "runs/cae2"
+    out: Annotated[str, PathKind("out_dir")] = "runs/cae2"
     """Run directory: config.json, metrics.jsonl, TensorBoard, checkpoints."""
-    steps: int | None = None
+    steps: Annotated[int, Range(min=1)] | None = None
     """Optimizer steps; overrides --epochs."""
-    epochs: float | None = None
+    epochs: Annotated[float, POSITIVE] | None = None
     """Epochs of the data."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Range(min=1)] = 64
     """Per process and micro-batch. Global batch = batch_size x processes x grad_accum."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, Range(min=1)] = 1
     """Micro-batches per optimizer step."""
-    lr: float | None = None
+    lr: Annotated[float, POSITIVE] | None = None
     """Peak lr at the global batch in use; default: the preset's lr x global batch / its lr_batch_ref."""
-    min_lr: float | None = None
+    min_lr: Annotated[float, Range(min=0)] | None = None
     """Final lr of the cosine schedule."""
-    warmup_epochs: float | None = None
+    warmup_epochs: Annotated[float, Range(min=0)] | None = None
     """Linear warmup, in epochs."""
-    warmup_steps: int | None = None
+    warmup_steps: Annotated[int, Range(min=0)] | None = None
     """Linear warmup, in steps; overrides --warmup-epochs."""
-    weight_decay: float | None = None
+    weight_decay: Annotated[float, Range(min=0)] | None = None
     """AdamW weight decay."""
-    clip_grad: float | None = None
+    clip_grad: Annotated[float, POSITIVE] | None = None
     """Gradient clipping max norm."""
-    drop_path: float | None = None
+    drop_path: Annotated[float, Range(0, 1, open_max=True)] | None = None
     """Stochastic depth rate."""
-    target_dim: int | None = None
+    target_dim: Annotated[int, Range(min=1)] | None = None
     """Head output dim; must equal the store's teacher dim."""
     mask_strategy: MaskStrategy | None = None
     """Masking (block as in the paper; random for ablations)."""
@@ -52,13 +57,13 @@ class TrainConfig:
     """Token distance."""
     loss_combine: LossCombine | None = None
     """tokens (the code), sum (the paper), visible, masked."""
-    seed: int = 0
+    seed: Annotated[int, Range(min=0)] = 0
     """Seed of the initialisation, the data order, the view index and the masks."""
-    log_every: int = 10
+    log_every: Annotated[int, Range(min=1)] = 10
     """Steps between metrics records."""
-    save_every: int = 1000
+    save_every: Annotated[int, Range(min=1)] = 1000
     """Steps between checkpoints (also at the end and on SIGTERM)."""
-    keep_last: int = 3
+    keep_last: Annotated[int, Range(min=1)] = 3
     """Complete checkpoints to keep."""
     resume: str | None = None
     """'latest' (newest complete checkpoint of --out) or a checkpoint path."""
@@ -68,37 +73,29 @@ class TrainConfig:
     """Accept a store made by a randomly initialised teacher (tests, demos)."""
     compile: bool = False
     """torch.compile the student (and the online teacher)."""
-    view_path: str = "auto"
+    view_path: Annotated[str, OneOf(VIEW_PATHS)] = "auto"
     """pillow: the loader workers cut the views; device: they decode and crop, the views are cut on the
     training device (bit-identical); auto: device when training on a GPU."""
-    workers: int = 4
+    workers: Annotated[int, Range(min=0)] = 4
     """Data-loader worker processes per process."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: Annotated[int, Range(min=0)] = 1000
     """Samples in each worker's shuffle buffer."""
-    mixed_precision: str | None = None
+    mixed_precision: Annotated[str, OneOf(MIXED_PRECISIONS)] | None = None
     """no, fp16 or bf16; default: Accelerate's launch config."""
     log_keys: bool = False
     """Write every sample key per step to RUN_DIR/keys/rank<r>.txt (audits of the data order)."""
-    corrupt_targets: str = "stop"
+    corrupt_targets: Annotated[str, OneOf(("stop", "skip", "off"))] = "stop"
     """A cached view whose bytes fail their checksum: stop (naming unit, row, key), skip (leave the sample
     out of its batch, with a warning), or off."""
-    eval_every: int = 0
+    eval_every: Annotated[int, Range(min=0)] = 0
     """Steps between k-NN evaluations of the student on --eval-data (0: none); in metrics.jsonl and
     TensorBoard, without touching the data order or the random state."""
-    eval_data: str | None = None
+    eval_data: Annotated[str, PathKind("dir")] | None = None
     """Labelled images for --eval-every: a folder with train/ and val/ in the ImageFolder layout."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "log_every", "save_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise UserError("--steps must be >= 1")
-        if self.view_path not in VIEW_PATHS:
-            raise UserError(f"--view-path must be one of {', '.join(VIEW_PATHS)}, not {self.view_path!r}")
-        if self.corrupt_targets not in ("stop", "skip", "off"):
-            raise UserError(f"--corrupt-targets must be stop, skip or off, not {self.corrupt_targets!r}")
-        if self.eval_every < 0 or (self.eval_every and not self.eval_data):
-            raise UserError("--eval-every N needs N >= 0 and --eval-data (a folder with train/ and val/)")
+        check_fields(self)
+        if self.eval_every and not self.eval_data:
+            raise UserError("--eval-every N needs --eval-data (a folder with train/ and val/)")

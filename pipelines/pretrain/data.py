@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.runs import one_thread_per_worker
-from pipelines.shards import Shard, image_bytes, iter_shard
-from targets.cache import CorruptTarget, StoreMeta, TargetStore
+from pipelines.shards import Shard, image_bytes, iter_shard, shard_changed
+from targets.cache import CorruptTarget, DamagedUnit, StoreMeta, TargetStore
 from targets.device_views import crop_pixels, group_inputs, pad_crops, plan_groups
 from targets.views import ViewParams, apply_view, decode_image
 
@@ -85,7 +85,13 @@ def _stable_int(*parts) -> int:
 
 def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
     """Check the store covers every shard completely, and list each shard's valid rows."""
-    markers = {s.name: store.marker(s.name) for s in shards}
+    states = {s.name: store.unit_state(s.name) for s in shards}
+    damaged = [(name, why) for name, (_, why) in states.items() if why]
+    if damaged:
+        raise DamagedUnit(store.path, *damaged[0]) if len(damaged) == 1 else UserError(
+            f"--targets {store.path}: {len(damaged)} units are damaged (e.g. {damaged[0][0]}: {damaged[0][1]}); "
+            "rerun `cae2 extract-targets` (or convert-targets) with the same options: it redoes them")
+    markers = {name: marker for name, (marker, _) in states.items()}
     missing = [name for name, marker in markers.items() if marker is None]
     if missing:
         known = set(store.unit_names())
@@ -95,6 +101,10 @@ def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
         raise UserError(f"--targets {store.path}: {what}; run `cae2 extract-targets` with these --shards first")
     out = []
     for s in shards:
+        changed = shard_changed(markers[s.name].get("source_identity"), s.url, read=False)
+        if changed:
+            raise UserError(f"--shards: {s.url} is not the shard unit {s.name} of {store.path} was made from "
+                            f"({changed}); pass the shards the store was extracted from")
         n = markers[s.name]["num_samples"]
         valid = store.group[f"units/{s.name}/valid"][:] if n else np.zeros(0, bool)
         out.append(ShardIndex(s, np.flatnonzero(valid), n))

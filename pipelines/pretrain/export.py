@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import cae2
 from cae2.config import ModelConfig
 from cae2.encoder import timm_kwargs
-from cae2.fields import Argument
+from cae2.fields import Argument, PathKind
 from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
 
 
@@ -20,9 +20,9 @@ from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_d
 class ExportConfig:
     """Every option of `cae2 export`."""
 
-    checkpoint: Annotated[Path, Argument()]
+    checkpoint: Annotated[Path, Argument(), PathKind("dir")]
     """A checkpoint dir, or a run dir (its newest checkpoint)."""
-    out: Path = Path("encoder.safetensors")
+    out: Annotated[Path, PathKind("new_file")] = Path("encoder.safetensors")
     """Output .safetensors file."""
 
 
