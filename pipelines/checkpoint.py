@@ -10,6 +10,7 @@ never deletes the newest complete one. The readers at the end (`find_checkpoint`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -82,6 +83,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     accelerator.save_state(str(ckpt), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        follow_umask(p for p in ckpt.iterdir() if p.is_file())
         tmp = ckpt / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(trainer_state, indent=1))
         os.replace(tmp, ckpt / STATE_FILE)
@@ -169,6 +171,16 @@ def prune(run_dir: Path, keep: int) -> None:
     for p in root.iterdir():
         if p.is_dir() and p != newest and (p not in done or p in done[: max(len(done) - max(keep, 1), 0)]):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def follow_umask(paths) -> None:
+    """Give files the mode the process's umask asks for (0644 under umask 022): safetensors writes its
+    files through a temporary file of mode 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o666 & ~mask)
 
 
 def _fsync_dir(path: Path) -> None:

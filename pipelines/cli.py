@@ -28,6 +28,7 @@ from pipelines.extract.config import ExtractConfig
 from pipelines.extract.convert import ConvertConfig, ConvertStats, convert_store
 from pipelines.extract.run import ExtractStats, run_extract
 from pipelines.extract.verify import VerifyConfig, verify_store
+from pipelines.launch import launch
 from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.export import ExportConfig, export_encoder
 from pipelines.pretrain.loop import train
@@ -42,7 +43,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False}
+_state = {"debug": False, "interruption_told": False}
 
 
 def _version(value: bool) -> None:
@@ -226,10 +227,13 @@ def _pretrain(cfg: TrainConfig) -> None:
     evaluator = KnnMonitor(cfg.eval_data) if cfg.eval_every else None
     result = train(cfg, log=_echo_err, evaluator=evaluator)
     if process_state().is_main_process:
-        if result["status"] == "preempted":
-            typer.echo(f"preempted at step {result['step']}: checkpoint saved; rerun with --resume latest")
-        else:
+        if result["status"] == "finished":
             typer.echo(f"finished {result['step']} steps; run dir: {result['run_dir']}")
+        else:
+            typer.echo(f"{result['status']} at step {result['step']}: checkpoint saved; rerun with --resume latest")
+    if result["status"] == "interrupted":
+        _state["interruption_told"] = True
+        raise typer.Exit(130)
 
 
 options.command(app, "pretrain", TrainConfig, _pretrain, default_help=_preset_defaults)
@@ -273,6 +277,21 @@ options.command(evaluate_app, "linear", LinearConfig, _evaluate_linear)
 options.command(app, "export", ExportConfig, _export, config_file=False)
 
 
+@app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def _launch(ctx: typer.Context) -> None:
+    """Run a command under `accelerate launch`: its options first, then the command and the command's
+    options. A failure is one line per process and exit status 2.
+
+    Example: cae2 launch --multi_gpu --num_processes 8 extract-targets --shards shards/ --out t.zarr
+    """
+    names = [c.name for c in app.registered_commands if c.name != "launch"] + ["evaluate"]
+    if not ctx.args or ctx.args[0] in ("--help", "-h"):
+        typer.echo(ctx.get_help())
+        return
+    launch(ctx.args, names)
+
+
 def _demo(cfg: DemoConfig) -> None:
     """Run the whole pipeline on a small embedded default (random tiny teacher, offline, CPU minutes).
 
@@ -310,7 +329,7 @@ def run(args: list[str] | None = None) -> int:
                       "mounts) and rerun: complete work is kept")
     except typer.Abort:
         status = 130
-    if status == 130:  # Ctrl-C: typer turns KeyboardInterrupt into exit status 130
+    if status == 130 and not _state.get("interruption_told"):  # Ctrl-C: typer makes KeyboardInterrupt status 130
         _say("interrupted: complete work is kept (finished units, saved checkpoints); rerun the same command "
              "to go on")
     return status

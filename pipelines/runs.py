@@ -21,9 +21,12 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def one_thread_per_worker(_: int) -> None:
-    """A data-loader worker's `worker_init_fn`: one intra-op thread (the workers already fill the cores)."""
+def init_worker(_: int) -> None:
+    """A data-loader worker's `worker_init_fn`: one intra-op thread (the workers already fill the cores),
+    and Ctrl-C left to the main process, which stops at a clean point (a worker killed by it would take
+    the batch the main process is waiting for)."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def agree(accelerator, flag: bool) -> bool:
@@ -51,17 +54,25 @@ def git_sha() -> str:
 
 
 class Preemption:
-    """Remembers a SIGTERM (a scheduler's preemption) so that the loop can save and stop after the step."""
+    """Remembers a SIGTERM (a scheduler's preemption) or a Ctrl-C (SIGINT) so that the loop can save and
+    stop after the step; a second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self.signal: str | None = None
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class RunLock:

@@ -191,6 +191,10 @@ class Teacher(nn.Module):
             quick_gelu = _quick_gelu_of(name, spec.pretrained, pcfg, sha256)
         self.quick_gelu = bool(quick_gelu) and not name.endswith("-quickgelu")
         kwargs = dict(force_quick_gelu=self.quick_gelu, force_image_size=spec.image_size)
+        patch = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("patch_size")
+        if spec.image_size and isinstance(patch, int) and spec.image_size % patch:
+            raise UserError(f"--teacher-image-size {spec.image_size} is not a multiple of {spec.name}'s patch size "
+                            f"{patch}; pass a multiple (196 gives ViT-L/14 a 14x14 grid)")
         try:
             with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(spec.is_random):
                 torch.manual_seed(spec.init_seed)

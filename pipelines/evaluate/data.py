@@ -4,7 +4,10 @@ RandomResizedCrop + flip for the official linear probe, its draws keyed by (seed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,8 @@ class LabelledImages:
     classes: list[str]
     paths: list[Path] | None = None
     blobs: list[bytes] | None = None
+    files: list[tuple[str, int, int]] = field(default_factory=list)
+    """(path, size, mtime_ns) of every file read: images of a folder, or shards."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,50 +38,72 @@ class LabelledImages:
     def load(self, i: int) -> bytes:
         return self.paths[i].read_bytes() if self.paths is not None else self.blobs[i]
 
+    @property
+    def identity(self) -> str:
+        """sha256 of the files (names, sizes, modification times), labels and class names: what a feature
+        cache is keyed by, so that changed, moved or relabelled images are never served stale features."""
+        h = hashlib.sha256(json.dumps([self.files, self.classes]).encode())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()
+
+
+def _stat(path: Path | str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
 
 def load_labelled(spec: str, option: str, classes: list[str] | None = None) -> LabelledImages:
     """An ImageFolder directory (class sub-folders) or WebDataset shards with `cls`. `classes`: the
     training split's class names, which a validation split must use."""
     path = Path(spec)
     if path.is_dir() and not any(path.glob("*.tar")):
-        found = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not found:
-            raise UserError(f"{option} {spec}: no class folders; expected the ImageFolder layout "
-                            f"{spec}/<class>/<image> (or WebDataset shards with cls)")
-        names = classes if classes is not None else found
-        unknown = sorted(set(found) - set(names))
-        if unknown:
-            raise UserError(f"{option} {spec}: class folder(s) {', '.join(unknown[:5])} are not in the training "
-                            "split's classes")
-        index = {c: i for i, c in enumerate(names)}
-        paths, labels = [], []
-        for c in found:
-            for p in sorted((path / c).rglob("*")):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                    paths.append(p)
-                    labels.append(index[c])
-        data = LabelledImages(spec, np.array(labels, np.int64), list(names), paths=paths)
+        data = _image_folder(path, spec, option, classes)
     else:
-        blobs, labels = [], []
-        for shard in expand_shards(spec, option):
-            for sample in iter_shard(shard.url):
-                if "cls" not in sample or image_bytes(sample) is None:
-                    raise UserError(f"{option} {shard.url}: sample {sample['__key__']} has no image or no cls "
-                                    "label; evaluation shards need both (cae2 make-shards of class folders)")
-                blobs.append(image_bytes(sample))
-                labels.append(int(sample["cls"]))
-        labels = np.array(labels, np.int64)
-        n = int(labels.max()) + 1 if len(labels) else 0
-        names = classes if classes is not None else [str(i) for i in range(n)]
-        if len(labels) and labels.max() >= len(names):
-            raise UserError(f"{option} {spec}: label {int(labels.max())} is outside the training split's "
-                            f"{len(names)} classes")
-        data = LabelledImages(spec, labels, names, blobs=blobs)
+        data = _labelled_shards(spec, option, classes)
     if not len(data):
         raise UserError(f"{option} {spec}: no images")
     if classes is None and len(np.unique(data.labels)) < 2:
         raise UserError(f"{option} {spec}: one class only; classification needs at least two")
     return data
+
+
+def _image_folder(path: Path, spec: str, option: str, classes: list[str] | None) -> LabelledImages:
+    found = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise UserError(f"{option} {spec}: no class folders; expected the ImageFolder layout "
+                        f"{spec}/<class>/<image> (or WebDataset shards with cls)")
+    names = classes if classes is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise UserError(f"{option} {spec}: class folder(s) {', '.join(unknown[:5])} are not in the training "
+                        "split's classes")
+    index = {c: i for i, c in enumerate(names)}
+    paths, labels = [], []
+    for c in found:
+        for p in sorted((path / c).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(p)
+                labels.append(index[c])
+    return LabelledImages(spec, np.array(labels, np.int64), list(names), paths=paths, files=[_stat(p) for p in paths])
+
+
+def _labelled_shards(spec: str, option: str, classes: list[str] | None) -> LabelledImages:
+    blobs, labels, files = [], [], []
+    for shard in expand_shards(spec, option):
+        for sample in iter_shard(shard.url):
+            if "cls" not in sample or image_bytes(sample) is None:
+                raise UserError(f"{option} {shard.url}: sample {sample['__key__']} has no image or no cls "
+                                "label; evaluation shards need both (cae2 make-shards of class folders)")
+            blobs.append(image_bytes(sample))
+            labels.append(int(sample["cls"]))
+        files.append(_stat(shard.url) if "://" not in shard.url else (shard.url, -1, -1))
+    labels = np.array(labels, np.int64)
+    n = int(labels.max()) + 1 if len(labels) else 0
+    names = classes if classes is not None else [str(i) for i in range(n)]
+    if len(labels) and labels.max() >= len(names):
+        raise UserError(f"{option} {spec}: label {int(labels.max())} is outside the training split's "
+                        f"{len(names)} classes")
+    return LabelledImages(spec, labels, names, blobs=blobs, files=files)
 
 
 def eval_resize(size: int) -> int:

@@ -16,8 +16,9 @@ from pipelines.evaluate.data import CenterCropImages, eval_resize
 def extract_features(model, data, pool: str = "cls", batch_size: int = 128, workers: int = 0,
                      cache_dir: str | None = None, log=print) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32 on the CPU, labels [N]) of a LabelledImages set under the evaluation
-    transform. With `cache_dir`, they are saved once per (model weights, data, transform, pool)."""
-    settings = {"model_sha256": model.sha256, "data": str(data.spec), "images": len(data), "pool": pool,
+    transform. With `cache_dir`, they are saved once per (model weights, data files and labels, transform,
+    pool)."""
+    settings = {"model_sha256": model.sha256, "data": data.identity, "images": len(data), "pool": pool,
                 "transform": f"resize {eval_resize(model.img_size)} bicubic, center crop {model.img_size}",
                 "mean": list(model.mean), "std": list(model.std)}
     cache = None

@@ -35,7 +35,7 @@ from pipelines.extract.assemble import UnitAssembler
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.stream import ImageViews, NotMine, ShardError, Skip, UnitStart, UnitViewStream, ViewRecipe
 from pipelines.extract.teacher_queue import TeacherQueue, cut_views
-from pipelines.runs import one_thread_per_worker, process_state
+from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
 from targets.claims import Heartbeat, Holder, release
@@ -206,7 +206,7 @@ class Extraction:
         workers = min(self.cfg.workers, len(todo))
         leave_cores_to_workers(self.teacher.device, workers)
         # Pinned images for the device path on a GPU; the Pillow path's views are copied in whole batches.
-        loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=one_thread_per_worker,
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=init_worker,
                             prefetch_factor=8 if workers else None, persistent_workers=False,
                             pin_memory=self.device_views is not None and self.teacher.device.type == "cuda")
         self.bar = tqdm(total=len(todo), unit="shard", disable=not self.show_progress, dynamic_ncols=True)

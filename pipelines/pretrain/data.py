@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cae2.errors import UserError
 from cae2.masking import create_mask_generator
-from pipelines.runs import one_thread_per_worker
+from pipelines.runs import init_worker
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_changed
 from targets.cache import CorruptTarget, DamagedUnit, StoreMeta, TargetStore
 from targets.device_views import crop_pixels, group_inputs, pad_crops, plan_groups
@@ -347,7 +347,7 @@ def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: 
     # Its own generator: creating the iterator must not consume the global RNG that drop path uses,
     # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
     generator = torch.Generator().manual_seed(_stable_int(LOADER_SALT, cfg.seed, epoch, cfg.rank))
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=one_thread_per_worker,
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=init_worker,
                         pin_memory=pin_memory, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False, generator=generator)
     return loader, plan

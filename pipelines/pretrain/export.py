@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import cae2
 from cae2.config import ModelConfig
 from cae2.encoder import timm_kwargs
+from cae2.errors import UserError
 from cae2.fields import Argument, PathKind
-from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
+from pipelines.checkpoint import find_checkpoint, follow_umask, model_config_of, model_state_dict
 
 
 @dataclass(kw_only=True)
@@ -48,10 +50,18 @@ def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
     ckpt = find_checkpoint(src)
     cfg = model_config_of(ckpt)
     state = model_state_dict(ckpt, "encoder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "timm.VisionTransformer", "timm_kwargs": json.dumps(timm_kwargs(cfg)),
             "source_checkpoint": str(ckpt), "cae2_version": cae2.__version__}
-    save_file(state, str(out), metadata=meta)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=meta)
+        follow_umask([tmp])
+        tmp.replace(out)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--out {out} cannot be written ({getattr(e, 'strerror', None) or e}); pass a file path in "
+                        "a writable folder") from None
     return ckpt, timm_call(cfg, str(out))
 
 

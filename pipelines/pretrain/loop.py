@@ -17,8 +17,8 @@ from pipelines.runs import MetricsLog, Preemption, agree
 
 
 def train(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -> dict:
-    """Pretrain (or resume) the run `cfg` describes -> {status: finished | preempted, step, run_dir,
-    total_steps}. `evaluator` measures the student every `cfg.eval_every` steps."""
+    """Pretrain (or resume) the run `cfg` describes -> {status: finished | preempted (SIGTERM) | interrupted
+    (Ctrl-C), step, run_dir, total_steps}. `evaluator` measures the student every `cfg.eval_every` steps."""
     if cfg.eval_every and evaluator is None:
         raise ValueError("--eval-every needs an evaluator (pipelines.evaluate.monitor.KnnMonitor)")
     run = start_run(cfg, log, evaluator)
@@ -54,10 +54,10 @@ def train(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -> di
                     position = (epoch + 1, 0) if batch_in_epoch >= usable else (epoch, batch_in_epoch)
                     run.checkpointer.save(acc, step, run.trainer_state(step, *position))
                 if stop:
-                    status = "preempted"
+                    status = "interrupted" if preempt.signal == "SIGINT" else "preempted"
                     break
             del it
-            if status == "preempted":
+            if status != "finished":
                 break
             if batch_in_epoch >= usable:
                 epoch, batch_in_epoch = epoch + 1, 0

@@ -97,8 +97,24 @@ def preflight(cfg: TrainConfig) -> tuple[TargetStore, list, ModelConfig]:
     if meta.teacher.get("random_init") and not cfg.allow_random_teacher:
         raise UserError(f"--targets {cfg.targets} was made with a RANDOMLY INITIALISED teacher; pass "
                         "--allow-random-teacher if that is intended (tests, demos)")
+    _check_run_dir(Path(cfg.out), Path(cfg.targets))
     index = index_shards(store, shards)
     return store, index, model_cfg
+
+
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "tensorboard", "keys"}
+
+
+def _check_run_dir(out: Path, store: Path) -> None:
+    """--out is a new, empty or earlier cae2 run directory: never the store, never a folder of other files."""
+    a, b = out.resolve(), store.resolve()
+    if a == b or b in a.parents or a in b.parents:
+        raise UserError(f"--out {out} and --targets {store} overlap; write the run outside the target store")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+        if others:
+            raise UserError(f"--out {out} holds files that are not a cae2 run (e.g. {others[0]}); choose a new or "
+                            "empty directory")
 
 
 def start_run(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -> Run:

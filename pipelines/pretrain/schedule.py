@@ -40,7 +40,8 @@ class Schedule:
         steps_per_epoch = batches_per_rank // cfg.grad_accum
         if steps_per_epoch < 1:
             raise UserError(f"an epoch has fewer micro-batches than --grad-accum {cfg.grad_accum}")
-        total = cfg.steps or math.ceil((cfg.epochs or preset.epochs) * steps_per_epoch)
+        epochs = cfg.epochs if cfg.epochs is not None else preset.epochs
+        total = cfg.steps if cfg.steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
         warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else preset.warmup_epochs
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(warmup_epochs * steps_per_epoch)
         global_batch = cfg.batch_size * world * cfg.grad_accum
@@ -49,10 +50,15 @@ class Schedule:
             value = getattr(cfg, name)
             return value if value is not None else getattr(preset, name)
 
+        peak_lr = cfg.lr if cfg.lr is not None else preset.lr * global_batch / preset.lr_batch_ref
+        if peak_lr <= pick("min_lr"):
+            how = "--lr" if cfg.lr is not None else (f"the preset's lr {preset.lr:g} x global batch {global_batch} / "
+                                                     f"{preset.lr_batch_ref}")
+            raise UserError(f"peak lr {peak_lr:.3g} ({how}) is not above the final lr {pick('min_lr'):g} (--min-lr): "
+                            "the cosine schedule would raise the lr after warmup; pass a larger --lr, a larger "
+                            "global batch, or a lower --min-lr")
         return cls(processes=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total,
-                   warmup_steps=min(warmup, total),
-                   peak_lr=cfg.lr if cfg.lr is not None else preset.lr * global_batch / preset.lr_batch_ref,
-                   min_lr=pick("min_lr"),
+                   warmup_steps=min(warmup, total), peak_lr=peak_lr, min_lr=pick("min_lr"),
                    lr_rule="linear: lr = preset lr x global_batch / lr_batch_ref" if cfg.lr is None
                    else "explicit --lr",
                    clip_grad=pick("clip_grad"), weight_decay=pick("weight_decay"), loss=cfg.loss or preset.loss,
