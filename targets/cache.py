@@ -245,6 +245,10 @@ class TargetStore:
     # --- units --------------------------------------------------------------------------------
 
     def unit_names(self) -> list[str]:
+        """Every unit folder (complete, incomplete or damaged: `unit_state` tells which)."""
+        if _is_local(self.path):  # a listing, so that one unreadable unit's metadata hides no other unit
+            folder = Path(self.path) / "units"
+            return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
         units = self.group.get("units")
         return sorted(units.group_keys()) if units is not None else []
 
