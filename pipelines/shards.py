@@ -83,10 +83,12 @@ def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
 def iter_shard(url: str) -> Iterator[dict]:
     """Samples of one shard in file order, streamed with WebDataset (dict: __key__, fields as bytes)."""
     def reraise(e: Exception) -> bool:
-        # webdataset hands on (message, stream) in the exception's args: the message alone says what happened
-        message = e.args[0] if len(e.args) > 1 and isinstance(e.args[0], str) else str(e)
+        # webdataset appends " @ <stream>" to the message and hands the error to each of its stages' handlers
+        message = str(e.args[0]).split(" @ ")[0] if e.args else str(e)
+        if isinstance(e, UserError):
+            raise UserError(message) from None
         raise UserError(f"shard {url} cannot be read ({type(e).__name__}: {message}); check or rewrite the shard "
-                        "(cae2 make-shards)") from e
+                        "(cae2 make-shards)") from None
 
     yield from wds.tarfile_samples([{"url": url}], handler=reraise)
 

@@ -115,7 +115,7 @@ def run(tmp_path_factory):
                 log=lambda m: None)
     res = cli("pretrain", "--shards", str(root / "shards"), "--targets", str(root / "t.zarr"), "--model", "cae2_debug",
               "--out", str(root / "run"), "--steps", "2", "--batch-size", "4", "--workers", "0",
-              "--allow-random-teacher")
+              "--allow-random-teacher", "--lr", "1e-3")
     assert res.returncode == 0, res.stderr[-2000:]
     export_encoder(root / "run", root / "enc.safetensors")
     return root
@@ -236,7 +236,8 @@ def test_pretrain_knn_monitor_leaves_the_run_unchanged(run, labelled, tmp_path):
     (eval_data / "train").symlink_to(labelled / "train")
     (eval_data / "val").symlink_to(labelled / "val")
     args = ["pretrain", "--shards", str(run / "shards"), "--targets", str(run / "t.zarr"), "--model", "cae2_debug",
-            "--steps", "4", "--batch-size", "4", "--workers", "1", "--log-every", "1", "--allow-random-teacher"]
+            "--steps", "4", "--batch-size", "4", "--workers", "1", "--log-every", "1", "--allow-random-teacher",
+            "--lr", "1e-3"]
     plain = cli(*args, "--out", str(tmp_path / "plain"))
     watched = cli(*args, "--out", str(tmp_path / "watched"), "--eval-every", "2", "--eval-data", str(eval_data))
     assert plain.returncode == 0 and watched.returncode == 0, watched.stderr[-2000:]

@@ -83,7 +83,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(shards
     run = small_fs / "run"
     args = ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "ref.zarr"), "--model",
             "cae2_debug", "--out", str(run), "--batch-size", "4", "--workers", "0", "--allow-random-teacher",
-            "--save-every", "2", "--log-every", "1"]
+            "--save-every", "2", "--log-every", "1", "--lr", "1e-3"]
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
     res = cli(*args, "--steps", "2")
     assert res.returncode == 0, res.stderr[-2000:]  # one checkpoint fits
@@ -144,7 +144,8 @@ def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum):
     def args(out, resume):
         return ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "ref.zarr"), "--model",
                 "cae2_debug", "--out", str(out), "--batch-size", "4", "--workers", "1", "--allow-random-teacher",
-                "--save-every", "2", "--log-every", "1", "--steps", "40", *(["--resume", "latest"] if resume else [])]
+                "--save-every", "2", "--log-every", "1", "--steps", "40", "--lr", "1e-3",
+                *(["--resume", "latest"] if resume else [])]
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     duration = timed(*args(ref, False))
@@ -163,7 +164,8 @@ def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum):
 
 def _pretrain(shards_spec, store, out, *extra):
     return ["pretrain", "--shards", str(shards_spec), "--targets", str(store), "--model", "cae2_debug", "--out",
-            str(out), "--batch-size", "4", "--workers", "0", "--allow-random-teacher", "--steps", "12", *extra]
+            str(out), "--batch-size", "4", "--workers", "0", "--allow-random-teacher", "--steps", "12", "--lr", "1e-3",
+            *extra]
 
 
 def test_shards_changed_missing_or_truncated_after_stage_1_are_named(shards, tmp_path):

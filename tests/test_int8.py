@@ -143,7 +143,7 @@ def test_converted_store_equals_and_trains_like_an_int8_extraction(data, tmp_pat
         run = tmp_path / f"run-{name}"
         res = cli("pretrain", "--shards", str(root / "shards"), "--targets", str(store), "--model", "cae2_debug",
                   "--out", str(run), "--steps", "3", "--batch-size", "4", "--workers", "1", "--log-every", "1",
-                  "--allow-random-teacher")
+                  "--allow-random-teacher", "--lr", "1e-3")
         assert res.returncode == 0, res.stderr[-2000:]
         assert "cache (int8)" in res.stderr
         losses[name] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

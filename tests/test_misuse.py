@@ -1,0 +1,205 @@
+"""The rows of the misuse probe (docs/reliability.md): each is reproduced here and now gives one line (or
+the correct result) with the documented exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import cae2
+from cae2.errors import UserError
+from pipelines.cli import run
+from pipelines.evaluate.models import load_feature_model
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.pretrain.config import TrainConfig
+from pipelines.pretrain.schedule import Schedule
+from pipelines.shards import make_shards
+from targets.teacher import TeacherSpec
+from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_good_images
+from tests.test_evaluate import _colour_classes
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TEACHER = f"clip:{TINY_TEACHER}:none"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Shards, their store, a short run and labelled images."""
+    root = tmp_path_factory.mktemp("misuse")
+    write_good_images(root / "images", 32, sizes=((72, 96), (64, 64)))
+    make_shards(root / "images", root / "shards", samples_per_shard=8)
+    run_extract(ExtractConfig(shards=str(root / "shards"), out=str(root / "t.zarr"), views_per_image=2, workers=0,
+                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")),
+                log=lambda m: None)
+    assert run(_pretrain(root, root / "run", "--steps", "2")) == 0
+    _colour_classes(root / "labelled" / "train", 6, seed=1)
+    _colour_classes(root / "labelled" / "val", 4, seed=2)
+    return root
+
+
+def _pretrain(root: Path, out: Path, *extra) -> list[str]:
+    return ["pretrain", "--shards", str(root / "shards"), "--targets", str(root / "t.zarr"), "--model", "cae2_debug",
+            "--out", str(out), "--batch-size", "4", "--workers", "0", "--allow-random-teacher", "--lr", "1e-3",
+            "--no-progress", *extra]
+
+
+def _one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_the_feature_cache_is_keyed_by_the_files_not_their_count(data, tmp_path, capsys):
+    labelled = tmp_path / "labelled"
+    subprocess.run(["cp", "-r", str(data / "labelled"), str(labelled)], check=True)
+    args = ["evaluate", "knn", "--model", TEACHER, "--train", str(labelled / "train"), "--val", str(labelled / "val"),
+            "--workers", "0", "--ks", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert run([*args, "--out", str(tmp_path / "a.json")]) == 0
+    a, b = labelled / "val" / "class_0", labelled / "val" / "class_1"
+    a.rename(labelled / "val" / "tmp")
+    b.rename(a)
+    (labelled / "val" / "tmp").rename(b)  # the same count of images, the labels of two classes swapped
+    assert run([*args, "--out", str(tmp_path / "cached.json")]) == 0
+    assert run([*args[:-2], "--out", str(tmp_path / "fresh.json")]) == 0
+    capsys.readouterr()
+    cached, fresh = (json.loads((tmp_path / f).read_text())["results"]["1"] for f in ("cached.json", "fresh.json"))
+    assert cached == fresh
+
+
+def test_a_random_timm_baseline_is_the_same_in_every_run_of_one_seed():
+    a, b = (load_feature_model("timm:vit_tiny_patch16_224:random", seed=3) for _ in range(2))
+    c = load_feature_model("timm:vit_tiny_patch16_224:random", seed=4)
+    assert a.sha256 == b.sha256 != c.sha256
+
+
+def test_a_peak_lr_below_the_final_lr_is_refused():
+    preset = cae2.get_preset("cae2_vit_tiny").train  # lr 1.5e-3 at 2048 -> 2.9e-6 at batch 4, min lr 1e-5
+    with pytest.raises(UserError, match="not above the final lr"):
+        Schedule.resolve(TrainConfig(shards="s", targets="t", batch_size=4, steps=10), preset, 10, 1)
+    Schedule.resolve(TrainConfig(shards="s", targets="t", batch_size=4, steps=10, min_lr=1e-7), preset, 10, 1)
+
+
+def test_pretrain_out_is_never_the_store_or_a_folder_of_other_files(data, tmp_path, capsys):
+    assert run(_pretrain(data, data / "t.zarr", "--steps", "1")) == 2
+    assert "overlap" in _one_line(capsys)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"x")
+    assert run(_pretrain(data, other, "--steps", "1")) == 2
+    assert "not a cae2 run" in _one_line(capsys) and sorted(os.listdir(other)) == ["holiday.jpg"]
+
+
+def test_export_to_an_unwritable_place_is_one_line_and_files_follow_the_umask(data, tmp_path, capsys):
+    assert run(["export", str(data / "run"), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in _one_line(capsys)
+    assert run(["export", str(data / "run"), "--out", "/proc/x.safetensors"]) == 2
+    assert "/proc/x.safetensors" in _one_line(capsys)
+    old = os.umask(0o022)
+    try:
+        assert run(["export", str(data / "run"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    files = [tmp_path / "e.safetensors", *(p for p in (data / "run" / "checkpoints").rglob("*") if p.is_file())]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}
+
+
+def test_evaluation_errors_name_the_fix(data, tmp_path, capsys):
+    labelled = data / "labelled"
+    base = ["evaluate", "knn", "--train", str(labelled / "train"), "--val", str(labelled / "val"), "--out",
+            str(tmp_path / "k.json")]
+    if not torch.cuda.is_available():
+        assert run([*base, "--model", TEACHER, "--device", "cuda"]) == 2
+        assert "no GPU" in _one_line(capsys)
+    assert run([*base, "--model", "clip:ViT-B-16:openai"]) == 2
+    line = _one_line(capsys)
+    assert "clip:ViT-B-16:/path/to/weights" in line and "--pretrained" not in line
+    assert run([*base, "--model", TEACHER, "--config", str(tmp_path)]) == 2
+    assert "is a directory; pass a YAML or TOML file" in _one_line(capsys)
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_a_clip_weights_file_open_clip_does_not_know_is_evaluated_with_quick_gelu_stated(data, tmp_path, capsys):
+    weights = tmp_path / "tiny.pt"
+    open_clip.add_model_config(ROOT / "targets" / "configs" / f"{TINY_TEACHER}.json")
+    torch.save(open_clip.create_model(TINY_TEACHER).state_dict(), weights)  # the whole model, as a release holds it
+    base = ["evaluate", "knn", "--model", f"clip:{TINY_TEACHER}:{weights}", "--train",
+            str(data / "labelled" / "train"), "--val", str(data / "labelled" / "val"), "--workers", "0", "--ks", "5"]
+    assert run([*base, "--out", str(tmp_path / "a.json")]) == 2
+    assert "--no-quick-gelu" in _one_line(capsys)
+    assert run([*base, "--no-quick-gelu", "--out", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["model_sha256"]
+
+
+@pytest.mark.slow
+def test_evaluate_a_vit_b_16_weights_file_with_no_quick_gelu(data, tmp_path):
+    weights = tmp_path / "b16.pt"
+    torch.save(open_clip.create_model("ViT-B-16").state_dict(), weights)
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "knn", "--model",
+                          f"clip:ViT-B-16:{weights}", "--no-quick-gelu", "--train", str(data / "labelled" / "train"),
+                          "--val", str(data / "labelled" / "val"), "--workers", "0", "--ks", "5", "--out",
+                          str(tmp_path / "k.json")], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "k.json").read_text())["feature_dim"] == 512
+
+
+def test_a_teacher_image_size_off_the_patch_grid_is_one_line(data, tmp_path, capsys):
+    status = run(["extract-targets", "--shards", str(data / "shards"), "--out", str(tmp_path / "s.zarr"), "--teacher",
+                  "ViT-B-16", "--pretrained", "none", "--teacher-image-size", "100"])
+    assert status == 2 and "not a multiple of ViT-B-16's patch size 16" in _one_line(capsys)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_truncated_tar_shard_is_named_without_internals(data, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    subprocess.run(["cp", "-r", str(data / "shards"), str(shards)], check=True)
+    tar = sorted(shards.glob("*.tar"))[1]
+    data_ = tar.read_bytes()
+    tar.write_bytes(data_[:len(data_) // 2 + 100])  # cut inside a member
+    status = run(["extract-targets", "--shards", str(shards), "--out", str(tmp_path / "s.zarr"), "--teacher",
+                  TINY_TEACHER, "--pretrained", "none", "--views", "2", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert status == 1 and f"FAILED: shard {tar}" in out and "BufferedReader" not in out and "(\"" not in out
+
+
+def test_ctrl_c_saves_a_checkpoint_says_so_and_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipelines.cli", *_pretrain(data, out, "--save-every", "1000")]
+    proc = subprocess.Popen([*cmd, "--steps", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-1500:]
+    assert "interrupted at step" in stdout and "--resume latest" in stdout and "Traceback" not in stderr
+    step = int(stdout.split("interrupted at step ")[1].split(":")[0])
+    assert 0 < step < 400 and (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    res = subprocess.run([*cmd, "--steps", str(step + 2), "--resume", "latest"], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=300)
+    assert res.returncode == 0 and f"resumed from {out / 'checkpoints'}" in res.stderr, res.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_a_failure_under_cae2_launch_is_one_line_per_process(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "launch", *ACCELERATE_2CPU[4:], "verify-targets",
+                          str(tmp_path / "missing.zarr")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                         timeout=300)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "launched process(es) failed (exit status 2)" in lines[-1]  # torchrun stops the others at once
+    assert all(line.startswith("error:") for line in lines) and any("does not exist" in line for line in lines)
