@@ -176,9 +176,10 @@ def test_a_truncated_tar_shard_is_named_without_internals(data, tmp_path, capsys
 
 def test_ctrl_c_saves_a_checkpoint_says_so_and_resumes(data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipelines.cli", *_pretrain(data, out, "--save-every", "1000")]
-    proc = subprocess.Popen([*cmd, "--steps", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
-                            start_new_session=True)
+    # a loader worker too: it leaves Ctrl-C to the main process
+    cmd = [sys.executable, "-m", "pipelines.cli", *_pretrain(data, out, "--save-every", "1000", "--workers", "1")]
+    proc = subprocess.Popen([*cmd, "--steps", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.05)
