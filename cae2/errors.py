@@ -1,6 +1,21 @@
-"""The one exception type for problems with a user's input (files, options, stores)."""
+"""The one exception type for problems with a user's input (files, options, stores), and how OS errors
+name their file."""
+
+import contextlib
 
 
 class UserError(Exception):
     """Bad input. The message is one line that names the file, key or option and says how to fix it;
     the CLI prints it without a traceback (unless --debug) and exits with status 2."""
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Give an OSError raised inside without a file name (a failed read or write of an open file) the
+    name of the file or folder being worked on, so that its one-line report says where it happened."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Annotated
@@ -352,7 +354,18 @@ def _say(line: str) -> None:
 
 def main() -> None:
     """Console-script entry."""
+    # zarr's coroutines left pending by an error warn at exit; the error line has said what happened
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    threading.excepthook = _thread_failed
     sys.exit(run())
+
+
+def _thread_failed(args) -> None:
+    """TensorBoard's writer thread hands a failed write back to the next call from the main thread, which
+    reports it as the one error line; every other thread's failure is printed as usual."""
+    if issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+        return
+    threading.__excepthook__(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-from cae2.errors import UserError
+from cae2.errors import UserError, naming
 from targets.claims import Heartbeat, Holder, claim_beside, release, try_claim
 
 
@@ -111,7 +111,7 @@ class MetricsLog:
     checkpoint, so that the file reads like an uninterrupted run's."""
 
     def __init__(self, run_dir: Path, accelerator, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.tensorboard = run_dir / "metrics.jsonl", run_dir / "tensorboard"
         self.accelerator = accelerator
         if accelerator.is_main_process and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -120,6 +120,11 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
+            with naming(self.path), self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
+        with naming(self.tensorboard):  # its writer thread's error comes back on the next call
+            self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
+
+    def close(self) -> None:
+        with naming(self.tensorboard):
+            self.accelerator.end_training()

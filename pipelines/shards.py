@@ -21,7 +21,7 @@ import google_crc32c
 import webdataset as wds
 from braceexpand import braceexpand
 
-from cae2.errors import UserError
+from cae2.errors import UserError, naming
 from cae2.fields import Argument, PathKind, Range
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
@@ -99,7 +99,7 @@ def shard_identity(url: str) -> dict | None:
     if _is_remote(url):
         return None
     crc = 0
-    with open(url, "rb") as f:
+    with naming(url), open(url, "rb") as f:
         while block := f.read(1 << 22):
             crc = google_crc32c.extend(crc, block)
         st = os.fstat(f.fileno())

@@ -24,7 +24,7 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from cae2.errors import UserError
+from cae2.errors import UserError, naming
 
 EMPTY = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not stored (zarr: equal to the fill value)
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -114,6 +114,10 @@ class BlockFileReader:
         return index
 
     def read(self, row: int, view: int) -> np.ndarray:
+        with naming(_block_file(self.dir, row // self.block_rows, len(self.shape))):
+            return self._read(row, view)
+
+    def _read(self, row: int, view: int) -> np.ndarray:
         block, local = divmod(row, self.block_rows)
         fd = self._fd(block)
         offset, nbytes = self._index[block][local * self.shape[1] + view]
@@ -128,6 +132,10 @@ class BlockFileReader:
     def read_block(self, block: int) -> np.ndarray:
         """Every view of one block's rows, [rows, K, ...]: one read when the views lie back to back in
         row order (as cae2 writes them), else one read per view."""
+        with naming(_block_file(self.dir, block, len(self.shape))):
+            return self._read_block(block)
+
+    def _read_block(self, block: int) -> np.ndarray:
         start = block * self.block_rows
         rows = min(self.block_rows, self.shape[0] - start)
         out = np.empty((rows, *self.shape[1:]), dtype=self.dtype)

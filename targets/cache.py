@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import zarr
 
-from cae2.errors import UserError
+from cae2.errors import UserError, naming
 from targets.block_files import BlockFileReader, BlockFileWriter, LatentsChecksum
 from targets.claims import (
     Holder,
@@ -149,8 +149,11 @@ class TargetStore:
             raise UserError(f"target store {path} does not exist (no zarr.json); run `cae2 extract-targets` first")
         damaged = f"target store {path}: {path}/zarr.json is damaged"
         try:
-            group = zarr.open_group(path, mode=mode)
-            raw = group.attrs.get(ROOT_ATTR)
+            with naming(Path(path) / "zarr.json"):
+                group = zarr.open_group(path, mode=mode)
+                raw = group.attrs.get(ROOT_ATTR)
+        except OSError:
+            raise
         except Exception as e:  # noqa: BLE001 - zarr reports unreadable metadata in many types
             raise UserError(f"{damaged} ({type(e).__name__}: {str(e)[:160]}); restore it from a copy, or extract "
                             "into a new --out") from None
@@ -265,8 +268,9 @@ class TargetStore:
         if not (folder / "zarr.json").is_file():
             return None, None
         try:
-            marker = self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
-        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+            with naming(folder / "zarr.json"):  # a failing disk is reported as such, not as a damaged unit
+                marker = self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             return None, f"its zarr.json cannot be read ({type(e).__name__}: {str(e)[:120]})"
         if marker is None:
             return None, None
@@ -283,6 +287,11 @@ class TargetStore:
                    source_identity: dict | None = None) -> UnitWriter:
         """Start (or restart) a unit: an incomplete leftover is removed first. `source`: the shard's URL;
         `source_identity`: what tells that shard apart from another of the same name (its marker keeps it)."""
+        with naming(Path(self.path) / "units" / unit):
+            return self._begin_unit(unit, source, keys, view_path, source_identity)
+
+    def _begin_unit(self, unit: str, source: str, keys: list[str], view_path: str,
+                    source_identity: dict | None) -> UnitWriter:
         self._remove_unit(unit)
         m = self.meta
         n = len(keys)
@@ -315,7 +324,8 @@ class TargetStore:
         if marker is None:
             raise UserError(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
                             "`cae2 extract-targets` with the same options to finish it")
-        return UnitReader(self.group[f"units/{unit}"], self.path)
+        with naming(Path(self.path) / "units" / unit):
+            return UnitReader(self.group[f"units/{unit}"], self.path)
 
 
 class DamagedUnit(UserError):
@@ -417,10 +427,11 @@ class UnitWriter:
                                                             else parts[1][2][r, v])
         for array, direct, values in parts:
             data = values.tobytes()
-            if direct is not None:
-                direct.write(start // self.rows_per_block, data)
-            else:
-                array[start:stop] = values
+            with naming(self.folder / array.basename):
+                if direct is not None:
+                    direct.write(start // self.rows_per_block, data)
+                else:
+                    array[start:stop] = values
             self._checksum.update(data)
         self._written = stop
 
@@ -428,6 +439,10 @@ class UnitWriter:
         """Write the small arrays, then the marker (last). `writer`: host, pid, job of the writing process."""
         if self._written != len(self.keys):
             raise ValueError(f"unit finished after {self._written} of {len(self.keys)} rows")
+        with naming(self.folder):
+            return self._finish(source, quantization, writer)
+
+    def _finish(self, source: str, quantization: dict | None, writer: dict | None) -> dict:
         g = self.group
         n = len(self.keys)
         g.create_array("keys", shape=(n,), dtype=str)[:] = np.array(self.keys, dtype=str) if n else np.array([], str)

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cae2.errors import naming
+
 STALE_AFTER = 600.0
 """Seconds without a heartbeat after which another host's claim counts as abandoned."""
 
@@ -110,7 +112,7 @@ def try_claim(path: Path, holder: Holder, stale_after: float = STALE_AFTER) -> t
                 for old in path.parent.glob(f"{path.name}.stale.*"):
                     old.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
+        with naming(path), os.fdopen(fd, "w") as f:
             f.write(json.dumps(asdict(holder)))
         return True, None
     return False, None

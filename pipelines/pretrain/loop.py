@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from tqdm import tqdm
 
 from pipelines.pretrain.config import TrainConfig
@@ -61,12 +63,17 @@ def train(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -> di
                 break
             if batch_in_epoch >= usable:
                 epoch, batch_in_epoch = epoch + 1, 0
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error in flight is the one to report
+            metrics.close()
+        raise
+    else:
+        metrics.close()
     finally:
         del upcoming
         preempt.restore()
         bar.close()
         if run.parts.keys_file:
             run.parts.keys_file.close()
-        acc.end_training()
         run.lock.release()
     return {"status": status, "step": step, "run_dir": str(run.dir), "total_steps": total}
