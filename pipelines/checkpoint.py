@@ -226,3 +226,9 @@ def model_state_dict(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     if not out:
         raise UserError(f"checkpoint {ckpt}: no {prefix.rstrip('.') or 'model'} weights in model.safetensors")
     return out
+
+
+def beit_metadata(kwargs: dict, classes: list[str]) -> dict[str, str]:
+    """What a fine-tuned network's .safetensors records: timm's class and arguments, the class names."""
+    return {"format": "timm.Beit", "timm_class": "Beit", "timm_kwargs": json.dumps(kwargs),
+            "classes": json.dumps(classes)}

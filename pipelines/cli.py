@@ -25,6 +25,8 @@ from pipelines import options
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.evaluate.commands import run_knn, run_linear
 from pipelines.evaluate.config import KnnConfig, LinearConfig
+from pipelines.evaluate.finetune import run_finetune
+from pipelines.evaluate.finetune_config import FinetuneConfig
 from pipelines.evaluate.monitor import KnnMonitor
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.convert import ConvertConfig, ConvertStats, convert_store
@@ -252,7 +254,7 @@ def _export(cfg: ExportConfig) -> None:
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-evaluate_app = typer.Typer(help="Measure an encoder: k-NN and linear probes (docs/evaluation.md).",
+evaluate_app = typer.Typer(help="Measure an encoder: k-NN, linear probes, fine-tuning (docs/evaluation.md).",
                            no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
 
@@ -274,8 +276,23 @@ def _evaluate_linear(cfg: LinearConfig) -> None:
     run_linear(cfg, log=typer.echo if main else lambda m: None)
 
 
+def _evaluate_finetune(cfg: FinetuneConfig) -> None:
+    """Fine-tune the encoder end to end with the paper's recipe (Table 9 per size), top-1 on --val.
+
+    Example: cae2 launch --multi_gpu --num_processes 8 evaluate finetune --model runs/base --train ... --out ft/
+    """
+    main = process_state().is_main_process
+    result = run_finetune(cfg, log=typer.echo if main else lambda m: None)
+    if result["status"] != "finished" and main:
+        typer.echo(f"{result['status']} at step {result['steps']}: checkpoint saved; rerun with --resume latest")
+    if result["status"] == "interrupted":
+        _state["interruption_told"] = True
+        raise typer.Exit(130)
+
+
 options.command(evaluate_app, "knn", KnnConfig, _evaluate_knn)
 options.command(evaluate_app, "linear", LinearConfig, _evaluate_linear)
+options.command(evaluate_app, "finetune", FinetuneConfig, _evaluate_finetune)
 options.command(app, "export", ExportConfig, _export, config_file=False)
 
 

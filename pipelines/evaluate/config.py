@@ -1,5 +1,6 @@
-"""The options of `cae2 evaluate knn|linear`, as typed configs (the command lines are generated from them).
-The fields every evaluation shares are declared once, in the base classes."""
+"""The options of `cae2 evaluate knn|linear` as typed configs (the command lines are generated from
+them; finetune's are in finetune_config.py). The fields every evaluation shares are declared once, in the
+base classes."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ TEMPERATURE = 0.07
 
 
 @dataclass(kw_only=True)
-class EvalData:
-    """What every evaluation command reads and writes."""
+class EvalSource:
+    """What every evaluation command reads: the model and the labelled splits."""
 
     model: str
     """A run or checkpoint dir, an exported .safetensors, timm:NAME[:random], or clip:MODEL:WEIGHTS."""
@@ -25,8 +26,6 @@ class EvalData:
     """Labelled training images: an ImageFolder tree (<class>/<image>) or WebDataset shards with cls."""
     val: str
     """Labelled validation images (the training split's classes)."""
-    out: Annotated[str, PathKind("new_file")]
-    """Result JSON (every number and setting); TensorBoard scalars go beside it."""
     seed: Annotated[int, Range(min=0)] = 0
     """Seed of a random model's weights (timm:NAME:random, clip:MODEL:none) and of every random draw of the
     evaluation (the official probe's head, data order and crops)."""
@@ -38,6 +37,14 @@ class EvalData:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+@dataclass(kw_only=True)
+class EvalData(EvalSource):
+    """An evaluation whose result is one JSON file."""
+
+    out: Annotated[str, PathKind("new_file")]
+    """Result JSON (every number and setting); TensorBoard scalars go beside it."""
 
 
 @dataclass(kw_only=True)

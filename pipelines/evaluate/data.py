@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
-from cae2.errors import UserError
-from pipelines.shards import IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
+from cae2.errors import UserError, naming
+from pipelines.shards import IMAGE_FIELDS, IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
 from targets.views import decode_image, random_resized_crop
 
 
@@ -29,6 +30,8 @@ class LabelledImages:
     classes: list[str]
     paths: list[Path] | None = None
     blobs: list[bytes] | None = None
+    members: list[tuple[str, int, int]] | None = None
+    """(local shard, byte offset, size) of each image: read on demand, so a shard set of any size fits."""
     files: list[tuple[str, int, int]] = field(default_factory=list)
     """(path, size, mtime_ns) of every file read: images of a folder, or shards."""
 
@@ -36,7 +39,13 @@ class LabelledImages:
         return len(self.labels)
 
     def load(self, i: int) -> bytes:
-        return self.paths[i].read_bytes() if self.paths is not None else self.blobs[i]
+        if self.paths is not None:
+            return self.paths[i].read_bytes()
+        if self.members is not None:
+            path, offset, size = self.members[i]
+            with naming(path), open(path, "rb") as f:
+                return os.pread(f.fileno(), size, offset)
+        return self.blobs[i]
 
     @property
     def identity(self) -> str:
@@ -88,22 +97,50 @@ def _image_folder(path: Path, spec: str, option: str, classes: list[str] | None)
 
 
 def _labelled_shards(spec: str, option: str, classes: list[str] | None) -> LabelledImages:
-    blobs, labels, files = [], [], []
+    """Local shards are indexed (image offsets) and read on demand; remote ones are read into memory."""
+    blobs, members, labels, files = [], [], [], []
     for shard in expand_shards(spec, option):
-        for sample in iter_shard(shard.url):
-            if "cls" not in sample or image_bytes(sample) is None:
-                raise UserError(f"{option} {shard.url}: sample {sample['__key__']} has no image or no cls "
-                                "label; evaluation shards need both (cae2 make-shards of class folders)")
-            blobs.append(image_bytes(sample))
-            labels.append(int(sample["cls"]))
-        files.append(_stat(shard.url) if "://" not in shard.url else (shard.url, -1, -1))
+        local = "://" not in shard.url
+        for key, image, label in (_index_tar(shard.url) if local else _read_samples(shard.url)):
+            if image is None or label is None:
+                raise UserError(f"{option} {shard.url}: sample {key} has no image or no cls label; evaluation shards "
+                                "need both (cae2 make-shards of class folders)")
+            (members if local else blobs).append(image)
+            labels.append(label)
+        files.append(_stat(shard.url) if local else (shard.url, -1, -1))
     labels = np.array(labels, np.int64)
     n = int(labels.max()) + 1 if len(labels) else 0
     names = classes if classes is not None else [str(i) for i in range(n)]
     if len(labels) and labels.max() >= len(names):
         raise UserError(f"{option} {spec}: label {int(labels.max())} is outside the training split's "
                         f"{len(names)} classes")
-    return LabelledImages(spec, labels, names, blobs=blobs, files=files)
+    return LabelledImages(spec, labels, names, blobs=blobs if blobs else None, members=members if members else None,
+                          files=files)
+
+
+def _index_tar(path: str):
+    """(key, (path, offset, size) of its image, label) of every sample of a local tar shard, in order."""
+    samples: dict[str, dict] = {}
+    try:
+        with naming(path), tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                entry = samples.setdefault(key, {})
+                if ext == "cls":
+                    entry["cls"] = int(tar.extractfile(m).read())
+                elif ext in IMAGE_FIELDS and "image" not in entry:
+                    entry["image"] = (path, m.offset_data, m.size)
+    except (tarfile.TarError, ValueError) as e:
+        raise UserError(f"shard {path} cannot be read ({type(e).__name__}: {e}); check or rewrite the shard") from None
+    for key, entry in samples.items():
+        yield key, entry.get("image"), entry.get("cls")
+
+
+def _read_samples(url: str):
+    for sample in iter_shard(url):
+        yield sample["__key__"], image_bytes(sample), int(sample["cls"]) if "cls" in sample else None
 
 
 def eval_resize(size: int) -> int:

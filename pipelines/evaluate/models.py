@@ -21,6 +21,7 @@ import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -79,13 +80,16 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def _vit(kwargs: dict, state: dict, source: str) -> FeatureModel:
-    net = VisionTransformer(**kwargs)
+    return _timm_net(VisionTransformer(**kwargs), state, int(kwargs["img_size"]), source)
+
+
+def _timm_net(net: nn.Module, state: dict, img_size: int, source: str) -> FeatureModel:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"--model {source}: the weights do not fit the model it describes ({first})") from None
-    return FeatureModel(net.eval(), "vit", int(kwargs["img_size"]), IMAGENET_MEAN, IMAGENET_STD, source,
+    return FeatureModel(net.eval(), "vit", img_size, IMAGENET_MEAN, IMAGENET_STD, source,
                         state_sha256(net))
 
 
@@ -113,7 +117,12 @@ def _exported(path: Path, spec: str) -> FeatureModel:
         meta = f.metadata() or {}
     if "timm_kwargs" not in meta:
         raise UserError(f"--model {spec}: not an encoder exported by `cae2 export` (no timm_kwargs metadata)")
-    return _vit(json.loads(meta["timm_kwargs"]), load_file(str(path)), spec)
+    kwargs = json.loads(meta["timm_kwargs"])
+    if meta.get("timm_class") == "Beit":  # a fine-tuned network: its features without the head
+        kwargs = kwargs | {"num_classes": 0}
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("head.")}
+        return _timm_net(Beit(**kwargs), state, int(kwargs["img_size"]), spec)
+    return _vit(kwargs, load_file(str(path)), spec)
 
 
 def _timm(spec: str, seed: int) -> FeatureModel:

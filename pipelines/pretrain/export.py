@@ -15,7 +15,14 @@ from cae2.config import ModelConfig
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.fields import Argument, PathKind
-from pipelines.checkpoint import find_checkpoint, follow_umask, model_config_of, model_state_dict
+from pipelines.checkpoint import (
+    beit_metadata,
+    find_checkpoint,
+    follow_umask,
+    model_config_of,
+    model_state_dict,
+    read_state,
+)
 
 
 @dataclass(kw_only=True)
@@ -47,11 +54,24 @@ def timm_call(cfg: ModelConfig, file: str) -> str:
 
 
 def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
+    """The encoder of a pretraining run, or the whole network of a fine-tuning run (`cae2 evaluate
+    finetune`), as timm weights in one .safetensors -> (checkpoint, the Python that loads it)."""
     ckpt = find_checkpoint(src)
-    cfg = model_config_of(ckpt)
-    state = model_state_dict(ckpt, "encoder.")
-    meta = {"format": "timm.VisionTransformer", "timm_kwargs": json.dumps(timm_kwargs(cfg)),
-            "source_checkpoint": str(ckpt), "cae2_version": cae2.__version__}
+    trainer = read_state(ckpt)
+    if trainer.get("kind") == "finetune":
+        kwargs = trainer["timm_model"]["kwargs"]
+        state, meta = model_state_dict(ckpt), beit_metadata(kwargs, trainer["classes"])
+        call = (f"import timm, safetensors.torch\nmodel = timm.models.beit.Beit(**{kwargs!r})\n"
+                f'model.load_state_dict(safetensors.torch.load_file("{out}"), strict=True)')
+    else:
+        cfg = model_config_of(ckpt)
+        state, call = model_state_dict(ckpt, "encoder."), timm_call(cfg, str(out))
+        meta = {"format": "timm.VisionTransformer", "timm_kwargs": json.dumps(timm_kwargs(cfg))}
+    _write(state, meta | {"source_checkpoint": str(ckpt), "cae2_version": cae2.__version__}, out)
+    return ckpt, call
+
+
+def _write(state: dict, meta: dict, out: Path) -> None:
     tmp = out.with_name(out.name + ".partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +82,6 @@ def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
         tmp.unlink(missing_ok=True)
         raise UserError(f"--out {out} cannot be written ({getattr(e, 'strerror', None) or e}); pass a file path in "
                         "a writable folder") from None
-    return ckpt, timm_call(cfg, str(out))
 
 
 def load_model(src: Path) -> cae2.CAEv2:
