@@ -14,6 +14,7 @@ from pipelines import options
 from pipelines.cli import EXTRACT_FLAGS, ModelsConfig, run
 from pipelines.demo import DemoConfig
 from pipelines.evaluate.config import KnnConfig, LinearConfig
+from pipelines.evaluate.finetune_config import FinetuneConfig
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.convert import ConvertConfig
 from pipelines.extract.verify import VerifyConfig
@@ -26,6 +27,7 @@ COMMANDS = {
     ("pretrain",): (TrainConfig, {}),
     ("evaluate", "knn"): (KnnConfig, {}),
     ("evaluate", "linear"): (LinearConfig, {}),
+    ("evaluate", "finetune"): (FinetuneConfig, {}),
     ("convert-targets",): (ConvertConfig, {}),
     ("verify-targets",): (VerifyConfig, {}),
     ("export",): (ExportConfig, {}),
@@ -113,8 +115,8 @@ def test_a_value_outside_its_constraint_is_one_line_and_nothing_is_written(comma
 WRONG_TYPES = {bool: "false", int: "four", float: "x"}
 
 
-@pytest.mark.parametrize("command", [("extract-targets",), ("pretrain",), ("evaluate", "knn"), ("evaluate", "linear")],
-                         ids=" ".join)
+@pytest.mark.parametrize("command", [("extract-targets",), ("pretrain",), ("evaluate", "knn"), ("evaluate", "linear"),
+                                     ("evaluate", "finetune")], ids=" ".join)
 def test_config_file_values_of_another_type_are_refused_naming_the_key(command, places, tmp_path, capsys):
     cls, names = COMMANDS[command]
     opts = options.options(cls, names)
