@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cae2.errors import UserError
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.shards import make_shards
@@ -110,9 +111,10 @@ def _extract_args(root: Path, out: Path, *extra) -> list[str]:
 
 
 def _complete(store: Path) -> dict[str, dict]:
-    if not (store / "zarr.json").is_file():
+    try:
+        ts = TargetStore.open(store)
+    except UserError:  # not created yet, or being created
         return {}
-    ts = TargetStore.open(store)
     return {n: m for n in ts.unit_names() if (m := ts.marker(n)) is not None}
 
 
