@@ -29,10 +29,11 @@ VIT_ARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 @dataclass
-class FinetuneNet:
-    net: nn.Module
+class SourceViT:
+    """A ViT to fine-tune, as a timm VisionTransformer state dict and what describes it."""
+
     kwargs: dict
-    """The Beit's constructor arguments (what an export records)."""
+    state: dict
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     sincos: bool
@@ -44,29 +45,27 @@ class FinetuneNet:
 
 
 @dataclass
-class SourceViT:
-    """A ViT to fine-tune, as a timm VisionTransformer state dict and what describes it."""
-
+class FinetuneNet:
+    net: nn.Module
     kwargs: dict
-    state: dict
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    sincos: bool
-    """Fixed sin-cos position embeddings (a cae2 encoder)."""
+    """The Beit's constructor arguments (what an export records)."""
+    source: SourceViT
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.source.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.source.std
 
     @property
     def width(self) -> int:
-        return int(self.kwargs["embed_dim"])
+        return self.source.width
 
 
 def load_source(spec: str, seed: int) -> SourceViT:
     """The ViT of a run dir, an exported encoder or a timm ViT."""
-    return SourceViT(*source_vit(spec, seed))
-
-
-def source_vit(spec: str, seed: int) -> tuple[dict, dict, tuple, tuple, bool]:
-    """(VisionTransformer kwargs, its state dict, mean, std, sin-cos) of a run dir, an exported encoder or
-    a timm ViT."""
     if spec.startswith("clip:"):
         raise UserError(f"--model {spec}: fine-tuning takes a cae2 run or checkpoint dir, an exported encoder or "
                         "timm:NAME[:random]; a CLIP tower is the teacher, measured with knn or linear")
@@ -78,14 +77,15 @@ def source_vit(spec: str, seed: int) -> tuple[dict, dict, tuple, tuple, bool]:
             meta = f.metadata() or {}
         if "timm_kwargs" not in meta or meta.get("timm_class", "VisionTransformer") != "VisionTransformer":
             raise UserError(f"--model {spec}: not an encoder exported by `cae2 export` of a pretraining run")
-        return json.loads(meta["timm_kwargs"]), load_file(str(path)), IMAGENET_MEAN, IMAGENET_STD, True
+        return SourceViT(json.loads(meta["timm_kwargs"]), load_file(str(path)), IMAGENET_MEAN, IMAGENET_STD, True)
     if path.is_dir():
         ckpt = find_checkpoint(path)
-        return timm_kwargs(model_config_of(ckpt)), model_state_dict(ckpt, "encoder."), IMAGENET_MEAN, IMAGENET_STD, True
+        return SourceViT(timm_kwargs(model_config_of(ckpt)), model_state_dict(ckpt, "encoder."), IMAGENET_MEAN,
+                         IMAGENET_STD, True)
     raise UserError(f"--model {spec}: not a run or checkpoint directory, an exported .safetensors file or timm:NAME")
 
 
-def _timm_vit(spec: str, seed: int) -> tuple[dict, dict, tuple, tuple, bool]:
+def _timm_vit(spec: str, seed: int) -> SourceViT:
     name, _, mode = spec.removeprefix("timm:").partition(":")
     if mode not in ("", "random") or not timm.is_model(name):
         raise UserError(f"--model {spec}: use timm:NAME or timm:NAME:random with a timm ViT (timm.list_models())")
@@ -104,7 +104,8 @@ def _timm_vit(spec: str, seed: int) -> tuple[dict, dict, tuple, tuple, bool]:
               "mlp_ratio": block.mlp.fc1.out_features / net.embed_dim,
               "init_values": 1.0 if isinstance(block.ls1, nn.Module) and hasattr(block.ls1, "gamma") else None}
     cfg = net.pretrained_cfg or {}
-    return kwargs, net.state_dict(), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), False
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return SourceViT(kwargs, net.state_dict(), mean, std, False)
 
 
 def build(source: SourceViT, seed: int, num_classes: int, input_size: int, drop_path: float,
@@ -125,7 +126,7 @@ def build(source: SourceViT, seed: int, num_classes: int, input_size: int, drop_
                         f"{sorted(set(missing) - new)[:3]}, unexpected {sorted(unexpected)[:3]})")
     if sincos:
         net.pos_embed.requires_grad_(False)
-    return FinetuneNet(net, kwargs, source.mean, source.std, sincos)
+    return FinetuneNet(net, kwargs, source)
 
 
 def beit_state(vit: dict, grid: tuple[int, int], sincos: bool, dim: int) -> dict:
