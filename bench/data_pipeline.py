@@ -27,10 +27,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import cae2
-    from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, padded_groups, sample_rng, view_index
+    from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, sample_rng, view_index
     from pipelines.shards import expand_shards, image_bytes, iter_shard
     from targets.cache import TargetStore
-    from targets.device_views import crop_pixels
+    from targets.device_views import PackedImages, crop_record
     from targets.views import ViewParams, apply_view, decode_image
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-data-"))
@@ -49,16 +49,17 @@ def main() -> None:
         return (time.perf_counter() - t0) / len(items) * 1e3, out
 
     ms_decode, images = timed(lambda x: decode_image(image_bytes(x[2])), samples)
-    params = []
+    params, records = [], []
     for sh, row, _ in samples:
         u = units[sh.name]
         k = view_index(0, 0, u.keys[row], 5)
         params.append(ViewParams.from_record(u.view_int[row, k], u.view_float[row, k]))
+        records.append(u.view_int[row, k])
     ms_view, _ = timed(lambda ip: apply_view(ip[0], ip[1], 224, "bicubic"), list(zip(images, params, strict=True)))
-    ms_crop, crops = timed(lambda ip: crop_pixels(ip[0], ip[1]), list(zip(images, params, strict=True)))
+    ms_crop, crops = timed(lambda ir: crop_record(ir[0], ir[1])[0], list(zip(images, records, strict=True)))
     t0 = time.perf_counter()
-    for start in range(0, len(crops), 32):  # the worker's share of the device path: pad a batch into groups
-        padded_groups(crops[start:start + 32], params[start:start + 32], 224, "bicubic")
+    for start in range(0, len(crops), 32):  # the worker's share of the device path: pack a batch's crops
+        PackedImages.pack(crops[start:start + 32])
     ms_pad = (time.perf_counter() - t0) / len(crops) * 1e3
     ms_read, _ = timed(lambda x: units[x[0].name].read(x[1], 1), samples)
     ms_mask, _ = timed(lambda x: masker(sample_rng(0, 0, x[2]["__key__"])), samples)
@@ -84,7 +85,7 @@ def main() -> None:
     rows = [["decode (Pillow, libjpeg-turbo)", ms_decode, 1e3 / ms_decode],
             ["Pillow view path: jitter, flip, crop, bicubic resize to 224", ms_view, 1e3 / ms_view],
             ["device view path: the crop as an array", ms_crop, 1e3 / ms_crop],
-            ["device view path: pad a batch's crops into groups, jitter tables, resampling weights", ms_pad,
+            ["device view path: pack a batch's crops into one buffer (tables and weights: on the device)", ms_pad,
              1e3 / ms_pad],
             ["target read: one view [197, 512] fp16 from zarr", ms_read, 1e3 / ms_read],
             ["block mask (98 of 196)", ms_mask, 1e3 / ms_mask],

@@ -1,7 +1,12 @@
 """The device view path against the Pillow path on the real ImageNet sample: pixel differences and the
-teacher's latents of both views of the same parameters (fidelity), and the cost of each path.
+teacher's latents of both views of the same parameters (fidelity), and where the device path's time
+goes, host and device apart.
 
-    python -m bench.device_views [--images 300] [--views 2] [--teacher ViT-B-16] [--batch-size 256]
+    python -m bench.device_views [--images 300] [--views 2] [--teacher ViT-B-16] [--batch-size 512]
+
+Host work per view besides decoding is what the main process does for a batch of decoded images:
+pack them into one (pinned) buffer, stack the views' records, launch. The views' parameters are drawn
+in the loader workers (`sample_view`), reported on their own line.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--teacher", default="ViT-B-16")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=512)
     args = ap.parse_args()
 
-    from targets.device_views import DeviceViews, crop_box
+    from targets.device_views import DeviceViews, use_kernels
     from targets.teacher import Teacher, TeacherSpec
     from targets.views import ViewSettings, apply_view, decode_image, measure_view, sample_view
 
@@ -33,103 +38,85 @@ def main() -> None:
     t0 = time.perf_counter()
     images = [decode_image(p.read_bytes()) for p in files]
     ms_decode = (time.perf_counter() - t0) / len(images) * 1e3
-    params, owners = [], []
-    for i, (path, img) in enumerate(zip(files, images, strict=True)):
-        for k in range(args.views):
-            params.append(measure_view(sample_view(ViewSettings(), 0, path.stem, k, (img.height, img.width)), img))
-            owners.append(i)
-    teacher = Teacher(TeacherSpec(name=args.teacher, pretrained="none"), device=device)
-    size, interp = teacher.image_size, teacher.interpolation
-
-    t0 = time.perf_counter()
-    pillow = torch.stack([apply_view(images[i], p, size, interp) for i, p in zip(owners, params, strict=True)])
-    ms_pillow = (time.perf_counter() - t0) / len(params) * 1e3
-
     arrays = [np.asarray(img) for img in images]
     t0 = time.perf_counter()
-    crops = [np.ascontiguousarray(crop_box(arrays[i], p)) for i, p in zip(owners, params, strict=True)]
-    ms_crop = (time.perf_counter() - t0) / len(params) * 1e3
-    views = DeviceViews(size, interp, device)
-    batches = [range(s, min(s + args.batch_size, len(params))) for s in range(0, len(params), args.batch_size)]
-    device_crops = [torch.from_numpy(c).to(device) for c in crops]
+    sampled = [[sample_view(ViewSettings(), 0, p.stem, k, (img.height, img.width)) for k in range(args.views)]
+               for p, img in zip(files, images, strict=True)]
+    us_sample = (time.perf_counter() - t0) / (len(images) * args.views) * 1e6
+    records = [[v.to_record() for v in views] for views in sampled]  # what the workers hand on, per image
+    view_int = [np.stack([r[0] for r in recs]) for recs in records]
+    view_float = [np.stack([r[1] for r in recs]) for recs in records]
+    teacher = Teacher(TeacherSpec(name=args.teacher, pretrained="none"), device=device)
+    views = DeviceViews(teacher.image_size, teacher.interpolation, device)
+    per_image = args.batch_size // args.views
+    batches = [range(s, min(s + per_image, len(images))) for s in range(0, len(images), per_image)]
 
-    def run_device() -> torch.Tensor:
-        return torch.cat([views.make([device_crops[i] for i in b], [params[i] for i in b]) for b in batches])
-
-    run_device()  # warm-up (coefficient caches, kernels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    run(views, arrays, view_int, view_float, batches, device)  # warm-up (kernels, allocator)
+    out, spent = run(views, arrays, view_int, view_float, batches, device)
+    n_views = len(images) * args.views
+    params = [measure_view(v, img) for vs, img in zip(sampled, images, strict=True) for v in vs]
+    owner = [i for i in range(len(images)) for _ in range(args.views)]
     t0 = time.perf_counter()
-    device_views = run_device()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    us_device = (time.perf_counter() - t0) / len(params) * 1e6
-    device_views = device_views.cpu()
-    parts = where_the_time_goes(views, device_crops, params, batches, device)
-
-    diff = (device_views.int() - pillow.int()).abs()
-    per_view = diff.flatten(1).amax(1)
-    cos = []
-    for b in batches:
-        idx = list(b)
-        a = teacher(pillow[idx])
-        d = teacher(device_views[idx])
-        cos.append(F.cosine_similarity(a, d, dim=-1).flatten())
-    cos = torch.cat(cos)
+    pillow = torch.stack([apply_view(images[i], p, teacher.image_size, teacher.interpolation)
+                          for i, p in zip(owner, params, strict=True)])
+    ms_pillow = (time.perf_counter() - t0) / n_views * 1e3
+    diff = (out.int() - pillow.int()).abs()
+    cos = torch.cat([F.cosine_similarity(teacher(pillow[s:s + 256]), teacher(out[s:s + 256]), dim=-1).flatten()
+                     for s in range(0, n_views, 256)])
+    renderer = "Triton kernels" if use_kernels(device) else "the plain-torch renderer"
     where = f"{device} ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "cpu"
+    host = spent["host: pack images, stack records, launch"]
     body = ("## Device view path: fidelity and cost\n\n"
-            f"{len(images)} real ImageNet JPEGs x K = {args.views} views ({len(params)}), default view settings, "
-            f"{size} px {interp}; device path on {where}, teacher {args.teacher} (random weights) "
-            f"{teacher.precision} on both paths' views of the same parameters.\n\n"
+            f"{len(images)} real ImageNet JPEGs x K = {args.views} views ({n_views}), default view settings, "
+            f"{teacher.image_size} px {teacher.interpolation}; device path on {where} with {renderer}, batches of "
+            f"{args.batch_size} views; teacher {args.teacher} (random weights) {teacher.precision} on both paths' "
+            "views of the same parameters.\n\n"
             + table(["measure", "value"], [
-                ["views whose pixels differ from the Pillow path", f"{int((per_view > 0).sum())} of {len(params)}"],
+                ["views whose pixels differ from the Pillow path", f"{int((diff.flatten(1).amax(1) > 0).sum())} of "
+                                                                    f"{n_views}"],
                 ["max abs pixel difference (levels)", int(diff.max())],
-                ["mean abs pixel difference (levels)", float(diff.float().mean())],
                 ["teacher latents, min token cosine (goal >= 0.9999)", f"{float(cos.min()):.6f}"],
-                ["teacher latents, mean token cosine", f"{float(cos.mean()):.6f}"],
                 ["host: decode (Pillow), ms per image", ms_decode],
                 ["host: Pillow view (jitter, flip, crop, resize), ms per view", ms_pillow],
-                ["host: device path's crop copy, ms per view", ms_crop],
-                [f"device path on {device.type}: microseconds per view (batch {args.batch_size})", us_device],
-                *[[f"  of which {name} (us per view)", us] for name, us in parts.items()],
+                ["host, loader workers: view parameters (sample_view), us per view", us_sample],
+                ["host, main process, besides decoding: us per view (goal <= 5)", host],
+                *[[f"  {name} (us per view)", us] for name, us in spent.items()],
             ]))
     publish("device-views", body)
 
 
-def where_the_time_goes(views, crops, params, batches, device) -> dict[str, float]:
-    """`DeviceViews.make`'s steps timed one by one (synchronised): host inputs, padding copies, rendering."""
-    from targets.device_views import group_inputs, plan_groups, render_group, to_device
+def run(views, arrays, view_int, view_float, batches, device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every batch through the device path, each step timed (synchronised) -> (views, us per view by step)."""
+    from targets.device_views import PackedImages
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    spent = {"host: plan and group inputs": 0.0, "inputs to the device": 0.0, "crops into padded groups": 0.0,
-             "jitter, resize (render_group)": 0.0}
+    spent = dict.fromkeys(("host: pack images, stack records, launch", "images and records to the device",
+                           "device: contrast means", "device: tables, coefficients, render"), 0.0)
+    outs, n = [], 0
     for b in batches:
-        idx = list(b)
-        sub = [params[i] for i in idx]
         t = time.perf_counter()
-        plans = plan_groups([(p.height, p.width) for p in sub], views.out_hw, views.group_elements)
-        inputs = [group_inputs(sub, plan, views.out_hw, views.interpolation) for plan in plans]
-        spent["host: plan and group inputs"] += time.perf_counter() - t
-        for plan, g in zip(plans, inputs, strict=True):
-            t = time.perf_counter()
-            vertical = bool(g.pop("vertical_first"))
-            g = to_device(g, device)
-            sync()
-            spent["inputs to the device"] += time.perf_counter() - t
-            t = time.perf_counter()
-            x = torch.zeros((len(plan.index), plan.hp, plan.wp, 3), dtype=torch.uint8, device=device)
-            for j, i in enumerate(plan.index):
-                x[j, :sub[i].height, :sub[i].width] = crops[idx[i]]
-            sync()
-            spent["crops into padded groups"] += time.perf_counter() - t
-            t = time.perf_counter()
-            render_group(x, g, vertical)
-            sync()
-            spent["jitter, resize (render_group)"] += time.perf_counter() - t
-    return {k: v / len(params) * 1e6 for k, v in spent.items()}
+        packed = PackedImages.pack([arrays[i] for i in b], pin=device.type == "cuda")
+        ints = torch.from_numpy(np.concatenate([view_int[i] for i in b]))
+        floats = torch.from_numpy(np.concatenate([view_float[i] for i in b]))
+        owner = torch.from_numpy(np.repeat(np.arange(len(b)), [len(view_int[i]) for i in b]))
+        spent["host: pack images, stack records, launch"] += time.perf_counter() - t
+        t = time.perf_counter()
+        packed, ints, floats, owner = packed.to(device), ints.to(device), floats.to(device), owner.to(device)
+        sync()
+        spent["images and records to the device"] += time.perf_counter() - t
+        t = time.perf_counter()
+        ints = views.measure(packed, owner, ints, floats)
+        sync()
+        spent["device: contrast means"] += time.perf_counter() - t
+        t = time.perf_counter()
+        outs.append(views.render(packed, owner, ints, floats))
+        sync()
+        spent["device: tables, coefficients, render"] += time.perf_counter() - t
+        n += len(owner)
+    return torch.cat(outs).cpu(), {k: v / n * 1e6 for k, v in spent.items()}
 
 
 if __name__ == "__main__":

@@ -1,165 +1,49 @@
-"""Views on the accelerator: `targets.views.apply_view` as batched torch ops, bit-exact with it.
+"""Views on the accelerator: `targets.views.apply_view` over a packed batch of whole images,
+bit-exact with it, everything but the decode on the images' device.
 
-The host only decodes (Pillow, libjpeg-turbo) and measures the contrast mean (stage 1); jitter, flip,
-crop and the antialiased resize run batched on the views' device (a GPU, or CPU tensors in tests) and
-reproduce Pillow's integer arithmetic, so both paths give the same uint8 pixels from the same image:
+The host packs decoded images (uint8 HWC) back to back into one buffer (`PackedImages`) and hands on
+the views' stored records; on the device, vectorised over the batch, come the contrast means (stage
+1), the jitter tables and the resampling coefficients (`targets.view_inputs`: Pillow's float32 blend
+tables and its RGB -> L, its 22-bit fixed-point coefficients with the same double operations, its
+choice of which pass runs first), then the rendering, Pillow's integer arithmetic:
 
-- brightness / contrast: Pillow's float32 blend as per-channel 256-entry tables (composed, as the
-  Pillow path does: each maps uint8 to uint8);
-- saturation: Pillow's RGB -> L, (19595 R + 38470 G + 7471 B + 2^15) >> 16, then its float32 blend,
-  one rounding per unfused op as in Pillow's C loop (these ops are never compiled or fused);
-- crop: slicing; flip: the horizontal resampling matrix with its columns reversed;
-- resize: Pillow's separable two-pass resampling with its 22-bit fixed-point coefficients and its
-  choice of which pass runs first (`vertical_first`), each pass a batched float64 matrix product.
-  All of its terms are integers below 2^53, so the products are exact in any summation order;
-  Pillow's rounding and clipping to uint8 follow each pass.
+- on a GPU (or CPU tensors with TRITON_INTERPRET=1): Triton kernels that read each view's crop in place
+  in its image, jitter it, resample one axis into a packed intermediate (rounded to uint8 as Pillow
+  does) and then the other (`targets.view_kernels`): no crop copies, no padding, integer sums;
+- elsewhere: a plain-torch renderer view by view, each pass a float64 matrix product (every term an
+  integer below 2^53, so exact in any order), Pillow's rounding after each.
 
-Views of similar size are padded into groups (`plan_groups`, bounded in pixels) so that each op runs
-once per group; the host prepares a group's small inputs (`group_inputs`: jitter tables, compact
-resampling weights), the device renders it (`render_group`). Hue jitter (0 in CAE v2) and filters
-other than bicubic and bilinear are refused: they stay on the Pillow path.
+Both give the Pillow path's pixels, bit for bit, from the same decoded image. Hue jitter (0 in CAE v2)
+and filters other than bicubic and bilinear are refused: they stay on the Pillow path.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Sequence
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from targets.views import CONTRAST, HUE, SATURATION, ViewParams, jitter_table, op_enabled
+from targets import view_inputs as vi
+from targets.views import ViewParams
 
-PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 - 2
-_IDENTITY = np.arange(256, dtype=np.uint8)
+try:  # a CPU-only install has no Triton: the plain-torch renderer serves
+    from targets import view_kernels as vk
+except ImportError:  # pragma: no cover - depends on the install
+    vk = None
+
 DECODERS = ("pillow",)  # decoders whose pixels the view paths are defined on
-
-
-_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # Pillow's filter support
 
 
 def check_supported(interpolation: str, hue: float = 0.0) -> None:
     """Raise ValueError for what the device path does not reproduce."""
-    if interpolation not in _SUPPORT:
-        raise ValueError(f"the device view path resamples with {' or '.join(_SUPPORT)}, not {interpolation!r}; "
+    if interpolation not in vi.SUPPORT:
+        raise ValueError(f"the device view path resamples with {' or '.join(vi.SUPPORT)}, not {interpolation!r}; "
                          "use the Pillow view path (--view-path pillow)")
     if hue:
         raise ValueError(f"the device view path has no hue jitter (settings hue = {hue}); "
                          "use the Pillow view path (--view-path pillow)")
-
-
-def _bicubic_array(x: np.ndarray) -> np.ndarray:
-    """`_bicubic` of every element, with the same double operations."""
-    a = -0.5
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-def _bilinear_array(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
-
-
-_FILTER_ARRAYS = {"bicubic": _bicubic_array, "bilinear": _bilinear_array}
-
-
-@functools.lru_cache(maxsize=8192)
-def pillow_coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's resampling of one axis, in_size -> out_size, as (first input index [out] int64,
-    fixed-point weights [out, ksize] int64): precompute_coeffs + normalize_coeffs_8bpc of
-    libImaging/Resample.c, with the same double operations in the same order (the weights' sum is
-    accumulated left to right, as in its loop)."""
-    support = _SUPPORT[interpolation]
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = support * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
-    ss = 1.0 / filterscale
-    center = (np.arange(out_size) + 0.5) * scale
-    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C casts truncate towards zero
-    taps = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
-    x = np.arange(ksize)
-    k = _FILTER_ARRAYS[interpolation](((x[None] + first[:, None]).astype(np.float64) - center[:, None] + 0.5) * ss)
-    k = np.where(x[None] < taps[:, None], k, 0.0)
-    ww = np.add.accumulate(k, axis=1)[:, -1]  # sequential, as Pillow's loop (+0.0 for unused taps)
-    k = np.divide(k, ww[:, None], out=k.copy(), where=ww[:, None] != 0.0)
-    scaled = k * (1 << PRECISION_BITS)
-    weights = np.where(k < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int64)
-    return first, np.where(x[None] < taps[:, None], weights, 0)
-
-
-def resampling_matrix(in_size: int, out_size: int, interpolation: str) -> np.ndarray:
-    """Dense [out_size, in_size] fixed-point weights."""
-    first, weights = pillow_coefficients(in_size, out_size, interpolation)
-    m = np.zeros((out_size, in_size), np.int64)
-    for xx in range(out_size):
-        n = min(weights.shape[1], in_size - first[xx])
-        m[xx, first[xx]:first[xx] + n] = weights[xx, :n]
-    return m
-
-
-def _pillow_picks_vertical_first() -> bool:
-    """Pillow >= 13 runs the vertical pass first when the height shrinks more than twice as much as the
-    width; earlier versions always start with the horizontal one. Asked of the installed Pillow."""
-    h, w, out = 40, 4, 16
-    x = (np.arange(h * w * 3, dtype=np.int64).reshape(h, w, 3) * 7919 % 251).astype(np.uint8)
-    got = np.asarray(Image.fromarray(x).resize((out, out), Image.Resampling.BICUBIC)).astype(np.int64)
-    mh, mv = resampling_matrix(w, out, "bicubic"), resampling_matrix(h, out, "bicubic")
-
-    def rnd(v):
-        return np.clip((v + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS, 0, 255)
-
-    h_first = rnd(np.einsum("ph,hoc->poc", mv, rnd(np.einsum("hwc,ow->hoc", x, mh))))
-    v_first = rnd(np.einsum("pwc,ow->poc", rnd(np.einsum("hwc,ph->pwc", x, mv)), mh))
-    if (got == v_first).all() and not (got == h_first).all():
-        return True
-    if (got == h_first).all():
-        return False
-    raise RuntimeError("the installed Pillow resamples differently from what the device view path reproduces")
-
-
-@functools.cache
-def _vertical_first_rule() -> bool:
-    return _pillow_picks_vertical_first()
-
-
-def vertical_first(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
-    """Whether Pillow resizes in_hw -> out_hw with the vertical pass first (ImagingResampleInner)."""
-    dh, dw = in_hw[0] - out_hw[0], in_hw[1] - out_hw[1]
-    return _vertical_first_rule() and dh > 0 and dh > dw * 2
-
-
-@dataclass(frozen=True)
-class _Program:
-    """A view's colour jitter with hue off: table `pre`, then saturation (1.0: none), then table `post`."""
-
-    pre: np.ndarray
-    saturation: float
-    post: np.ndarray
-
-
-def _program(p: ViewParams, ops: Sequence[int], contrast_mean: int) -> _Program:
-    pre, post, sat = _IDENTITY, _IDENTITY, 1.0
-    for op in ops:
-        if not op_enabled(op, p):
-            continue
-        if op == HUE:
-            raise ValueError(f"the device view path has no hue jitter (view hue factor {p.hue}); "
-                             "use the Pillow view path (--view-path pillow)")
-        if op == SATURATION:
-            sat = p.saturation
-            continue
-        table = jitter_table(op, p, contrast_mean)
-        if sat == 1.0:
-            pre = table[pre]
-        else:
-            post = table[post]
-    return _Program(pre, sat, post)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -193,82 +77,7 @@ def _run_programs(x: torch.Tensor, pre: torch.Tensor | None, saturation: torch.T
 
 def _fixed_point_round(x: torch.Tensor) -> torch.Tensor:
     """Pillow's clip8 of an exact fixed-point sum: (sum + 2^21) >> 22, clipped to [0, 255] (as float64)."""
-    return x.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """Views rendered together: their rows in the batch, padded crop size and pass order."""
-
-    index: list[int]
-    hp: int
-    wp: int
-    vertical_first: bool
-
-
-def plan_groups(shapes: Sequence[tuple[int, int]], out_hw: tuple[int, int], budget: int = 1 << 26) -> list[GroupPlan]:
-    """Views of one pass order, by size, each group's padded pixels (n x hp x wp x 3) within `budget`."""
-    plans = []
-    for v_first in (False, True):
-        subset = [i for i, hw in enumerate(shapes) if vertical_first(hw, out_hw) == v_first]
-        subset.sort(key=lambda i: shapes[i][0] * shapes[i][1], reverse=True)
-        current, hp, wp = [], 0, 0
-        for i in subset:
-            h, w = shapes[i]
-            nh, nw = max(hp, h), max(wp, w)
-            if current and (len(current) + 1) * nh * nw * 3 > budget:
-                plans.append(GroupPlan(current, hp, wp, v_first))
-                current, nh, nw = [], h, w
-            current.append(i)
-            hp, wp = nh, nw
-        if current:
-            plans.append(GroupPlan(current, hp, wp, v_first))
-    return plans
-
-
-def _axis_weights(sizes: Sequence[int], out_size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
-    """Compact resampling weights of n axes: (first input index [n, out] int64, weights [n, out, k] int32)."""
-    coeffs = [pillow_coefficients(int(s), out_size, interpolation) for s in sizes]
-    k = max(w.shape[1] for _, w in coeffs)
-    first = np.stack([f for f, _ in coeffs])
-    weights = np.zeros((len(sizes), out_size, k), np.int32)
-    for i, (_, w) in enumerate(coeffs):
-        weights[i, :, :w.shape[1]] = w
-    return first, weights
-
-
-def group_inputs(params: Sequence[ViewParams], plan: GroupPlan, out_hw: tuple[int, int],
-                 interpolation: str) -> dict[str, torch.Tensor]:
-    """Everything but the pixels that a device needs to render a group (host side: tables, weights)."""
-    views = [params[i] for i in plan.index]
-    for p in views:
-        if p.contrast_mean is None and op_enabled(CONTRAST, p):
-            raise ValueError("a view with contrast jitter needs its contrast mean (targets.views.measure_view)")
-    programs = [_program(p, p.order, p.contrast_mean or 0) for p in views]
-    h_first, h_weights = _axis_weights([p.width for p in views], out_hw[1], interpolation)
-    v_first, v_weights = _axis_weights([p.height for p in views], out_hw[0], interpolation)
-    out = {"index": torch.tensor(plan.index, dtype=torch.int64),
-           "width": torch.tensor([p.width for p in views], dtype=torch.int64),
-           "flip": torch.tensor([p.flip for p in views], dtype=torch.bool),
-           "h_first": torch.from_numpy(h_first), "h_weights": torch.from_numpy(h_weights),
-           "v_first": torch.from_numpy(v_first), "v_weights": torch.from_numpy(v_weights),
-           "vertical_first": torch.tensor(plan.vertical_first)}
-    if any(pr.pre is not _IDENTITY for pr in programs):
-        out["pre"] = torch.from_numpy(np.stack([pr.pre for pr in programs]))
-    if any(pr.saturation != 1.0 for pr in programs):
-        out["saturation"] = torch.tensor([pr.saturation for pr in programs], dtype=torch.float32)
-    if any(pr.post is not _IDENTITY for pr in programs):
-        out["post"] = torch.from_numpy(np.stack([pr.post for pr in programs]))
-    return out
-
-
-def pad_crops(crops: Sequence[np.ndarray], plan: GroupPlan) -> torch.Tensor:
-    """Host side: the group's crops (uint8 [h, w, 3], unflipped) top-left in one uint8 [n, hp, wp, 3]."""
-    x = np.zeros((len(plan.index), plan.hp, plan.wp, 3), np.uint8)
-    for j, i in enumerate(plan.index):
-        c = crops[i]
-        x[j, :c.shape[0], :c.shape[1]] = c
-    return torch.from_numpy(x)
+    return x.add_(1 << (vi.PRECISION_BITS - 1)).div_(1 << vi.PRECISION_BITS).floor_().clamp_(0, 255)
 
 
 def _dense(first: torch.Tensor, weights: torch.Tensor, in_pad: int, size: torch.Tensor | None = None,
@@ -304,68 +113,185 @@ def render_group(pixels: torch.Tensor, g: dict[str, torch.Tensor], vertical_firs
     return out.permute(0, 2, 1, 3).to(torch.uint8)
 
 
-def to_device(g: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Copies that do not wait for the device: from pinned memory on a GPU (a copy from pageable memory
-    may wait for the work queued before it)."""
-    if device.type == "cuda":
-        g = {k: v if v.is_pinned() else v.pin_memory() for k, v in g.items()}
-    return {k: v.to(device, non_blocking=True) for k, v in g.items()}
+def crop_record(image, ints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A view's crop box of a PIL image, uint8 [h, w, 3] in the unflipped frame (only the box is copied),
+    and the view's record relative to it (top and left 0): what stage 2's workers hand to the device."""
+    flip, top, left, h, w = (int(ints[i]) for i in (vi.FLIP, vi.TOP, vi.LEFT, vi.HEIGHT, vi.WIDTH))
+    left = image.width - left - w if flip else left
+    rec = np.array(ints, dtype=np.int32)
+    rec[vi.TOP], rec[vi.LEFT] = 0, 0
+    return np.asarray(image.crop((left, top, left + w, top + h))), rec
+
+
+@dataclass
+class PackedImages:
+    """Whole images (uint8 [H, W, 3]) back to back in one buffer."""
+
+    pixels: torch.Tensor
+    """uint8 [sum of H x W x 3]."""
+    offsets: torch.Tensor
+    """int64 [m]: where each image starts."""
+    heights: torch.Tensor
+    widths: torch.Tensor
+
+    @classmethod
+    def pack(cls, images: list[torch.Tensor | np.ndarray], pin: bool = False) -> PackedImages:
+        """One copy of each image into one (pinned) buffer."""
+        sizes = np.array([im.shape[0] * im.shape[1] * 3 for im in images], dtype=np.int64)
+        pixels = torch.empty(int(sizes.sum()), dtype=torch.uint8, pin_memory=pin)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        flat = pixels.numpy()
+        for im, start, size in zip(images, starts, sizes, strict=True):
+            flat[start:start + size] = (im.numpy() if isinstance(im, torch.Tensor) else np.asarray(im)).reshape(-1)
+        hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
+        return cls(pixels, torch.from_numpy(starts), torch.from_numpy(hw[:, 0].copy()),
+                   torch.from_numpy(hw[:, 1].copy()))
+
+    def pin_memory(self) -> PackedImages:
+        """For a DataLoader's pin-memory thread: the pixels in page-locked memory (copies that do not wait)."""
+        return PackedImages(self.pixels.pin_memory(), self.offsets, self.heights, self.widths)
+
+    def to(self, device: torch.device) -> PackedImages:
+        return PackedImages(*(t.to(device, non_blocking=True) for t in
+                              (self.pixels, self.offsets, self.heights, self.widths)))
+
+
+def use_kernels(device: torch.device) -> bool:
+    return vk is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def contrast_means(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    """Each view's contrast mean (Pillow's: the L mean of the whole image after the jitter before contrast,
+    rounded), -1 where contrast is off -> the records' ints with it filled in (int32 [n, 10])."""
+    device = images.pixels.device
+    ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
+    prog = vi.programs(ints, floats, before_contrast=True)
+    npix = images.heights[owner] * images.widths[owner]
+    if use_kernels(device):
+        n_blocks = int(npix.max()) // vk.BLOCK + 1 if len(owner) else 1
+        partial = torch.zeros((len(owner), n_blocks), dtype=torch.int32, device=device)
+        vk.launch(vk.contrast_sums_kernel, (len(owner), n_blocks), images.pixels, images.offsets[owner], npix,
+                  prog.pre, prog.saturation, prog.post, partial, n_blocks, HAS_SAT=True, BLOCK=vk.BLOCK)
+        sums = partial.sum(1, dtype=torch.int64)
+    else:
+        sums = torch.stack([_gray_sum(_image(images, int(i)), prog, v) for v, i in enumerate(owner.tolist())]) \
+            if len(owner) else torch.zeros(0, dtype=torch.int64, device=device)
+    means = (sums.to(torch.float64) / npix.to(torch.float64) + 0.5).floor().to(torch.int32)
+    out = ints.clone()
+    out[:, vi.MEAN] = torch.where(floats[:, 1] != 1.0, means, torch.full_like(means, -1))
+    return out
+
+
+def _image(images: PackedImages, i: int) -> torch.Tensor:
+    h, w, start = int(images.heights[i]), int(images.widths[i]), int(images.offsets[i])
+    return images.pixels[start:start + h * w * 3].view(h, w, 3)
+
+
+def _gray_sum(image: torch.Tensor, prog: vi.Programs, v: int) -> torch.Tensor:
+    x = _run_programs(image[None], prog.pre[v:v + 1], prog.saturation[v:v + 1], prog.post[v:v + 1])[0].to(torch.int32)
+    return ((x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 32768) >> 16).sum(dtype=torch.int64)
+
+
+@dataclass
+class ViewGeometry:
+    """Where each view's crop is in its image and how it is resampled."""
+
+    top: torch.Tensor
+    left: torch.Tensor
+    """In the image's unflipped frame."""
+    height: torch.Tensor
+    width: torch.Tensor
+    flip: torch.Tensor
+    horizontal: vi.Coefficients
+    vertical: vi.Coefficients
+    vertical_first: torch.Tensor
+
+    @classmethod
+    def of(cls, images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, out_hw: tuple[int, int],
+           interpolation: str) -> ViewGeometry:
+        flip, top, left, h, w = (ints[:, i].long() for i in (vi.FLIP, vi.TOP, vi.LEFT, vi.HEIGHT, vi.WIDTH))
+        left = torch.where(flip != 0, images.widths[owner] - left - w, left)
+        return cls(top, left, h, w, flip, vi.coefficients(w, out_hw[1], interpolation),
+                   vi.coefficients(h, out_hw[0], interpolation), vi.vertical_first(h, w, out_hw))
+
+
+def render(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
+           out_hw: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """The views (records `ints` [n, 10] with contrast means, `floats` [n, 4]; view i cut from image
+    owner[i]) -> uint8 [n, 3, H, W] on the images' device, bit-exact with `targets.views.apply_view`."""
+    device = images.pixels.device
+    ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
+    prog = vi.programs(ints, floats)
+    geo = ViewGeometry.of(images, owner, ints, out_hw, interpolation)
+    out = torch.empty((len(owner), 3, *out_hw), dtype=torch.uint8, device=device)
+    if not len(owner):
+        return out
+    if use_kernels(device):
+        _render_kernels(images, owner, prog, geo, out, out_hw)
+    else:
+        for v, i in enumerate(owner.tolist()):
+            out[v] = _render_one(images, i, v, prog, geo)
+    return out
+
+
+def _render_one(images: PackedImages, i: int, v: int, prog: vi.Programs, geo: ViewGeometry) -> torch.Tensor:
+    """One view with the plain-torch renderer (float64 products of exact integers)."""
+    t, lft, h, w = (int(x[v]) for x in (geo.top, geo.left, geo.height, geo.width))
+    crop = _image(images, i)[t:t + h, lft:lft + w][None]
+    g = {"h_first": geo.horizontal.first[v:v + 1], "h_weights": geo.horizontal.weights[v:v + 1],
+         "v_first": geo.vertical.first[v:v + 1], "v_weights": geo.vertical.weights[v:v + 1],
+         "width": geo.width[v:v + 1], "flip": geo.flip[v:v + 1] != 0, "pre": prog.pre[v:v + 1],
+         "saturation": prog.saturation[v:v + 1], "post": prog.post[v:v + 1]}
+    return render_group(crop.contiguous(), g, bool(geo.vertical_first[v]))[0]
+
+
+def _render_kernels(images, owner, prog, geo, out, out_hw) -> None:
+    oh, ow = out_hw
+    base = images.offsets[owner]
+    stride = images.widths[owner] * 3
+    h_first = ~geo.vertical_first
+    mid_len = torch.where(h_first, geo.height * ow, oh * geo.width) * 3
+    mid_off = torch.cumsum(mid_len, 0) - mid_len
+    mid = torch.empty(int(mid_len.sum()), dtype=torch.uint8, device=out.device)
+    hc, vc = geo.horizontal, geo.vertical
+    h_kmax, v_kmax = hc.taps.amax(1).int(), vc.taps.amax(1).int()
+    common = dict(BLOCK=vk.BLOCK)
+    for horizontal_first in (True, False):
+        views = torch.nonzero(h_first if horizontal_first else ~h_first).flatten()
+        if not len(views):
+            continue
+        c1, c2 = (hc, vc) if horizontal_first else (vc, hc)
+        k1, k2 = (h_kmax, v_kmax) if horizontal_first else (v_kmax, h_kmax)
+        elements = (geo.height[views] * ow if horizontal_first else oh * geo.width[views]).max()
+        vk.launch(vk.first_pass_kernel, (len(views), int(elements) // vk.BLOCK + 1), views, images.pixels, base,
+                  stride, geo.top, geo.left, geo.height, geo.width, geo.flip, prog.pre, prog.saturation, prog.post,
+                  c1.first, c1.weights, c1.weights.shape[2], k1, mid, mid_off, ow if horizontal_first else oh,
+                  HORIZONTAL=horizontal_first, HAS_SAT=bool((prog.saturation != 1.0).any()), **common)
+        vk.launch(vk.second_pass_kernel, (len(views), oh * ow // vk.BLOCK + 1), views, mid, mid_off, geo.width,
+                  geo.flip, c2.first, c2.weights, c2.weights.shape[2], k2, out, oh, ow,
+                  HORIZONTAL=not horizontal_first, **common)
 
 
 class DeviceViews:
-    """Makes views of one size on `device`, from crops already there (`make`) or from groups padded on
-    the host (`make_batch`, stage 2's loader workers).
+    """Views of one size and resampling filter on `device`: `measure` fills in the contrast means (stage
+    1), `render` cuts the views. Records are `ViewParams.to_record`'s, view i cut from image owner[i]."""
 
-    crops are uint8 [h, w, 3] tensors holding each view's crop box in the unflipped frame (`crop_box`
-    cuts them); params are the views' ViewParams with their contrast means (`measure_view`).
-    """
-
-    def __init__(self, size: int | tuple[int, int], interpolation: str, device: torch.device | str = "cpu",
-                 group_elements: int = 1 << 26):
+    def __init__(self, size: int | tuple[int, int], interpolation: str, device: torch.device | str = "cpu"):
         check_supported(interpolation)
         self.out_hw = (size, size) if isinstance(size, int) else tuple(size)
         self.interpolation = interpolation
         self.device = torch.device(device)
-        self.group_elements = group_elements
 
-    def make(self, crops: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> torch.Tensor:
-        """-> uint8 [N, 3, S, S] on the device, bit-exact with `apply_view` of the same parameters."""
-        if len(crops) != len(params):
-            raise ValueError(f"{len(crops)} crops for {len(params)} views")
-        for c, p in zip(crops, params, strict=True):
-            if tuple(c.shape) != (p.height, p.width, 3):
-                raise ValueError(f"crop of shape {tuple(c.shape)} for a {p.height}x{p.width} view box")
-        out = torch.empty((len(crops), 3, *self.out_hw), dtype=torch.uint8, device=self.device)
-        for plan in plan_groups([(p.height, p.width) for p in params], self.out_hw, self.group_elements):
-            inputs = group_inputs(params, plan, self.out_hw, self.interpolation)
-            vertical = bool(inputs.pop("vertical_first"))
-            g = to_device(inputs, self.device)
-            x = torch.zeros((len(plan.index), plan.hp, plan.wp, 3), dtype=torch.uint8, device=self.device)
-            for j, i in enumerate(plan.index):
-                x[j, :params[i].height, :params[i].width] = crops[i]
-            out[g["index"]] = render_group(x, g, vertical)
-        return out
+    def measure(self, images: PackedImages, owner, ints, floats) -> torch.Tensor:
+        return contrast_means(images, torch.as_tensor(owner), torch.as_tensor(ints), torch.as_tensor(floats))
 
-    def make_batch(self, groups: Sequence[dict[str, torch.Tensor]], n: int) -> torch.Tensor:
-        """Views of a batch whose groups were padded on the host (`pad_crops` as "pixels" beside
-        `group_inputs`) -> uint8 [n, 3, S, S] on the device."""
-        out = torch.empty((n, 3, *self.out_hw), dtype=torch.uint8, device=self.device)
-        for g in groups:
-            g = dict(g)
-            vertical = bool(g.pop("vertical_first"))  # read on the host: no wait for the device
-            g = to_device(g, self.device)
-            out[g["index"]] = render_group(g.pop("pixels"), g, vertical)
-        return out
+    def render(self, images: PackedImages, owner, ints, floats) -> torch.Tensor:
+        return render(images, torch.as_tensor(owner), torch.as_tensor(ints), torch.as_tensor(floats), self.out_hw,
+                      self.interpolation)
 
-
-def crop_pixels(image, p: ViewParams) -> np.ndarray:
-    """The view's crop box of a PIL image as uint8 [h, w, 3] (unflipped): only the box is copied."""
-    left = image.width - p.left - p.width if p.flip else p.left
-    return np.asarray(image.crop((left, p.top, left + p.width, p.top + p.height)))
-
-
-def crop_box(image: np.ndarray | torch.Tensor, p: ViewParams):
-    """The view's crop box of an [H, W, 3] image in the unflipped frame (a view, no copy)."""
-    W = image.shape[1]
-    left = W - p.left - p.width if p.flip else p.left
-    return image[p.top:p.top + p.height, left:left + p.width]
+    def make(self, images: list, params: list[ViewParams], owner: list[int] | None = None) -> torch.Tensor:
+        """Views of decoded images (uint8 [H, W, 3]) by their parameters, with their contrast means."""
+        records = [p.to_record() for p in params]
+        packed = PackedImages.pack(images).to(self.device)
+        owner = list(range(len(params))) if owner is None else owner
+        return self.render(packed, owner, np.stack([r[0] for r in records]), np.stack([r[1] for r in records]))

@@ -1,6 +1,11 @@
-"""The device view path (targets.device_views) on CPU tensors: bit-exact with the Pillow path."""
+"""The device view path (targets.device_views) on CPU tensors: bit-exact with the Pillow path, with the
+plain-torch renderer and, under Triton's interpreter, with the kernels a GPU runs."""
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,25 +17,21 @@ from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.shards import make_shards
 from targets.cache import TargetStore
-from targets.device_views import (
-    DeviceViews,
-    crop_box,
-    group_inputs,
-    pad_crops,
-    plan_groups,
-    vertical_first,
-)
+from targets.device_views import DeviceViews, PackedImages, crop_record
 from targets.teacher import TeacherSpec
+from targets.view_inputs import vertical_first
 from targets.views import ViewParams, ViewSettings, apply_view, measure_view, sample_view
 from tests.fixtures import TINY_TEACHER, write_bad_images, write_good_images
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+
+def _images(n: int, seed: int = 0, high: int = 420) -> list[np.ndarray]:
     """Noise and smooth images, tall, wide, tiny and larger than the output (up- and downscaling)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        h, w = (int(v) for v in rng.integers(8, 420, 2))
+        h, w = (int(v) for v in rng.integers(8, high, 2))
         if i % 3 == 0:
             out.append((rng.random((h, w, 3)) * 255).astype(np.uint8))
         else:
@@ -39,26 +40,42 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _views(images, settings: ViewSettings, k: int = 3, seed: int = 0):
-    crops, params, ref_images = [], [], []
+    """(params as sampled, params with their contrast means, owner image of each view)."""
+    sampled, measured, owner = [], [], []
     for i, arr in enumerate(images):
-        img = Image.fromarray(arr)
         for v in range(k):
-            p = measure_view(sample_view(settings, seed, f"img{i}", v, arr.shape[:2]), img)
-            params.append(p)
-            crops.append(torch.from_numpy(np.ascontiguousarray(crop_box(arr, p))))
-            ref_images.append(img)
-    return crops, params, ref_images
+            p = sample_view(settings, seed, f"img{i}", v, arr.shape[:2])
+            sampled.append(p)
+            measured.append(measure_view(p, Image.fromarray(arr)))
+            owner.append(i)
+    return sampled, measured, owner
+
+
+def _records(params):
+    recs = [p.to_record() for p in params]
+    return torch.from_numpy(np.stack([r[0] for r in recs])), torch.from_numpy(np.stack([r[1] for r in recs]))
+
+
+def _pillow(images, params, owner, size, interpolation):
+    return torch.stack([apply_view(Image.fromarray(images[i]), p, size, interpolation)
+                        for i, p in zip(owner, params, strict=True)])
 
 
 @pytest.mark.parametrize(("size", "interpolation"), [(224, "bicubic"), (64, "bicubic"), ((48, 80), "bilinear")])
 def test_views_are_bit_identical_to_the_pillow_path(size, interpolation):
     images = _images(18)
-    crops, params, ref_images = _views(images, ViewSettings(crop_ratio=(0.3, 3.0)))  # tall and wide boxes too
+    sampled, params, owner = _views(images, ViewSettings(crop_ratio=(0.3, 3.0)))  # tall and wide boxes too
     assert any(p.flip for p in params) and len({p.order for p in params}) > 8
     out_hw = (size, size) if isinstance(size, int) else size
-    assert {vertical_first((p.height, p.width), out_hw) for p in params} == {False, True}  # both pass orders
-    got = DeviceViews(size, interpolation, group_elements=1 << 20).make(crops, params)  # several groups
-    want = torch.stack([apply_view(img, p, size, interpolation) for img, p in zip(ref_images, params, strict=True)])
+    heights, widths = torch.tensor([p.height for p in params]), torch.tensor([p.width for p in params])
+    assert set(vertical_first(heights, widths, out_hw).tolist()) == {False, True}  # both pass orders
+    views = DeviceViews(size, interpolation)
+    packed = PackedImages.pack(images)  # whole images of many sizes, back to back (jagged)
+    ints, floats = _records(sampled)
+    measured = views.measure(packed, owner, ints, floats)  # the contrast means, measured on the device
+    assert torch.equal(measured, _records(params)[0])
+    got = views.render(packed, owner, measured, floats)
+    want = _pillow(images, params, owner, size, interpolation)
     assert got.dtype == torch.uint8 and got.shape == want.shape
     assert torch.equal(got, want), f"{(got != want).sum()} of {want.numel()} values differ"
 
@@ -71,21 +88,48 @@ def test_every_jitter_order_and_the_identity_are_exact():
     params = [measure_view(replace(base, order=o, contrast_mean=None), img) for o in orders]
     params += [replace(base, brightness=1.0, contrast=1.0, saturation=1.0, contrast_mean=None),  # no jitter
                measure_view(replace(base, saturation=1.6, brightness=0.5, contrast_mean=None), img)]
-    crops = [torch.from_numpy(np.ascontiguousarray(crop_box(arr, p))) for p in params]
     want = torch.stack([apply_view(img, p, 96, "bicubic") for p in params])
-    assert torch.equal(DeviceViews(96, "bicubic").make(crops, params), want)
+    assert torch.equal(DeviceViews(96, "bicubic").make([arr], params, [0] * len(params)), want)
 
 
-def test_host_padded_groups_equal_device_padding():
-    """Stage 2's loader workers pad the crops of a batch on the host; the result is the same."""
-    crops, params, _ = _views(_images(9, seed=5), ViewSettings(), k=2)
-    views = DeviceViews(64, "bicubic", group_elements=1 << 19)
-    host_crops = [c.numpy() for c in crops]
-    groups = []
-    for plan in plan_groups([(p.height, p.width) for p in params], views.out_hw, views.group_elements):
-        groups.append({**group_inputs(params, plan, views.out_hw, "bicubic"), "pixels": pad_crops(host_crops, plan)})
-    assert len(groups) > 2
-    assert torch.equal(views.make_batch(groups, len(params)), views.make(crops, params))
+def test_stage_2_crops_give_the_same_views():
+    """Stage 2's loader workers copy each crop box and shift its record to it; the views are the same."""
+    images = _images(6, seed=5)
+    _, params, owner = _views(images, ViewSettings(), k=2)
+    views = DeviceViews(64, "bicubic")
+    ints, floats = _records(params)
+    pairs = [crop_record(Image.fromarray(images[i]), r.numpy()) for i, r in zip(owner, ints, strict=True)]
+    crops, shifted = [c for c, _ in pairs], [r for _, r in pairs]
+    got = views.render(PackedImages.pack(crops), list(range(len(crops))), np.stack(shifted), floats)
+    assert torch.equal(got, views.render(PackedImages.pack(images), owner, ints, floats))
+
+
+KERNEL_CHECK = """
+import numpy as np, torch
+from targets.device_views import DeviceViews, PackedImages, use_kernels
+from tests.test_device_views import _images, _pillow, _records, _views
+from targets.views import ViewSettings
+assert use_kernels(torch.device("cpu"))
+images = _images(7, seed=11, high=90)  # small: the interpreter runs every program in Python
+sampled, params, owner = _views(images, ViewSettings(crop_ratio=(0.3, 3.0)), k=2)
+for size, interp in (((20, 28), "bicubic"), (12, "bilinear")):
+    views = DeviceViews(size, interp)
+    packed = PackedImages.pack(images)
+    ints, floats = _records(sampled)
+    measured = views.measure(packed, owner, ints, floats)
+    assert torch.equal(measured, _records(params)[0]), "contrast means"
+    got = views.render(packed, owner, measured, floats)
+    want = _pillow(images, params, owner, size, interp)
+    assert torch.equal(got, want), f"{(got != want).sum()} of {want.numel()} values differ"
+print("kernels exact", len(params), sum(p.flip for p in params))
+"""
+
+
+def test_the_triton_kernels_are_exact_under_the_interpreter():
+    pytest.importorskip("triton")
+    res = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0 and "kernels exact" in res.stdout, res.stderr[-3000:]
 
 
 def test_what_the_device_path_does_not_reproduce_is_refused():
@@ -94,10 +138,7 @@ def test_what_the_device_path_does_not_reproduce_is_refused():
     arr = _images(1)[0]
     p = measure_view(sample_view(ViewSettings(hue=0.1), 0, "k", 0, arr.shape[:2]), Image.fromarray(arr))
     with pytest.raises(ValueError, match="hue"):
-        DeviceViews(64, "bicubic").make([torch.from_numpy(np.ascontiguousarray(crop_box(arr, p)))], [p])
-    q = sample_view(ViewSettings(), 0, "k", 1, arr.shape[:2])  # contrast mean not measured
-    with pytest.raises(ValueError, match="contrast mean"):
-        DeviceViews(64, "bicubic").make([torch.from_numpy(np.ascontiguousarray(crop_box(arr, q)))], [q])
+        DeviceViews(64, "bicubic").make([arr], [p])
 
 
 def test_stage1_device_path_store_equals_pillow_path_store(tmp_path):
@@ -124,10 +165,9 @@ def test_stage1_device_path_store_equals_pillow_path_store(tmp_path):
 
 
 def test_records_roundtrip_into_the_device_path():
-    """Stage 2 rebuilds parameters from the stored records; the device path takes them as they are."""
+    """Stage 2 reads the stored records; the device path takes them as they are."""
     arr = _images(1, seed=9)[0]
     img = Image.fromarray(arr)
     p = measure_view(sample_view(ViewSettings(), 4, "rec", 2, arr.shape[:2]), img)
     q = ViewParams.from_record(*p.to_record())
-    crop = torch.from_numpy(np.ascontiguousarray(crop_box(arr, q)))
-    assert torch.equal(DeviceViews(64, "bicubic").make([crop], [q])[0], apply_view(img, p, 64, "bicubic"))
+    assert torch.equal(DeviceViews(64, "bicubic").make([arr], [q])[0], apply_view(img, p, 64, "bicubic"))

@@ -203,8 +203,9 @@ def test_device_view_path_trains_like_the_pillow_path(data, tmp_path):
             batches[path] = next(iter(loader))
         pillow, device = batches["pillow"], batches["device"]
         assert pillow["keys"] == device["keys"] and torch.equal(pillow["mask"], device["mask"])
-        assert "images" not in device and len(device["view_groups"]) >= 1
-        views = DeviceViews(64, "bicubic").make_batch(device["view_groups"], len(device["keys"]))
+        assert "images" not in device and len(device["view_ints"]) == len(device["keys"])
+        views = DeviceViews(64, "bicubic").render(device["view_pack"], torch.arange(len(device["keys"])),
+                                                  device["view_ints"], device["view_floats"])
         assert torch.equal(views, pillow["images"])
         if not online:
             assert torch.equal(device["targets"], pillow["targets"])

@@ -205,10 +205,10 @@ class Extraction:
                                 claim_timeout=self.cfg.claim_timeout)
         workers = min(self.cfg.workers, len(todo))
         leave_cores_to_workers(self.teacher.device, workers)
-        # Pinned images for the device path on a GPU; the Pillow path's views are copied in whole batches.
+        # Views and images go to the device in whole batches (the device path packs a batch's images into one
+        # pinned buffer): nothing is pinned per item.
         loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=init_worker,
-                            prefetch_factor=8 if workers else None, persistent_workers=False,
-                            pin_memory=self.device_views is not None and self.teacher.device.type == "cuda")
+                            prefetch_factor=8 if workers else None, persistent_workers=False)
         self.bar = tqdm(total=len(todo), unit="shard", disable=not self.show_progress, dynamic_ncols=True)
         self.t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as self.pool:
@@ -259,7 +259,8 @@ class Extraction:
     def feed(self, final: bool = False) -> None:
         """Cut the waiting device-path views once they fill a batch, run the teacher on whole batches,
         and hand on the images whose latents are back."""
-        if self.uncut and (final or sum(len(i.params) for i in self.uncut) + self.queue.queued >= self.cfg.batch_size):
+        waiting = len(self.uncut) * self.cfg.views_per_image + self.queue.queued
+        if self.uncut and (final or waiting >= self.cfg.batch_size):
             cut_views(self.uncut, self.device_views)
             for item in self.uncut:
                 self.queue.put(item)
@@ -268,7 +269,7 @@ class Extraction:
         done = self.queue.collect(keep_in_flight=0 if final else 1)
         for item, out in done:
             asm = self.units[item.unit]
-            asm.writer.set_view_params(item.row, item.view_int, item.view_float, item.image_hw)
+            asm.writer.set_view_params(item.row, *item.records(), item.image_hw)
             self.stats.images += 1
             self.stats.views += len(out["latents"])
             if "cos" in out:

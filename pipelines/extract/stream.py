@@ -17,7 +17,7 @@ from cae2.errors import UserError
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_identity
 from targets.cache import TargetStore
 from targets.claims import STALE_AFTER, Holder, release, try_claim
-from targets.views import DecodeError, ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
+from targets.views import DecodeError, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
 
 @dataclass
@@ -35,14 +35,16 @@ class ImageViews:
     view_int: np.ndarray  # [K, 10]
     view_float: np.ndarray  # [K, 4]
     image_hw: tuple[int, int]
-    image: torch.Tensor | None = None  # device path: the decoded image, uint8 [H, W, 3]
-    params: list[ViewParams] | None = None  # device path: the K views' parameters
+    image: torch.Tensor | None = None
+    """Device path: the decoded image, uint8 [H, W, 3]; its views' contrast means are measured on the device."""
+    means: torch.Tensor | None = None
+    """Device path: the K contrast means measured on the device (host memory), for the records."""
 
-    def pin_memory(self) -> ImageViews:
-        """The DataLoader's pin-memory thread pins the image, so that its copy to the GPU waits for nothing."""
-        if self.image is not None:
-            self.image = self.image.pin_memory()
-        return self
+    def records(self) -> tuple[np.ndarray, np.ndarray]:
+        """The K views' records as the store keeps them (device path: with the measured contrast means)."""
+        if self.means is not None:
+            self.view_int[:, -1] = self.means.numpy()
+        return self.view_int, self.view_float
 
 
 @dataclass
@@ -131,10 +133,12 @@ class UnitViewStream(IterableDataset):
         except DecodeError as e:
             return Skip(unit, row, key, str(e))
         hw = (image.height, image.width)
-        params = [measure_view(sample_view(r.settings, r.seed, key, k, hw), image) for k in range(r.k)]
+        params = [sample_view(r.settings, r.seed, key, k, hw) for k in range(r.k)]
+        if not r.device_views:  # the device path measures the contrast means itself
+            params = [measure_view(p, image) for p in params]
         records = [p.to_record() for p in params]
         view_int, view_float = np.stack([rec[0] for rec in records]), np.stack([rec[1] for rec in records])
         if r.device_views:
-            return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.array(image)), params)
+            return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.asarray(image)))
         views = torch.stack([apply_view(image, p, r.size, r.interpolation) for p in params])
         return ImageViews(unit, row, views, view_int, view_float, hw)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipelines.extract.stream import ImageViews
-from targets.device_views import DeviceViews, crop_box
+from targets.device_views import DeviceViews, PackedImages
 from targets.quantize import quantize, token_errors
 from targets.teacher import Teacher
 
@@ -86,15 +86,20 @@ class TeacherQueue:
 
 
 def cut_views(items: list[ImageViews], views: DeviceViews) -> None:
-    """Device view path: cut the views of these images on the teacher's device, in one batch."""
-    crops, params = [], []
-    for item in items:
-        image = item.image.to(views.device, non_blocking=True)
-        crops += [crop_box(image, p) for p in item.params]
-        params += item.params
-        item.image = None
-    out = views.make(crops, params)
+    """Device view path: the images of these items packed into one buffer and copied to the teacher's
+    device, their views' contrast means measured and their views cut there, in one batch. The means
+    come back to the host with the batch (pinned, without waiting) for the records."""
+    cuda = views.device.type == "cuda"
+    images = PackedImages.pack([item.image for item in items], pin=cuda).to(views.device)
+    counts = [len(item.view_int) for item in items]
+    owner = torch.from_numpy(np.repeat(np.arange(len(items)), counts))
+    ints = views.measure(images, owner, np.concatenate([i.view_int for i in items]),
+                         np.concatenate([i.view_float for i in items]))
+    floats = torch.from_numpy(np.concatenate([i.view_float for i in items]))
+    out = views.render(images, owner, ints, floats)
+    means = torch.empty(len(ints), dtype=torch.int32, pin_memory=cuda)
+    means.copy_(ints[:, -1], non_blocking=True)
     start = 0
-    for item in items:
-        item.views = out[start:start + len(item.params)]
-        start += len(item.params)
+    for item, k in zip(items, counts, strict=True):
+        item.views, item.means, item.image = out[start:start + k], means[start:start + k], None
+        start += k

@@ -37,9 +37,9 @@ from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.runs import init_worker
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_changed
-from targets.cache import CorruptTarget, DamagedUnit, StoreMeta, TargetStore
-from targets.device_views import crop_pixels, group_inputs, pad_crops, plan_groups
-from targets.views import ViewParams, apply_view, decode_image
+from targets.cache import N_INT, CorruptTarget, DamagedUnit, StoreMeta, TargetStore
+from targets.device_views import PackedImages, crop_record
+from targets.views import ViewParams, apply_view, decode_image, measure_view
 
 
 @dataclass(frozen=True)
@@ -230,8 +230,7 @@ class TrainStream(IterableDataset):
                 if stored is None:
                     continue
                 targets.append(stored)
-            views.add(decode_image(image_bytes(sample)),
-                      ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k]))
+            views.add(decode_image(image_bytes(sample)), unit.view_int[row, k], unit.view_float[row, k])
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
             chosen.append(k)
@@ -263,7 +262,8 @@ class PillowViewBatch:
         self.images: list[torch.Tensor] = []
         self.teacher_images: list[torch.Tensor] = []
 
-    def add(self, image, p: ViewParams) -> None:
+    def add(self, image, ints: np.ndarray, floats: np.ndarray) -> None:
+        p = ViewParams.from_record(ints, floats)
         self.images.append(apply_view(image, p, self.cfg.student_size, self.cfg.student_interpolation))
         if self.cfg.teacher_views:
             self.teacher_images.append(self.images[-1] if self.same_views else
@@ -277,35 +277,32 @@ class PillowViewBatch:
 
 
 class DeviceViewBatch:
-    """Device view path: the worker crops each sample's box and pads the batch's crops into groups with
-    their inputs; the training device cuts the views (`DeviceViews.make_batch`)."""
+    """Device view path: the worker copies each sample's crop box (unflipped) and packs the batch's crops
+    into one buffer with their records; the training device cuts the views (`DeviceViews.render`)."""
 
     def __init__(self, cfg: StreamConfig, meta: StoreMeta, same_views: bool):
         self.cfg, self.meta, self.same_views = cfg, meta, same_views
         self.crops: list[np.ndarray] = []
-        self.params: list[ViewParams] = []
+        self.ints: list[np.ndarray] = []
+        self.floats: list[np.ndarray] = []
 
-    def add(self, image, p: ViewParams) -> None:
-        self.crops.append(crop_pixels(image, p))
-        self.params.append(p)
+    def add(self, image, ints: np.ndarray, floats: np.ndarray) -> None:
+        if len(ints) < N_INT:  # a schema-1 store kept no contrast means: measured here, on the whole image
+            ints = measure_view(ViewParams.from_record(ints, floats), image).to_record()[0]
+        crop, ints = crop_record(image, ints)
+        self.crops.append(crop)
+        self.ints.append(ints)
+        self.floats.append(floats)
 
     def batch(self) -> dict:
-        out = {"view_groups": padded_groups(self.crops, self.params, self.cfg.student_size,
-                                            self.cfg.student_interpolation)}
+        out = {"view_pack": PackedImages.pack(self.crops), "view_ints": torch.from_numpy(np.stack(self.ints)),
+               "view_floats": torch.from_numpy(np.stack(self.floats))}
         if self.cfg.teacher_views and not self.same_views:
-            out["teacher_view_groups"] = padded_groups(self.crops, self.params, self.meta.input_size,
-                                                       self.meta.interpolation)
+            out["teacher_from_pack"] = True  # the teacher's view of the same crops, at its own size
         return out
 
 
 VIEW_BATCHES = {"pillow": PillowViewBatch, "device": DeviceViewBatch}
-
-
-def padded_groups(crops: list[np.ndarray], params: list[ViewParams], size: int, interpolation: str) -> list[dict]:
-    """A batch's crops, padded into groups of similar size with their inputs for `DeviceViews.make_batch`."""
-    out_hw = (size, size)
-    return [{**group_inputs(params, plan, out_hw, interpolation), "pixels": pad_crops(crops, plan)}
-            for plan in plan_groups([c.shape[:2] for c in crops], out_hw)]
 
 
 def _shuffled(items, size: int, rng: np.random.Generator):

@@ -77,7 +77,7 @@ class StepParts:
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A loader batch -> (normalised images, mask, targets) on the device."""
         device = self.accelerator.device
-        raw = self.student_views.make_batch(batch["view_groups"], len(batch["keys"])) if self.student_views \
+        raw = self._device_views(batch, self.student_views) if self.student_views \
             else batch["images"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
         if self.teacher is not None:
@@ -91,9 +91,15 @@ class StepParts:
         """The teacher's view of each sample (--teacher-online): the student's when sizes match."""
         if "teacher_images" in batch:
             return batch["teacher_images"]
-        if "teacher_view_groups" in batch:
-            return self.teacher_views.make_batch(batch["teacher_view_groups"], len(batch["keys"]))
+        if "teacher_from_pack" in batch:
+            return self._device_views(batch, self.teacher_views)
         return student
+
+    @staticmethod
+    def _device_views(batch: dict, views: DeviceViews) -> torch.Tensor:
+        """The device view path: the batch's crops (one packed buffer) cut into views on the device."""
+        pack = batch["view_pack"].to(views.device)
+        return views.render(pack, torch.arange(len(batch["view_ints"])), batch["view_ints"], batch["view_floats"])
 
 
 def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
