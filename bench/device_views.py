@@ -87,7 +87,9 @@ def main() -> None:
 
 def run(views, arrays, view_int, view_float, batches, device) -> tuple[torch.Tensor, dict[str, float]]:
     """Every batch through the device path, each step timed (synchronised) -> (views, us per view by step)."""
-    from targets.device_views import PackedImages
+    from targets.device_views import Packer
+
+    packer = Packer(device)
 
     def sync():
         if device.type == "cuda":
@@ -98,13 +100,13 @@ def run(views, arrays, view_int, view_float, batches, device) -> tuple[torch.Ten
     outs, n = [], 0
     for b in batches:
         t = time.perf_counter()
-        packed = PackedImages.pack([arrays[i] for i in b], pin=device.type == "cuda")
+        packed = packer.to_device([arrays[i] for i in b])  # the copy to a GPU is queued, not waited for
         ints = torch.from_numpy(np.concatenate([view_int[i] for i in b]))
         floats = torch.from_numpy(np.concatenate([view_float[i] for i in b]))
         owner = torch.from_numpy(np.repeat(np.arange(len(b)), [len(view_int[i]) for i in b]))
         spent["host: pack images, stack records, launch"] += time.perf_counter() - t
         t = time.perf_counter()
-        packed, ints, floats, owner = packed.to(device), ints.to(device), floats.to(device), owner.to(device)
+        ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
         sync()
         spent["images and records to the device"] += time.perf_counter() - t
         t = time.perf_counter()

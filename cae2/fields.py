@@ -7,6 +7,7 @@ value outside them wherever a config is built (flags, config files, code), namin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -99,8 +100,9 @@ def _unwritable(path: Path) -> str | None:
     return None
 
 
+@functools.cache
 def constraints(cls) -> dict[str, tuple]:
-    """{field name: the constraint objects in its Annotated type} of a dataclass."""
+    """{field name: the constraint objects in its Annotated type} of a dataclass (read once per class)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     out = {}
     for f in dataclasses.fields(cls):

@@ -39,7 +39,7 @@ from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
 from targets.claims import Heartbeat, Holder, release
-from targets.device_views import DeviceViews
+from targets.device_views import DeviceViews, Packer
 from targets.quantize import QuantStats
 from targets.teacher import Teacher
 from targets.view_paths import resolve_view_path, where_views_are_cut
@@ -188,6 +188,7 @@ class Extraction:
         self.meta = store.meta
         self.device_views = DeviceViews(teacher.image_size, teacher.interpolation, teacher.device) \
             if view_path == "device" else None
+        self.packer = Packer(teacher.device)
         self.holder = Holder.me()
         self.heartbeat = Heartbeat(period=min(60.0, cfg.claim_timeout / 6))
         self.queue = TeacherQueue(teacher, cfg.views_per_image, cfg.batch_size, self.meta.latent_format)
@@ -261,7 +262,7 @@ class Extraction:
         and hand on the images whose latents are back."""
         waiting = len(self.uncut) * self.cfg.views_per_image + self.queue.queued
         if self.uncut and (final or waiting >= self.cfg.batch_size):
-            cut_views(self.uncut, self.device_views)
+            cut_views(self.uncut, self.device_views, self.packer)
             for item in self.uncut:
                 self.queue.put(item)
             self.uncut.clear()

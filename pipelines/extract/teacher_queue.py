@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipelines.extract.stream import ImageViews
-from targets.device_views import DeviceViews, PackedImages
+from targets.device_views import DeviceViews, Packer
 from targets.quantize import quantize, token_errors
 from targets.teacher import Teacher
 
@@ -85,12 +85,12 @@ class TeacherQueue:
         return done
 
 
-def cut_views(items: list[ImageViews], views: DeviceViews) -> None:
+def cut_views(items: list[ImageViews], views: DeviceViews, packer: Packer) -> None:
     """Device view path: the images of these items packed into one buffer and copied to the teacher's
     device, their views' contrast means measured and their views cut there, in one batch. The means
     come back to the host with the batch (pinned, without waiting) for the records."""
     cuda = views.device.type == "cuda"
-    images = PackedImages.pack([item.image for item in items], pin=cuda).to(views.device)
+    images = packer.to_device([item.image for item in items])
     counts = [len(item.view_int) for item in items]
     owner = torch.from_numpy(np.repeat(np.arange(len(items)), counts))
     ints = views.measure(images, owner, np.concatenate([i.view_int for i in items]),
