@@ -43,7 +43,7 @@ bench() {  # one benchmark under a time limit; a failure is reported and the oth
 
 for s in $SECTIONS; do
   case $s in
-    views) bench 60 bench.device_views --images 300 --views 2 --batch-size 512 && bench 40 bench.device_views --images 300 --views 5 --batch-size 512 ;;
+    views) bench 60 bench.device_views --images 300 --views 2 --batch-size 512 ;;
     extract) bench 200 bench.extract --images 300 --repeat 24 --views 5 --batch-size 512 --workers "$W" \
         --view-path device --teacher-modes fp16,fp16-weights,fp16-weights+compile ;;
     pipeline) bench 50 bench.data_pipeline --repeat 6 --batches 56 --workers "0,$W" ;;
