@@ -175,8 +175,9 @@ class Packer:
         if self.copied[slot] is not None:
             self.copied[slot].synchronize()
         need = sum(im.shape[0] * im.shape[1] * 3 for im in images)
-        if self.buffers[slot] is None or self.buffers[slot].numel() < need:
-            self.buffers[slot] = torch.empty(int(need * 1.25), dtype=torch.uint8, pin_memory=self.pin)
+        if self.buffers[slot] is None or self.buffers[slot].numel() < need:  # as large as any batch so far
+            size = int(max([need, *(b.numel() for b in self.buffers if b is not None)]) * 1.25)
+            self.buffers[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         packed = PackedImages.pack(images, buffer=self.buffers[slot]).to(self.device)
         if self.pin:
             self.copied[slot] = torch.cuda.Event()
