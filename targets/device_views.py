@@ -178,6 +178,8 @@ class Packer:
         if self.buffers[slot] is None or self.buffers[slot].numel() < need:  # as large as any batch so far
             size = int(max([need, *(b.numel() for b in self.buffers if b is not None)]) * 1.25)
             self.buffers[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            if not self.pin:  # pinned pages are resident already; pageable ones fault in once, here
+                self.buffers[slot].zero_()
         packed = PackedImages.pack(images, buffer=self.buffers[slot]).to(self.device)
         if self.pin:
             self.copied[slot] = torch.cuda.Event()
