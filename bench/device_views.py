@@ -5,8 +5,8 @@ goes, host and device apart.
     python -m bench.device_views [--images 300] [--views 2] [--teacher ViT-B-16] [--batch-size 512]
 
 Host work per view besides decoding is what the main process does for a batch of decoded images:
-pack them into one (pinned) buffer, stack the views' records, launch. The views' parameters are drawn
-in the loader workers (`sample_view`), reported on their own line.
+pack them into one (pinned) buffer, stack the views' records, plan the launches from them, launch.
+The views' parameters are drawn in the loader workers (`sample_view`), reported on their own line.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
                      for s in range(0, n_views, 256)])
     renderer = "Triton kernels" if use_kernels(device) else "the plain-torch renderer"
     where = f"{device} ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "cpu"
-    host = spent["host: pack images, stack records, launch"]
+    host = spent["host: pack images, stack records, plan, launch"]
     body = ("## Device view path: fidelity and cost\n\n"
             f"{len(images)} real ImageNet JPEGs x K = {args.views} views ({n_views}), default view settings, "
             f"{teacher.image_size} px {teacher.interpolation}; device path on {where} with {renderer}, batches of "
@@ -94,7 +94,7 @@ def run(views, packer, arrays, view_int, view_float, batches, device) -> tuple[t
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    spent = dict.fromkeys(("host: pack images, stack records, launch", "images and records to the device",
+    spent = dict.fromkeys(("host: pack images, stack records, plan, launch", "images and records to the device",
                            "device: contrast means", "device: tables, coefficients, render"), 0.0)
     outs, n = [], 0
     for b in batches:
@@ -103,17 +103,18 @@ def run(views, packer, arrays, view_int, view_float, batches, device) -> tuple[t
         ints = torch.from_numpy(np.concatenate([view_int[i] for i in b]))
         floats = torch.from_numpy(np.concatenate([view_float[i] for i in b]))
         owner = torch.from_numpy(np.repeat(np.arange(len(b)), [len(view_int[i]) for i in b]))
-        spent["host: pack images, stack records, launch"] += time.perf_counter() - t
+        plan = views.plan(packed, owner, ints, floats)
+        spent["host: pack images, stack records, plan, launch"] += time.perf_counter() - t
         t = time.perf_counter()
         ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
         sync()
         spent["images and records to the device"] += time.perf_counter() - t
         t = time.perf_counter()
-        ints = views.measure(packed, owner, ints, floats)
+        ints = views.measure(packed, owner, ints, floats, plan)
         sync()
         spent["device: contrast means"] += time.perf_counter() - t
         t = time.perf_counter()
-        outs.append(views.render(packed, owner, ints, floats))
+        outs.append(views.render(packed, owner, ints, floats, plan))
         sync()
         spent["device: tables, coefficients, render"] += time.perf_counter() - t
         n += len(owner)

@@ -322,10 +322,14 @@ class TargetStore:
         if problem:
             raise DamagedUnit(self.path, unit, problem)
         if marker is None:
-            raise UserError(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
-                            "`cae2 extract-targets` with the same options to finish it")
+            raise IncompleteUnit(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
+                                 "`cae2 extract-targets` with the same options to finish it")
         with naming(Path(self.path) / "units" / unit):
             return UnitReader(self.group[f"units/{unit}"], self.path)
+
+
+class IncompleteUnit(UserError):
+    """A unit that is missing, or whose writer has not finished it (no completion marker)."""
 
 
 class DamagedUnit(UserError):

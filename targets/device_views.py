@@ -133,6 +133,8 @@ class PackedImages:
     """int64 [m]: where each image starts."""
     heights: torch.Tensor
     widths: torch.Tensor
+    hw: np.ndarray
+    """int64 [m, 2]: the image sizes, on the host (what the batch's plan is made from)."""
 
     @classmethod
     def pack(cls, images: list[torch.Tensor | np.ndarray], pin: bool = False,
@@ -148,15 +150,15 @@ class PackedImages:
             flat[start:start + size] = (im.numpy() if isinstance(im, torch.Tensor) else np.asarray(im)).reshape(-1)
         hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
         return cls(pixels, torch.from_numpy(starts), torch.from_numpy(hw[:, 0].copy()),
-                   torch.from_numpy(hw[:, 1].copy()))
+                   torch.from_numpy(hw[:, 1].copy()), hw)
 
     def pin_memory(self) -> PackedImages:
         """For a DataLoader's pin-memory thread: the pixels in page-locked memory (copies that do not wait)."""
-        return PackedImages(self.pixels.pin_memory(), self.offsets, self.heights, self.widths)
+        return PackedImages(self.pixels.pin_memory(), self.offsets, self.heights, self.widths, self.hw)
 
     def to(self, device: torch.device) -> PackedImages:
         return PackedImages(*(t.to(device, non_blocking=True) for t in
-                              (self.pixels, self.offsets, self.heights, self.widths)))
+                              (self.pixels, self.offsets, self.heights, self.widths)), self.hw)
 
 
 class Packer:
@@ -191,15 +193,16 @@ def use_kernels(device: torch.device) -> bool:
     return vk is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def contrast_means(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+def contrast_means(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
+                   plan: vi.BatchPlan) -> torch.Tensor:
     """Each view's contrast mean (Pillow's: the L mean of the whole image after the jitter before contrast,
-    rounded), -1 where contrast is off -> the records' ints with it filled in (int32 [n, 10])."""
+    rounded), -1 where contrast is off -> the records' ints with it filled in (int32 [n, 10]). The tensors
+    are on the images' device."""
     device = images.pixels.device
-    ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
     prog = vi.programs(ints, floats, before_contrast=True)
     npix = images.heights[owner] * images.widths[owner]
     if use_kernels(device):
-        n_blocks = int(npix.max()) // vk.BLOCK + 1 if len(owner) else 1
+        n_blocks = int(plan.pixels.max()) // vk.BLOCK + 1 if len(owner) else 1
         partial = torch.zeros((len(owner), n_blocks), dtype=torch.int32, device=device)
         vk.launch(vk.contrast_sums_kernel, (len(owner), n_blocks), images.pixels, images.offsets[owner], npix,
                   prog.pre, prog.saturation, prog.post, partial, n_blocks, HAS_SAT=True, BLOCK=vk.BLOCK)
@@ -219,8 +222,8 @@ def _image(images: PackedImages, i: int) -> torch.Tensor:
 
 
 def _gray_sum(image: torch.Tensor, prog: vi.Programs, v: int) -> torch.Tensor:
-    x = _run_programs(image[None], prog.pre[v:v + 1], prog.saturation[v:v + 1], prog.post[v:v + 1])[0].to(torch.int32)
-    return ((x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 32768) >> 16).sum(dtype=torch.int64)
+    x = _run_programs(image[None], prog.pre[v:v + 1], prog.saturation[v:v + 1], prog.post[v:v + 1])[0]
+    return _gray(x).sum(dtype=torch.int64)
 
 
 @dataclass
@@ -239,26 +242,26 @@ class ViewGeometry:
 
     @classmethod
     def of(cls, images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, out_hw: tuple[int, int],
-           interpolation: str) -> ViewGeometry:
+           interpolation: str, plan: vi.BatchPlan) -> ViewGeometry:
         flip, top, left, h, w = (ints[:, i].long() for i in (vi.FLIP, vi.TOP, vi.LEFT, vi.HEIGHT, vi.WIDTH))
         left = torch.where(flip != 0, images.widths[owner] - left - w, left)
-        return cls(top, left, h, w, flip, vi.coefficients(w, out_hw[1], interpolation),
-                   vi.coefficients(h, out_hw[0], interpolation), vi.vertical_first(h, w, out_hw))
+        return cls(top, left, h, w, flip, vi.coefficients(w, out_hw[1], interpolation, plan.k_horizontal),
+                   vi.coefficients(h, out_hw[0], interpolation, plan.k_vertical),
+                   torch.from_numpy(plan.vertical_first))
 
 
 def render(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
-           out_hw: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """The views (records `ints` [n, 10] with contrast means, `floats` [n, 4]; view i cut from image
-    owner[i]) -> uint8 [n, 3, H, W] on the images' device, bit-exact with `targets.views.apply_view`."""
+           out_hw: tuple[int, int], interpolation: str, plan: vi.BatchPlan) -> torch.Tensor:
+    """The views (records `ints` [n, 10] with contrast means, `floats` [n, 4] on the images' device; view i
+    cut from image owner[i]) -> uint8 [n, 3, H, W] there, bit-exact with `targets.views.apply_view`."""
     device = images.pixels.device
-    ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
     prog = vi.programs(ints, floats)
-    geo = ViewGeometry.of(images, owner, ints, out_hw, interpolation)
+    geo = ViewGeometry.of(images, owner, ints, out_hw, interpolation, plan)
     out = torch.empty((len(owner), 3, *out_hw), dtype=torch.uint8, device=device)
     if not len(owner):
         return out
     if use_kernels(device):
-        _render_kernels(images, owner, prog, geo, out, out_hw)
+        _render_kernels(images, owner, prog, geo, out, out_hw, plan)
     else:
         for v, i in enumerate(owner.tolist()):
             out[v] = _render_one(images, i, v, prog, geo)
@@ -276,31 +279,31 @@ def _render_one(images: PackedImages, i: int, v: int, prog: vi.Programs, geo: Vi
     return render_group(crop.contiguous(), g, bool(geo.vertical_first[v]))[0]
 
 
-def _render_kernels(images, owner, prog, geo, out, out_hw) -> None:
+def _render_kernels(images, owner, prog, geo, out, out_hw, plan: vi.BatchPlan) -> None:
+    """The kernel launches, every size from the host's plan: nothing here waits for the device."""
     oh, ow = out_hw
+    device = out.device
     base = images.offsets[owner]
     stride = images.widths[owner] * 3
-    h_first = ~geo.vertical_first
-    mid_len = torch.where(h_first, geo.height * ow, oh * geo.width) * 3
-    mid_off = torch.cumsum(mid_len, 0) - mid_len
-    mid = torch.empty(int(mid_len.sum()), dtype=torch.uint8, device=out.device)
+    mid_off = torch.from_numpy(np.cumsum(plan.mid_len) - plan.mid_len).to(device, non_blocking=True)
+    mid = torch.empty(int(plan.mid_len.sum()), dtype=torch.uint8, device=device)
     hc, vc = geo.horizontal, geo.vertical
     h_kmax, v_kmax = hc.taps.amax(1).int(), vc.taps.amax(1).int()
-    common = dict(BLOCK=vk.BLOCK)
     for horizontal_first in (True, False):
-        views = torch.nonzero(h_first if horizontal_first else ~h_first).flatten()
-        if not len(views):
+        chosen = np.flatnonzero(plan.vertical_first != horizontal_first)
+        if not len(chosen):
             continue
+        views = torch.from_numpy(chosen).to(device, non_blocking=True)
         c1, c2 = (hc, vc) if horizontal_first else (vc, hc)
         k1, k2 = (h_kmax, v_kmax) if horizontal_first else (v_kmax, h_kmax)
-        elements = (geo.height[views] * ow if horizontal_first else oh * geo.width[views]).max()
-        vk.launch(vk.first_pass_kernel, (len(views), int(elements) // vk.BLOCK + 1), views, images.pixels, base,
+        elements = int((plan.mid_len[chosen] // 3).max())
+        vk.launch(vk.first_pass_kernel, (len(chosen), elements // vk.BLOCK + 1), views, images.pixels, base,
                   stride, geo.top, geo.left, geo.height, geo.width, geo.flip, prog.pre, prog.saturation, prog.post,
                   c1.first, c1.weights, c1.weights.shape[2], k1, mid, mid_off, ow if horizontal_first else oh,
-                  HORIZONTAL=horizontal_first, HAS_SAT=bool((prog.saturation != 1.0).any()), **common)
-        vk.launch(vk.second_pass_kernel, (len(views), oh * ow // vk.BLOCK + 1), views, mid, mid_off, geo.width,
+                  HORIZONTAL=horizontal_first, HAS_SAT=plan.saturation, BLOCK=vk.BLOCK)
+        vk.launch(vk.second_pass_kernel, (len(chosen), oh * ow // vk.BLOCK + 1), views, mid, mid_off, geo.width,
                   geo.flip, c2.first, c2.weights, c2.weights.shape[2], k2, out, oh, ow,
-                  HORIZONTAL=not horizontal_first, **common)
+                  HORIZONTAL=not horizontal_first, BLOCK=vk.BLOCK)
 
 
 class DeviceViews:
@@ -313,12 +316,24 @@ class DeviceViews:
         self.interpolation = interpolation
         self.device = torch.device(device)
 
-    def measure(self, images: PackedImages, owner, ints, floats) -> torch.Tensor:
-        return contrast_means(images, torch.as_tensor(owner), torch.as_tensor(ints), torch.as_tensor(floats))
+    def plan(self, images: PackedImages, owner, ints, floats) -> vi.BatchPlan:
+        """The batch's launch sizes, from the records on the host (measuring the contrast means changes none)."""
+        return vi.BatchPlan.of(images.hw, np.asarray(owner), np.asarray(ints), np.asarray(floats), self.out_hw,
+                               self.interpolation)
 
-    def render(self, images: PackedImages, owner, ints, floats) -> torch.Tensor:
-        return render(images, torch.as_tensor(owner), torch.as_tensor(ints), torch.as_tensor(floats), self.out_hw,
-                      self.interpolation)
+    def measure(self, images: PackedImages, owner, ints, floats, plan: vi.BatchPlan | None = None) -> torch.Tensor:
+        """The records' ints with the contrast means measured (stage 1), on the device; the records may
+        be on the host (then the plan is made from them) or, with `plan`, anywhere."""
+        plan = plan or self.plan(images, owner, ints, floats)
+        return contrast_means(images, *self._on_device(owner, ints, floats), plan)
+
+    def render(self, images: PackedImages, owner, ints, floats, plan: vi.BatchPlan | None = None) -> torch.Tensor:
+        """The views, uint8 [n, 3, H, W] on the device; records and plan as for `measure`."""
+        plan = plan or self.plan(images, owner, ints, floats)
+        return render(images, *self._on_device(owner, ints, floats), self.out_hw, self.interpolation, plan)
+
+    def _on_device(self, *tensors) -> list[torch.Tensor]:
+        return [torch.as_tensor(t).to(self.device, non_blocking=True) for t in tensors]
 
     def make(self, images: list, params: list[ViewParams], owner: list[int] | None = None) -> torch.Tensor:
         """Views of decoded images (uint8 [H, W, 3]) by their parameters, with their contrast means."""

@@ -50,12 +50,10 @@ def blend_tables(constant: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def programs(ints: torch.Tensor, floats: torch.Tensor, before_contrast: bool = False) -> Programs:
     """The jitter of each view (`before_contrast`: only the ops before contrast, with which stage 1
-    measures the contrast mean)."""
+    measures the contrast mean). Hue is refused by `BatchPlan`."""
     n, device = len(ints), ints.device
     order = ints[:, ORDER].long()
-    b, c, s, hue = floats.to(torch.float32).unbind(1)
-    if bool(((hue != 0) & (order == HUE).any(1)).any()):
-        raise ValueError("the device view path has no hue jitter; use the Pillow view path (--view-path pillow)")
+    b, c, s, _ = floats.to(torch.float32).unbind(1)
     identity = torch.arange(256, dtype=torch.uint8, device=device).expand(n, 256)
     tables = {BRIGHTNESS: blend_tables(torch.zeros(n, device=device), b),
               CONTRAST: blend_tables(ints[:, MEAN].clamp(min=0).to(torch.float32), c)}
@@ -102,14 +100,23 @@ class Coefficients:
     taps: torch.Tensor
 
 
-def coefficients(in_sizes: torch.Tensor, out_size: int, interpolation: str) -> Coefficients:
-    """Pillow's resampling coefficients of each view's axis, in_sizes [n] -> out_size."""
+def max_taps(in_sizes: np.ndarray, out_size: int, interpolation: str) -> int:
+    """The widest filter of these axes (Pillow's ksize), from sizes the host knows."""
+    if not len(in_sizes):
+        return 1
+    support = SUPPORT[interpolation] * np.maximum(np.asarray(in_sizes, np.float64) / out_size, 1.0)
+    return int(np.ceil(support).max()) * 2 + 1
+
+
+def coefficients(in_sizes: torch.Tensor, out_size: int, interpolation: str, k: int | None = None) -> Coefficients:
+    """Pillow's resampling coefficients of each view's axis, in_sizes [n] -> out_size; `k` (>= the widest
+    filter, `max_taps`) from the host, so that nothing waits for the device."""
     device = in_sizes.device
     size = in_sizes.to(torch.float64)[:, None]
     scale = size / out_size  # [n, 1]
     filterscale = torch.clamp(scale, min=1.0)
     support = SUPPORT[interpolation] * filterscale
-    k = int(torch.ceil(support).max()) * 2 + 1 if len(in_sizes) else 1
+    k = k or max_taps(in_sizes.cpu().numpy(), out_size, interpolation)
     ss = 1.0 / filterscale
     center = (torch.arange(out_size, dtype=torch.float64, device=device)[None] + 0.5) * scale  # [n, out]
     first = torch.clamp((center - support + 0.5).trunc(), min=0)
@@ -159,7 +166,38 @@ def _pillow_runs_vertical_first() -> bool:
     raise RuntimeError("the installed Pillow resamples differently from what the device view path reproduces")
 
 
-def vertical_first(heights: torch.Tensor, widths: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Whether Pillow resizes each view with the vertical pass first: [n] bool."""
+def vertical_first(heights, widths, out_hw: tuple[int, int]):
+    """Whether Pillow resizes each view with the vertical pass first ([n] bool; numpy or torch)."""
     dh, dw = heights - out_hw[0], widths - out_hw[1]
     return (dh > 0) & (dh > dw * 2) & _pillow_runs_vertical_first()
+
+
+@dataclass
+class BatchPlan:
+    """What the host knows of a batch from its records (numpy, vectorised): the launch sizes, the pass
+    order and the intermediate's layout, so that nothing on the device path waits for the device."""
+
+    k_horizontal: int
+    k_vertical: int
+    vertical_first: np.ndarray
+    """[n] bool."""
+    mid_len: np.ndarray
+    """[n] int64: bytes of each view's intermediate (the first pass's output)."""
+    pixels: np.ndarray
+    """[n] int64: pixels of each view's image."""
+    saturation: bool
+    """Any view with saturation jitter."""
+
+    @classmethod
+    def of(cls, image_hw: np.ndarray, owner: np.ndarray, ints: np.ndarray, floats: np.ndarray,
+           out_hw: tuple[int, int], interpolation: str) -> BatchPlan:
+        """image_hw [m, 2] of the packed images; owner [n]; the views' records."""
+        ints, floats = np.asarray(ints), np.asarray(floats)
+        if ((ints[:, ORDER] == HUE).any(1) & (floats[:, 3] != 0)).any():
+            raise ValueError("the device view path has no hue jitter; use the Pillow view path (--view-path pillow)")
+        h, w = ints[:, HEIGHT].astype(np.int64), ints[:, WIDTH].astype(np.int64)
+        first = vertical_first(h, w, out_hw)
+        oh, ow = out_hw
+        return cls(max_taps(w, ow, interpolation), max_taps(h, oh, interpolation), first,
+                   np.where(first, oh * w, h * ow) * 3, image_hw[np.asarray(owner)].prod(1),
+                   bool((floats[:, 2] != 1.0).any()))

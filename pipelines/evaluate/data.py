@@ -4,6 +4,7 @@ RandomResizedCrop + flip for the official linear probe, its draws keyed by (seed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ class LabelledImages:
                 return os.pread(f.fileno(), size, offset)
         return self.blobs[i]
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         """sha256 of the files (names, sizes, modification times), labels and class names: what a feature
         cache is keyed by, so that changed, moved or relabelled images are never served stale features."""

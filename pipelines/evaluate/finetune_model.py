@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,6 +23,7 @@ from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.pos_embed import sincos_pos_embed_2d
 from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
+from pipelines.evaluate.models import timm_model
 
 VIT_ARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -86,18 +86,9 @@ def load_source(spec: str, seed: int) -> SourceViT:
 
 
 def _timm_vit(spec: str, seed: int) -> SourceViT:
-    name, _, mode = spec.removeprefix("timm:").partition(":")
-    if mode not in ("", "random") or not timm.is_model(name):
-        raise UserError(f"--model {spec}: use timm:NAME or timm:NAME:random with a timm ViT (timm.list_models())")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            net = timm.create_model(name, pretrained=mode != "random", num_classes=0)
-        except Exception as e:  # noqa: BLE001 - a missing download has many exception types
-            raise UserError(f"--model {spec}: pretrained weights of {name} cannot be loaded ({type(e).__name__}); "
-                            f"put them in the Hugging Face cache, or ask for timm:{name}:random") from None
+    net = timm_model(spec, seed)
     if not isinstance(net, VisionTransformer) or net.num_prefix_tokens != 1:
-        raise UserError(f"--model {spec}: {name} is not a ViT with one class token; fine-tuning takes ViTs")
+        raise UserError(f"--model {spec}: not a ViT with one class token; fine-tuning takes ViTs")
     block = net.blocks[0]
     kwargs = {"img_size": net.patch_embed.img_size[0], "patch_size": net.patch_embed.patch_size[0],
               "embed_dim": net.embed_dim, "depth": len(net.blocks), "num_heads": block.attn.num_heads,

@@ -125,7 +125,9 @@ def _exported(path: Path, spec: str) -> FeatureModel:
     return _vit(kwargs, load_file(str(path)), spec)
 
 
-def _timm(spec: str, seed: int) -> FeatureModel:
+def timm_model(spec: str, seed: int) -> nn.Module:
+    """The headless timm model of a timm:NAME[:random] spec; random weights drawn from `seed`, so that a
+    random baseline is the same in every run of one --seed."""
     name, _, mode = spec.removeprefix("timm:").partition(":")
     if mode not in ("", "random"):
         raise UserError(f"--model {spec}: use timm:NAME (pretrained weights) or timm:NAME:random")
@@ -133,11 +135,15 @@ def _timm(spec: str, seed: int) -> FeatureModel:
         raise UserError(f"--model {spec}: timm has no model {name!r} (timm.list_models() lists them)")
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the random baseline is the same in every run of one --seed
-            net = timm.create_model(name, pretrained=mode != "random", num_classes=0)
+            torch.manual_seed(seed)
+            return timm.create_model(name, pretrained=mode != "random", num_classes=0)
     except Exception as e:  # noqa: BLE001 - a missing download has many exception types
         raise UserError(f"--model {spec}: pretrained weights of {name} cannot be loaded ({type(e).__name__}); put "
                         f"them in the Hugging Face cache, or ask for timm:{name}:random") from None
+
+
+def _timm(spec: str, seed: int) -> FeatureModel:
+    net = timm_model(spec, seed)
     cfg = net.pretrained_cfg or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     return FeatureModel(net.eval(), "vit", size, tuple(cfg.get("mean", IMAGENET_MEAN)),

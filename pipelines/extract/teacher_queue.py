@@ -89,16 +89,15 @@ def cut_views(items: list[ImageViews], views: DeviceViews, packer: Packer) -> No
     """Device view path: the images of these items packed into one buffer and copied to the teacher's
     device, their views' contrast means measured and their views cut there, in one batch. The means
     come back to the host with the batch (pinned, without waiting) for the records."""
-    cuda = views.device.type == "cuda"
     images = packer.to_device([item.image for item in items])
     counts = [len(item.view_int) for item in items]
-    owner = torch.from_numpy(np.repeat(np.arange(len(items)), counts))
-    ints = views.measure(images, owner, np.concatenate([i.view_int for i in items]),
-                         np.concatenate([i.view_float for i in items]))
-    floats = torch.from_numpy(np.concatenate([i.view_float for i in items]))
-    out = views.render(images, owner, ints, floats)
-    means = torch.empty(len(ints), dtype=torch.int32, pin_memory=cuda)
-    means.copy_(ints[:, -1], non_blocking=True)
+    owner = np.repeat(np.arange(len(items)), counts)
+    ints, floats = np.concatenate([i.view_int for i in items]), np.concatenate([i.view_float for i in items])
+    plan = views.plan(images, owner, ints, floats)  # from the host's records: launches wait for nothing
+    measured = views.measure(images, owner, ints, floats, plan)
+    out = views.render(images, owner, measured, floats, plan)
+    means = torch.empty(len(ints), dtype=torch.int32, pin_memory=views.device.type == "cuda")
+    means.copy_(measured[:, -1], non_blocking=True)
     start = 0
     for item, k in zip(items, counts, strict=True):
         item.views, item.means, item.image = out[start:start + k], means[start:start + k], None

@@ -14,7 +14,7 @@ from cae2.errors import UserError
 from cae2.fields import Argument, PathKind, Range
 from pipelines.shards import expand_shards, image_bytes, iter_shard
 from targets.block_files import LatentsChecksum
-from targets.cache import TargetStore, view_checksum
+from targets.cache import DamagedUnit, IncompleteUnit, TargetStore, view_checksum
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
@@ -78,17 +78,15 @@ def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretr
         report.problems += [f"unfinished write left behind: {p} (rerun extract-targets to clean up)" for p in stale]
     units = {}
     for name in names:
-        marker, damage = store.unit_state(name)
-        if damage:
-            report.problems.append(f"unit {name} is damaged: {damage}; {RERUN}")
-            continue
-        if marker is None:
-            report.problems.append(f"unit {name} is missing or incomplete; {RERUN}")
-            continue
         try:
-            units[name] = store.unit(name)
+            unit = store.unit(name)  # checks that its marker holds
             report.units += 1
-            _check_unit(name, units[name], meta, settings, report)
+            _check_unit(name, unit, meta, settings, report)
+            units[name] = unit
+        except DamagedUnit as e:
+            report.problems.append(f"unit {name} is damaged: {e.problem}; {RERUN}")
+        except IncompleteUnit:
+            report.problems.append(f"unit {name} is missing or incomplete; {RERUN}")
         except (UserError, OSError, ValueError, KeyError) as e:  # a unit that cannot be read is listed, not fatal
             report.problems.append(f"unit {name} cannot be read ({e}); {DELETE_AND_RERUN.format(unit=name)}")
     for shard in shard_list or []:
