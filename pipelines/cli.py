@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import threading
 import time
@@ -373,8 +374,16 @@ def main() -> None:
     """Console-script entry."""
     # zarr's coroutines left pending by an error warn at exit; the error line has said what happened
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    logging.getLogger("asyncio").addFilter(_sibling_os_error)
     threading.excepthook = _thread_failed
     sys.exit(run())
+
+
+def _sibling_os_error(record: logging.LogRecord) -> bool:
+    """zarr reads a chunk's pieces concurrently and raises the first OSError; asyncio logs the others, with a
+    traceback, when their futures are collected. The first one is the error line already: drop its siblings."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, OSError) and "exception was never retrieved" in str(record.msg))
 
 
 def _thread_failed(args) -> None:

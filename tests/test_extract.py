@@ -288,6 +288,30 @@ def _writers(store: Path) -> dict[str, int]:
     return {name: ts.marker(name)["writer"]["pid"] for name in ts.unit_names()}
 
 
+def _start_together(args: list[str], tmp_path: Path, count: int):
+    """Start `count` jobs and hold each (SIGSTOP) once it has opened the store and said how many units it has
+    to do, before it claims any; go on with all of them at once. Without the barrier a job that starts
+    first on a busy machine can finish every unit before the others have imported torch."""
+    procs, logs = [], []
+    for i in range(count):
+        out_log, err_log = tmp_path / f"job{i}.out", tmp_path / f"job{i}.err"
+        with out_log.open("w") as out, err_log.open("w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stdout=out, stderr=err,
+                                          env={**ENV, "PYTHONUNBUFFERED": "1"}))
+        logs.append((out_log, err_log))
+    waiting = set(range(count))
+    deadline = time.time() + 300
+    while waiting and time.time() < deadline:
+        for i in list(waiting):
+            if "to do on this rank" in logs[i][0].read_text() or procs[i].poll() is not None:
+                procs[i].send_signal(signal.SIGSTOP)
+                waiting.discard(i)
+        time.sleep(0.005)
+    for p in procs:
+        p.send_signal(signal.SIGCONT)
+    return procs, logs
+
+
 def test_three_concurrent_jobs_share_the_units_and_equal_one_job(tmp_path):
     write_good_images(tmp_path / "images", 36, sizes=((120, 160), (96, 96)))
     make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=2)  # 18 units
@@ -298,9 +322,10 @@ def test_three_concurrent_jobs_share_the_units_and_equal_one_job(tmp_path):
     assert cli(*args).returncode == 0
     out = tmp_path / "shared.zarr"
     args[args.index("--out") + 1] = str(out)
-    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(3)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    procs, logs = _start_together(args, tmp_path, 3)
+    for p in procs:
+        p.wait(timeout=600)
+    outputs = [(out_log.read_text(), err_log.read_text()) for out_log, err_log in logs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outputs]
     written = [int(o[0].split("units: ")[1].split(" written")[0]) for o in outputs]
     pids = {p.pid for p in procs}

@@ -204,3 +204,15 @@ def test_a_failure_under_cae2_launch_is_one_line_per_process(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "launched process(es) failed (exit status 2)" in lines[-1]  # torchrun stops the others at once
     assert all(line.startswith("error:") for line in lines) and any("does not exist" in line for line in lines)
+
+
+@pytest.mark.parametrize("error, shown", [("OSError(5, 'Input/output error')", False), ("ValueError('bug')", True)])
+def test_sibling_read_errors_left_by_zarr_are_not_printed_after_the_error_line(error, shown):
+    """zarr gathers a chunk's reads and raises the first EIO; asyncio would print the others' tracebacks when
+    their futures are collected. The CLI drops those OSErrors (the error line said it) and nothing else."""
+    code = ("import asyncio, gc, logging; from pipelines import cli; "
+            "logging.getLogger('asyncio').addFilter(cli._sibling_os_error); loop = asyncio.new_event_loop(); "
+            f"future = loop.create_future(); future.set_exception({error}); del future; gc.collect()")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                         timeout=120).stderr
+    assert ("exception was never retrieved" in err) == shown, err
