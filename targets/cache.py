@@ -76,7 +76,8 @@ class StoreMeta:
     latent_format: str = "fp16"
     """fp16: the teacher's latents in float16; int8: int8 with one float32 scale per token (targets.quantize)."""
     decoder: str = "pillow"
-    """Image decoder whose pixels the views were cut from (the view ops are exact on both view paths)."""
+    """Image decoder whose pixels the views were cut from (`targets.decoders`; the view ops are exact on both
+    view paths); rows a device decoder left to Pillow are listed in their unit's marker."""
     view_path: str = "pillow"
     """View path of the run that created the store (pillow | device: bit-identical views; each unit's
     marker records its own)."""
@@ -389,6 +390,7 @@ class UnitWriter:
         self.valid = np.zeros(n, bool)
         self.view_crc = np.zeros((n, k), np.uint32)  # crc32c of each view's stored bytes, checked on reads
         self.skipped: list[dict] = []
+        self.host_decoded: list[dict] = []
         self.view_path = view_path
         self.source_identity = source_identity
         self.rows_per_block = rows_per_block
@@ -401,6 +403,10 @@ class UnitWriter:
         self.view_int[row], self.view_float[row], self.image_hw[row] = view_int, view_float, image_hw
         self.valid[row] = True
 
+    def decoded_on_host(self, row: int, reason: str) -> None:
+        """Record a row whose image Pillow decoded, not the store's device decoder (`targets.decoders`)."""
+        self.host_decoded.append({"row": row, "reason": reason})
+
     def skip(self, row: int, key: str, reason: str) -> None:
         """Record a sample stage 1 could not use (its latents stay zero, `valid` False)."""
         self.skipped.append({"key": key, "row": row, "reason": reason})
@@ -411,6 +417,7 @@ class UnitWriter:
         self.valid[:], self.view_int[:], self.view_float[:], self.image_hw[:] = \
             unit.valid, unit.view_int, unit.view_float, unit.image_hw
         self.skipped = list(unit.marker["skipped"])
+        self.host_decoded = list(unit.marker.get("decoded_on_host", []))
         self.source_identity = unit.marker.get("source_identity")
 
     def write_rows(self, start: int, latents: np.ndarray, scales: np.ndarray | None = None) -> None:
@@ -459,7 +466,8 @@ class UnitWriter:
             "num_samples": n,
             "files": unit_files(self.folder),
             "num_valid": int(self.valid.sum()),
-            "skipped": self.skipped,
+            "skipped": sorted(self.skipped, key=lambda d: d["row"]),  # a device decoder's failures come later
+            **({"decoded_on_host": sorted(self.host_decoded, key=lambda d: d["row"])} if self.host_decoded else {}),
             "checksum": self._checksum.value(),
             "source": source,
             **({"source_identity": self.source_identity} if self.source_identity else {}),
@@ -503,6 +511,8 @@ class UnitReader:
         self.view_float = group["view_float"][:] if n else np.zeros((0, 0, N_FLOAT), np.float32)
         self.image_hw = group["image_hw"][:] if n else np.zeros((0, 2), np.int32)
         self.view_crc = group["view_crc32c"][:] if n and "view_crc32c" in group else None  # older units: none
+        self.host_rows = frozenset(d["row"] for d in self.marker.get("decoded_on_host", ()))
+        """Rows whose image Pillow decoded, where the store's decoder is a device decoder."""
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -33,9 +33,6 @@ try:  # a CPU-only install has no Triton: the plain-torch renderer serves
 except ImportError:  # pragma: no cover - depends on the install
     vk = None
 
-DECODERS = ("pillow",)  # decoders whose pixels the view paths are defined on
-
-
 def check_supported(interpolation: str, hue: float = 0.0) -> None:
     """Raise ValueError for what the device path does not reproduce."""
     if interpolation not in vi.SUPPORT:
@@ -144,13 +141,31 @@ class PackedImages:
         total = int(sizes.sum())
         pixels = buffer[:total] if buffer is not None and buffer.numel() >= total else \
             torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        starts = (np.cumsum(sizes) - sizes).astype(np.int64)
         flat = pixels.numpy()
         for im, start, size in zip(images, starts, sizes, strict=True):
             flat[start:start + size] = (im.numpy() if isinstance(im, torch.Tensor) else np.asarray(im)).reshape(-1)
         hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
         return cls(pixels, torch.from_numpy(starts), torch.from_numpy(hw[:, 0].copy()),
                    torch.from_numpy(hw[:, 1].copy()), hw)
+
+    @classmethod
+    def join(cls, images: list[torch.Tensor], device: torch.device) -> PackedImages:
+        """Images already on `device` (uint8 [H, W, 3], any strides) -> one packed buffer there."""
+        hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
+        sizes = hw[:, 0] * hw[:, 1] * 3
+        starts = (np.cumsum(sizes) - sizes).astype(np.int64)
+        pixels = torch.cat([im.reshape(-1) for im in images]) if images else \
+            torch.empty(0, dtype=torch.uint8, device=device)
+        return cls(pixels, *(torch.from_numpy(a).to(device, non_blocking=True) for a in
+                             (starts, hw[:, 0].copy(), hw[:, 1].copy())), hw)
+
+    def images(self) -> list[torch.Tensor]:
+        """Each image, uint8 [H, W, 3], a view of the buffer (the sizes come from the host's copy)."""
+        sizes = self.hw[:, 0] * self.hw[:, 1] * 3
+        starts = (np.cumsum(sizes) - sizes).astype(np.int64)
+        return [self.pixels[start:start + size].view(int(h), int(w), 3)
+                for start, size, (h, w) in zip(starts.tolist(), sizes.tolist(), self.hw, strict=True)]
 
     def pin_memory(self) -> PackedImages:
         """For a DataLoader's pin-memory thread: the pixels in page-locked memory (copies that do not wait)."""
@@ -173,6 +188,17 @@ class Packer:
         self.turn = 0
 
     def to_device(self, images: list[torch.Tensor | np.ndarray]) -> PackedImages:
+        """The images packed on the device: host images copied through a buffer, images already on a GPU
+        (decoded there) joined with them in order on the device."""
+        there = [isinstance(im, torch.Tensor) and im.device.type != "cpu" for im in images]
+        if not any(there):
+            return self._copy(images)
+        on_host = [im for im, d in zip(images, there, strict=True) if not d]
+        host = iter(self._copy(on_host).images() if on_host else [])
+        return PackedImages.join([im if d else next(host) for im, d in zip(images, there, strict=True)],
+                                 self.device)
+
+    def _copy(self, images: list[torch.Tensor | np.ndarray]) -> PackedImages:
         slot, self.turn = self.turn % len(self.buffers), self.turn + 1
         if self.copied[slot] is not None:
             self.copied[slot].synchronize()

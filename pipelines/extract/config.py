@@ -8,6 +8,7 @@ from typing import Annotated
 from cae2.fields import OneOf, PathKind, Range, check_fields
 from targets.cache import require_local_out
 from targets.claims import STALE_AFTER
+from targets.decoders import DECODER_CHOICES
 from targets.quantize import LATENT_FORMATS
 from targets.teacher import PRECISIONS, TeacherSpec
 from targets.view_paths import VIEW_PATHS
@@ -50,6 +51,10 @@ class ExtractConfig:
     view_path: Annotated[str, OneOf(VIEW_PATHS)] = "auto"
     """pillow: views cut by the decode workers (the exact reference); device: the workers decode, the
     views are cut batched on the teacher's device (bit-identical); auto: device when that is a GPU."""
+    decoder: Annotated[str, OneOf(DECODER_CHOICES)] = "host"
+    """host: Pillow in the decode workers (the reference); device: the teacher's device decodes whole batches
+    of plain JPEGs (nvJPEG on a GPU; the store records the decoder, and each image Pillow decodes instead:
+    grayscale, CMYK, progressive, other formats). Needs the device view path."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -34,11 +34,12 @@ from cae2.errors import UserError
 from pipelines.extract.assemble import UnitAssembler
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.stream import ImageViews, NotMine, ShardError, Skip, UnitStart, UnitViewStream, ViewRecipe
-from pipelines.extract.teacher_queue import TeacherQueue, cut_views
+from pipelines.extract.teacher_queue import TeacherQueue, cut_views, decode_jpegs
 from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
 from targets.claims import Heartbeat, Holder, release
+from targets.decoders import device_decoder_name
 from targets.device_views import DeviceViews, Packer
 from targets.quantize import QuantStats
 from targets.teacher import Teacher
@@ -101,7 +102,8 @@ def store_meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMet
                      views_per_image=cfg.views_per_image, input_size=teacher.image_size, grid=teacher.grid_size,
                      num_tokens=teacher.num_tokens, latent_dim=teacher.dim, mean=teacher.mean, std=teacher.std,
                      interpolation=teacher.interpolation, images_per_shard=cfg.images_per_shard,
-                     latent_format=cfg.latent_format, view_path=view_path, cae2_version=cae2.__version__)
+                     latent_format=cfg.latent_format, view_path=view_path, cae2_version=cae2.__version__,
+                     decoder="pillow" if cfg.decoder == "host" else device_decoder_name(teacher.device))
 
 
 def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStore:
@@ -153,6 +155,9 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
     teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download,
                       compile=cfg.compile_teacher)
     view_path = resolve_view_path(cfg.view_path, teacher.device, teacher.interpolation, cfg.views)
+    if cfg.decoder == "device" and view_path != "device":
+        raise UserError(f"--decoder device: the views of device-decoded images are cut on the device; pass "
+                        f"--view-path device (this run's resolved to {view_path}), or --decoder host")
     meta = store_meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
     mine = shards[state.process_index::state.num_processes]
@@ -201,7 +206,8 @@ class Extraction:
 
     def run(self, todo: list[Shard]) -> None:
         recipe = ViewRecipe(self.cfg.views, self.cfg.seed, self.cfg.views_per_image, self.teacher.image_size,
-                            self.teacher.interpolation, device_views=self.device_views is not None)
+                            self.teacher.interpolation, device_views=self.device_views is not None,
+                            device_decode=self.meta.decoder != "pillow")
         stream = UnitViewStream(todo, recipe, store=self.store.path, holder=self.holder,
                                 claim_timeout=self.cfg.claim_timeout)
         workers = min(self.cfg.workers, len(todo))
@@ -262,6 +268,11 @@ class Extraction:
         and hand on the images whose latents are back."""
         waiting = len(self.uncut) * self.cfg.views_per_image + self.queue.queued
         if self.uncut and (final or waiting >= self.cfg.batch_size):
+            unreadable = decode_jpegs(self.uncut, self.teacher.device)
+            if unreadable:
+                self.uncut = [item for item in self.uncut if all(item is not bad for bad, _ in unreadable)]
+                for item, reason in unreadable:
+                    self.on_skip(Skip(item.unit, item.row, self.units[item.unit].writer.keys[item.row], reason))
             cut_views(self.uncut, self.device_views, self.packer)
             for item in self.uncut:
                 self.queue.put(item)
@@ -271,6 +282,8 @@ class Extraction:
         for item, out in done:
             asm = self.units[item.unit]
             asm.writer.set_view_params(item.row, *item.records(), item.image_hw)
+            if item.host_reason and self.meta.decoder != "pillow":
+                asm.writer.decoded_on_host(item.row, item.host_reason)
             self.stats.images += 1
             self.stats.views += len(out["latents"])
             if "cos" in out:

@@ -17,6 +17,7 @@ from cae2.errors import UserError
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_identity
 from targets.cache import TargetStore
 from targets.claims import STALE_AFTER, Holder, release, try_claim
+from targets.decoders import device_decodable
 from targets.views import DecodeError, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
 
@@ -39,6 +40,10 @@ class ImageViews:
     """Device path: the decoded image, uint8 [H, W, 3]; its views' contrast means are measured on the device."""
     means: torch.Tensor | None = None
     """Device path: the K contrast means measured on the device (host memory), for the records."""
+    jpeg: torch.Tensor | None = None
+    """Device decoder: the JPEG file, uint8 [bytes], decoded on the teacher's device with its batch."""
+    host_reason: str | None = None
+    """Device decoder: why Pillow decoded this image instead (recorded in the unit's marker)."""
 
     def records(self) -> tuple[np.ndarray, np.ndarray]:
         """The K views' records as the store keeps them (device path: with the measured contrast means)."""
@@ -80,6 +85,8 @@ class ViewRecipe:
     interpolation: str
     device_views: bool = False
     """Hand on the decoded image; the main process cuts the views on the teacher's device."""
+    device_decode: bool = False
+    """Hand on the JPEG file of every image a device decoder takes (`device_decodable`), undecoded."""
 
 
 class UnitViewStream(IterableDataset):
@@ -128,6 +135,15 @@ class UnitViewStream(IterableDataset):
         if data is None:
             fields = ", ".join(k for k in sample if not k.startswith("__")) or "none"
             return Skip(unit, row, key, f"no image field (has: {fields})")
+        host_reason = None
+        if r.device_decode:
+            info = device_decodable(data)
+            if info.host_reason is None:  # only the header is read here; the views need the size alone
+                params = [sample_view(r.settings, r.seed, key, k, (info.height, info.width)) for k in range(r.k)]
+                view_int, view_float = _records(params)
+                jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return ImageViews(unit, row, None, view_int, view_float, (info.height, info.width), jpeg=jpeg)
+            host_reason = info.host_reason
         try:
             image = decode_image(data)
         except DecodeError as e:
@@ -136,9 +152,14 @@ class UnitViewStream(IterableDataset):
         params = [sample_view(r.settings, r.seed, key, k, hw) for k in range(r.k)]
         if not r.device_views:  # the device path measures the contrast means itself
             params = [measure_view(p, image) for p in params]
-        records = [p.to_record() for p in params]
-        view_int, view_float = np.stack([rec[0] for rec in records]), np.stack([rec[1] for rec in records])
+        view_int, view_float = _records(params)
         if r.device_views:
-            return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.asarray(image)))
+            return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.asarray(image)),
+                              host_reason=host_reason)
         views = torch.stack([apply_view(image, p, r.size, r.interpolation) for p in params])
         return ImageViews(unit, row, views, view_int, view_float, hw)
+
+
+def _records(params: list) -> tuple[np.ndarray, np.ndarray]:
+    records = [p.to_record() for p in params]
+    return np.stack([rec[0] for rec in records]), np.stack([rec[1] for rec in records])

@@ -9,9 +9,11 @@ import numpy as np
 import torch
 
 from pipelines.extract.stream import ImageViews
+from targets.decoders import decode_all
 from targets.device_views import DeviceViews, Packer
 from targets.quantize import quantize, token_errors
 from targets.teacher import Teacher
+from targets.views import DecodeError, decode_image
 
 
 class TeacherQueue:
@@ -85,10 +87,26 @@ class TeacherQueue:
         return done
 
 
+def decode_jpegs(items: list[ImageViews], device: torch.device) -> list[tuple[ImageViews, str]]:
+    """Device decoder: the items' JPEG files decoded on `device` in one batch (into `item.image`). A file it
+    fails on is decoded by Pillow instead (recorded); -> (item, reason) of those Pillow cannot read either."""
+    jpegs = [item for item in items if item.jpeg is not None]
+    unreadable = []
+    for item, image in zip(jpegs, decode_all([item.jpeg for item in jpegs], device), strict=True):
+        if isinstance(image, str):  # rare: a file whose header the device decoder took, but not its data
+            item.host_reason = image
+            try:
+                image = torch.from_numpy(np.asarray(decode_image(item.jpeg.numpy().tobytes())))
+            except DecodeError as e:
+                unreadable.append((item, str(e)))
+        item.image, item.jpeg = image, None
+    return unreadable
+
+
 def cut_views(items: list[ImageViews], views: DeviceViews, packer: Packer) -> None:
     """Device view path: the images of these items packed into one buffer and copied to the teacher's
-    device, their views' contrast means measured and their views cut there, in one batch. The means
-    come back to the host with the batch (pinned, without waiting) for the records."""
+    device (or decoded there), their views' contrast means measured and their views cut there, in one batch.
+    The means come back to the host with the batch (pinned, without waiting) for the records."""
     images = packer.to_device([item.image for item in items])
     counts = [len(item.view_int) for item in items]
     owner = np.repeat(np.arange(len(items)), counts)

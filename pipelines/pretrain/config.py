@@ -8,6 +8,7 @@ from typing import Annotated
 from cae2.config import LossCombine, LossKind, MaskStrategy
 from cae2.errors import UserError
 from cae2.fields import OneOf, PathKind, Range, check_fields
+from targets.decoders import STAGE2_DECODERS
 from targets.view_paths import VIEW_PATHS
 
 POSITIVE = Range(min=0, open_min=True)
@@ -76,6 +77,10 @@ class TrainConfig:
     view_path: Annotated[str, OneOf(VIEW_PATHS)] = "auto"
     """pillow: the loader workers cut the views; device: they decode and crop, the views are cut on the
     training device (bit-identical); auto: device when training on a GPU."""
+    decoder: Annotated[str, OneOf(STAGE2_DECODERS)] = "store"
+    """store: decode as the store's views were (Pillow, or the device decoder that made them, on the device
+    view path); host: Pillow in the workers; device: the training device decodes plain JPEGs (nvJPEG on a
+    GPU). A decoder of other pixels than the store's is said in the log."""
     workers: Annotated[int, Range(min=0)] = 4
     """Data-loader worker processes per process."""
     shuffle_buffer: Annotated[int, Range(min=0)] = 1000

@@ -38,6 +38,7 @@ from cae2.masking import create_mask_generator
 from pipelines.runs import init_worker
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_changed
 from targets.cache import N_INT, CorruptTarget, DamagedUnit, StoreMeta, TargetStore
+from targets.decoders import device_decodable
 from targets.device_views import PackedImages, crop_record
 from targets.views import ViewParams, apply_view, decode_image, measure_view
 
@@ -65,6 +66,9 @@ class StreamConfig:
     """Also return the teacher's view of each sample (for --teacher-online) instead of cached latents."""
     view_path: str = "pillow"
     """pillow: the workers cut the views; device: they return padded crops (`DeviceViews.make_batch`)."""
+    device_decode: bool = False
+    """Device view path: hand on the JPEG file of each image the training device decodes (the rows its
+    store's device decoder decoded), and crops of the others."""
     corrupt_targets: str = "stop"
     """A view whose cached bytes fail their crc32c: stop (raise, naming it), skip (leave the sample out of
     its batch, with a warning), or off (no check)."""
@@ -230,7 +234,10 @@ class TrainStream(IterableDataset):
                 if stored is None:
                     continue
                 targets.append(stored)
-            views.add(decode_image(image_bytes(sample)), unit.view_int[row, k], unit.view_float[row, k])
+            data = image_bytes(sample)
+            if not (cfg.device_decode and row not in unit.host_rows and views.add_jpeg(data, unit.view_int[row, k],
+                                                                                        unit.view_float[row, k])):
+                views.add(decode_image(data), unit.view_int[row, k], unit.view_float[row, k])
             masks.append(torch.from_numpy(masker(sample_rng(cfg.seed, self.epoch, key))))
             keys.append(key)
             chosen.append(k)
@@ -285,6 +292,8 @@ class DeviceViewBatch:
         self.crops: list[np.ndarray] = []
         self.ints: list[np.ndarray] = []
         self.floats: list[np.ndarray] = []
+        self.jpegs: list[torch.Tensor] = []  # --decoder device: whole JPEG files, decoded on the device
+        self.jpeg_at: list[int] = []  # their places in the batch
 
     def add(self, image, ints: np.ndarray, floats: np.ndarray) -> None:
         if len(ints) < N_INT:  # a schema-1 store kept no contrast means: measured here, on the whole image
@@ -294,9 +303,22 @@ class DeviceViewBatch:
         self.ints.append(ints)
         self.floats.append(floats)
 
+    def add_jpeg(self, data: bytes, ints: np.ndarray, floats: np.ndarray) -> bool:
+        """Hand on the JPEG file with the view's record (whole-image frame); False: a device decoder does not
+        take it, or the record lacks its contrast mean (decode on the host instead)."""
+        if len(ints) < N_INT or device_decodable(data).host_reason is not None:
+            return False
+        self.jpeg_at.append(len(self.ints))
+        self.jpegs.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self.ints.append(np.asarray(ints, dtype=np.int32))
+        self.floats.append(floats)
+        return True
+
     def batch(self) -> dict:
         out = {"view_pack": PackedImages.pack(self.crops), "view_ints": torch.from_numpy(np.stack(self.ints)),
                "view_floats": torch.from_numpy(np.stack(self.floats))}
+        if self.jpegs:
+            out["view_jpegs"], out["view_jpeg_at"] = self.jpegs, torch.tensor(self.jpeg_at, dtype=torch.int64)
         if self.cfg.teacher_views and not self.same_views:
             out["teacher_from_pack"] = True  # the teacher's view of the same crops, at its own size
         return out

@@ -26,7 +26,8 @@ from pipelines.pretrain.step import StepParts, make_optimizer
 from pipelines.runs import RunLock, git_sha
 from pipelines.shards import expand_shards
 from targets.cache import StoreMeta, TargetStore
-from targets.device_views import DECODERS, DeviceViews
+from targets.decoders import DECODERS, DecoderUse, resolve_decoder
+from targets.device_views import DeviceViews
 from targets.teacher import teacher_for_store
 from targets.view_paths import resolve_view_path, where_views_are_cut
 from targets.views import ViewSettings
@@ -143,11 +144,11 @@ def _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelera
     """Everything but the restored state: stream, schedule, model, optimizer, the step's parts."""
     meta = store.meta
     world, rank = accelerator.num_processes, accelerator.process_index
-    view_path = _view_path(cfg.view_path, accelerator.device, meta)
+    view_path, decoder = _view_path(cfg, accelerator.device, meta)
     stream_cfg = StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
                               shuffle_buffer=cfg.shuffle_buffer, student_size=model_cfg.img_size,
                               teacher_views=cfg.teacher_online, view_path=view_path,
-                              corrupt_targets=cfg.corrupt_targets)
+                              corrupt_targets=cfg.corrupt_targets, device_decode=decoder.on_device)
     preset = cae2.get_preset(cfg.model).train
     first_plan = plan_epoch(index, stream_cfg, 0)
     schedule = Schedule.resolve(cfg, preset, first_plan.batches_per_rank, world)
@@ -160,7 +161,7 @@ def _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelera
         "git_sha": git_sha(), "cae2_version": cae2.__version__,
     }
     if accelerator.is_main_process:
-        _log_start(log, cfg, accelerator, schedule, meta, index, first_plan, view_path)
+        _log_start(log, cfg, accelerator, schedule, meta, index, first_plan, view_path, decoder)
     set_seed(cfg.seed)  # the same initial weights on every process
     model = cae2.CAEv2(model_cfg)
     optimizer = make_optimizer(model, preset, schedule.weight_decay, schedule.peak_lr)
@@ -210,7 +211,7 @@ def _open_run_dir(run: Run) -> None:
 
 
 def _log_start(log, cfg: TrainConfig, accelerator, schedule: Schedule, meta: StoreMeta, index: list, plan,
-               view_path: str) -> None:
+               view_path: str, decoder: DecoderUse) -> None:
     s = schedule
     log(f"pretrain: {cfg.model} on {s.processes} process(es) ({accelerator.device}, {accelerator.mixed_precision}); "
         f"global batch {s.global_batch} = {cfg.batch_size} x {s.processes} x {cfg.grad_accum}; peak lr "
@@ -218,18 +219,23 @@ def _log_start(log, cfg: TrainConfig, accelerator, schedule: Schedule, meta: Sto
         f"targets {'ONLINE teacher' if cfg.teacher_online else f'cache ({meta.latent_format})'}")
     log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
         f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
-        + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)"))
+        + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)")
+        + f"; this run decodes with {decoder.name}{' on the device' if decoder.on_device else ''}")
+    if decoder.crossing:
+        log(f"WARNING: {decoder.crossing}")
     skipped = sum(i.num_samples - len(i.rows) for i in index)
     log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
         f"{plan.left_out} left out per epoch to keep {s.processes} rank(s) in step")
 
 
-def _view_path(choice: str, device: torch.device, meta: StoreMeta) -> str:
-    """The view path of this run; views must come from the decoder the store's views came from."""
+def _view_path(cfg: TrainConfig, device: torch.device, meta: StoreMeta) -> tuple[str, DecoderUse]:
+    """The view path of this run, and its decoder: views come from the decoder the store's views came from
+    unless --decoder says otherwise."""
     if meta.decoder not in DECODERS:
         raise UserError(f"--targets: the store's views were cut from images decoded by {meta.decoder!r}; this "
                         f"cae2 decodes with {', '.join(DECODERS)}: use the cae2 version that made the store")
-    return resolve_view_path(choice, device, meta.interpolation, ViewSettings.from_dict(meta.views))
+    view_path = resolve_view_path(cfg.view_path, device, meta.interpolation, ViewSettings.from_dict(meta.views))
+    return view_path, resolve_decoder(cfg.decoder, meta.decoder, device, view_path)
 
 
 def _check_resume(ckpt: Path, state: dict, model: dict, data_layout: dict) -> None:

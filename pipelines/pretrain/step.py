@@ -13,7 +13,8 @@ import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD, TrainDefaults
 from cae2.errors import UserError
 from pipelines.pretrain.schedule import Schedule
-from targets.device_views import DeviceViews
+from targets.decoders import decode_all
+from targets.device_views import DeviceViews, PackedImages
 from targets.quantize import dequantize
 from targets.views import normalize
 
@@ -97,9 +98,28 @@ class StepParts:
 
     @staticmethod
     def _device_views(batch: dict, views: DeviceViews) -> torch.Tensor:
-        """The device view path: the batch's crops (one packed buffer) cut into views on the device."""
-        pack = batch["view_pack"].to(views.device)
-        return views.render(pack, torch.arange(len(batch["view_ints"])), batch["view_ints"], batch["view_floats"])
+        """The device view path: the batch's crops (one packed buffer), and its JPEG files decoded on the
+        device (--decoder device), cut into views there."""
+        if "device_pack" not in batch:  # student and teacher views (--teacher-online) share it
+            batch["device_pack"] = _device_pack(batch, views.device)
+        return views.render(batch["device_pack"], torch.arange(len(batch["view_ints"])), batch["view_ints"],
+                            batch["view_floats"])
+
+
+def _device_pack(batch: dict, device: torch.device) -> PackedImages:
+    pack = batch["view_pack"].to(device)
+    if "view_jpegs" not in batch:
+        return pack
+    decoded = decode_all(batch["view_jpegs"], device)
+    at = batch["view_jpeg_at"].tolist()
+    for i, image in zip(at, decoded, strict=True):
+        if isinstance(image, str):
+            raise UserError(f"--decoder device: sample {batch['keys'][i]}: {image}; stage 1 decoded it with another "
+                            "decoder: pass --decoder host")
+    crops, jpegs = iter(pack.images()), iter(decoded)
+    jpeg_places = set(at)
+    return PackedImages.join([next(jpegs) if i in jpeg_places else next(crops) for i in range(len(batch["view_ints"]))],
+                             device)
 
 
 def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
