@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import publish, sample_images, table
+from targets.decoders import decode_on_device
 
 
 def main() -> None:
@@ -27,8 +28,11 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=5, help="K, stage 1's default: the host copies each image once")
     ap.add_argument("--teacher", default="ViT-B-16")
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--decoder", choices=("host", "device"), default="host",
+                    help="device: the JPEGs are decoded on the device (nvJPEG on a GPU), the rest by Pillow")
     args = ap.parse_args()
 
+    from targets.decoders import device_decodable, device_decoder_name
     from targets.device_views import DeviceViews, Packer, use_kernels
     from targets.teacher import Teacher, TeacherSpec
     from targets.views import ViewSettings, apply_view, decode_image, measure_view, sample_view
@@ -39,6 +43,13 @@ def main() -> None:
     images = [decode_image(p.read_bytes()) for p in files]
     ms_decode = (time.perf_counter() - t0) / len(images) * 1e3
     arrays = [np.asarray(img) for img in images]
+    jpegs = [None] * len(files)  # --decoder device: the files it takes (headers read in the loader workers)
+    datas = [p.read_bytes() for p in files]
+    t0 = time.perf_counter()
+    if args.decoder == "device":
+        jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if device_decodable(data).host_reason is None
+                 else None for data in datas]
+    us_header = (time.perf_counter() - t0) / len(images) * 1e6
     t0 = time.perf_counter()
     sampled = [[sample_view(ViewSettings(), 0, p.stem, k, (img.height, img.width)) for k in range(args.views)]
                for p, img in zip(files, images, strict=True)]
@@ -52,9 +63,10 @@ def main() -> None:
     batches = [range(s, min(s + per_image, len(images))) for s in range(0, len(images), per_image)]
 
     packer = Packer(device)  # its host buffers are allocated once, as in a run: warm every one of them up
+    sources = [j if j is not None else a for j, a in zip(jpegs, arrays, strict=True)]
     for _ in range(-(-len(packer.buffers) // len(batches))):
-        run(views, packer, arrays, view_int, view_float, batches, device)
-    out, spent = run(views, packer, arrays, view_int, view_float, batches, device)
+        run(views, packer, sources, view_int, view_float, batches, device)
+    out, spent = run(views, packer, sources, view_int, view_float, batches, device)
     n_views = len(images) * args.views
     params = [measure_view(v, img) for vs, img in zip(sampled, images, strict=True) for v in vs]
     owner = [i for i in range(len(images)) for _ in range(args.views)]
@@ -67,9 +79,12 @@ def main() -> None:
                      for s in range(0, n_views, 256)])
     renderer = "Triton kernels" if use_kernels(device) else "the plain-torch renderer"
     where = f"{device} ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "cpu"
-    host = spent["host: pack images, stack records, plan, launch"]
-    body = ("## Device view path: fidelity and cost\n\n"
-            f"{len(images)} real ImageNet JPEGs x K = {args.views} views ({n_views}), default view settings, "
+    host = spent[HOST]
+    decoded = f"{sum(j is not None for j in jpegs)} decoded on the device ({device_decoder_name(device)}), the " \
+        f"rest by Pillow" if args.decoder == "device" else "decoded by Pillow"
+    body = (f"## Device view path: fidelity and cost (--decoder {args.decoder})\n\n"
+            f"{len(images)} real ImageNet JPEGs ({decoded}) x K = {args.views} views ({n_views}), default view "
+            "settings, "
             f"{teacher.image_size} px {teacher.interpolation}; device path on {where} with {renderer}, batches of "
             f"{args.batch_size} views; teacher {args.teacher} (random weights) {teacher.precision} on both paths' "
             "views of the same parameters.\n\n"
@@ -81,30 +96,48 @@ def main() -> None:
                 ["host: decode (Pillow), ms per image", ms_decode],
                 ["host: Pillow view (jitter, flip, crop, resize), ms per view", ms_pillow],
                 ["host, loader workers: view parameters (sample_view), us per view", us_sample],
+                *([["host, loader workers: JPEG header and bytes to a tensor, us per image", us_header]]
+                  if args.decoder == "device" else []),
                 ["host, main process, besides decoding: us per view (goal <= 5)", host],
                 *[[f"  {name} (us per view)", us] for name, us in spent.items()],
             ]))
-    publish("device-views", body)
+    publish("device-views" if args.decoder == "host" else "device-decode", body)
 
 
-def run(views, packer, arrays, view_int, view_float, batches, device) -> tuple[torch.Tensor, dict[str, float]]:
-    """Every batch through the device path, each step timed (synchronised) -> (views, us per view by step)."""
+HOST = "host: pack images, stack records, plan, launch"
+DECODE = "device: decode JPEGs (batched), join them with the host images"
+
+
+def run(views, packer, sources, view_int, view_float, batches, device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every batch through the device path, each step timed (synchronised) -> (views, us per view by step).
+    A source is a decoded image (uint8 [H, W, 3]) or a JPEG file (uint8 [bytes]) for the device decoder."""
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    spent = dict.fromkeys(("host: pack images, stack records, plan, launch", "images and records to the device",
-                           "device: contrast means", "device: tables, coefficients, render"), 0.0)
+    spent = dict.fromkeys((HOST, DECODE, "images and records to the device", "device: contrast means",
+                           "device: tables, coefficients, render"), 0.0)
     outs, n = [], 0
     for b in batches:
         t = time.perf_counter()
-        packed = packer.to_device([arrays[i] for i in b])  # the copy to a GPU is queued, not waited for
+        images = [sources[i] for i in b]
+        files = [im for im in images if im.ndim == 1]
+        if files:
+            spent[HOST] += time.perf_counter() - t
+            t = time.perf_counter()
+            decoded = iter(decode_on_device(files, device))
+            images = [next(decoded) if im.ndim == 1 else im for im in images]
+        packed = packer.to_device(images)  # the copy to a GPU is queued, not waited for
+        if files:  # on CPU tensors, the "device" is the host: the join is a host copy, counted here
+            sync()
+            spent[DECODE] += time.perf_counter() - t
+            t = time.perf_counter()
         ints = torch.from_numpy(np.concatenate([view_int[i] for i in b]))
         floats = torch.from_numpy(np.concatenate([view_float[i] for i in b]))
         owner = torch.from_numpy(np.repeat(np.arange(len(b)), [len(view_int[i]) for i in b]))
         plan = views.plan(packed, owner, ints, floats)
-        spent["host: pack images, stack records, plan, launch"] += time.perf_counter() - t
+        spent[HOST] += time.perf_counter() - t
         t = time.perf_counter()
         ints, floats, owner = ints.to(device), floats.to(device), owner.to(device)
         sync()

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--view-path", default="auto")
+    ap.add_argument("--decoder", choices=("host", "device"), default="host")
     ap.add_argument("--teacher-modes", default=None,
                     help="Comma-separated precision modes to time ('+compile' compiles the tower); default: "
                          "fp16,fp16-weights,fp16-weights+compile on a GPU, none on CPU.")
@@ -61,7 +62,7 @@ def main() -> None:
     store = work / "targets.zarr"
     stats = run_extract(ExtractConfig(shards=str(shards), out=str(store), teacher=spec, views_per_image=args.views,
                                       batch_size=args.batch_size, workers=args.workers, progress=False,
-                                      view_path=args.view_path), log=lambda m: None)
+                                      view_path=args.view_path, decoder=args.decoder), log=lambda m: None)
     view_path = TargetStore.open(store).meta.view_path
     end_to_end = stats.views / stats.seconds
     forward = (before + forward_only()) / 2  # measured before and after: slow drifts of the machine cancel
@@ -71,7 +72,8 @@ def main() -> None:
     body = ("## Stage 1 efficiency and storage\n\n"
             f"Teacher {args.teacher} (random weights; speed only) on {device}, {teacher.precision}, batch "
             f"{args.batch_size}; {args.images} real ImageNet JPEGs{f' x {args.repeat}' if args.repeat > 1 else ''} "
-            f"x K = {args.views}; {args.workers} decode worker(s); views cut on the {view_path} view path.\n\n"
+            f"x K = {args.views}; {args.workers} decode worker(s); views cut on the {view_path} view path from "
+            f"{meta.decoder}-decoded images.\n\n"
             + table(["measure", "value"], [
                 ["teacher forward only, in-memory uint8 batches (views/s; mean of before and after)", forward],
                 ["extract-targets end to end (views/s)", end_to_end],

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark set in two calls of under 5 minutes each, so that one session measures everything
 # with a rerun to spare (bf16, the batches users should run):
-#   bash bench/gpu_suite.sh call1     # views + extract   (limits 60 + 200 s)
+#   bash bench/gpu_suite.sh call1     # views + decode + extract   (limits 60 + 60 + 170 s)
 #   bash bench/gpu_suite.sh call2     # pipeline + speedup (limits 50 + 210 s)
-#   bash bench/gpu_suite.sh [section ...]   # any of: views extract pipeline speedup
+#   bash bench/gpu_suite.sh [section ...]   # any of: views decode extract pipeline speedup
 # Adds `-gpu` sections to docs/benchmarks.md (the CPU sections stay) and copies the doc and the log to
 # $OUT when that is set. Prepare the device's inputs first, on this machine: `bash bench/prepare_gpu.sh`
 # (wheels the device lacks in .whl/, the 300 sample images in .bench_images/); the script installs the
@@ -15,9 +15,9 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 W=${CAE2_BENCH_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 LOG=${OUT:-/tmp}/gpu_suite.log
 case "${1:-}" in
-  call1) SECTIONS="views extract" ;;
+  call1) SECTIONS="views decode extract" ;;
   call2) SECTIONS="pipeline speedup" ;;
-  *) SECTIONS=${*:-views extract pipeline speedup} ;;
+  *) SECTIONS=${*:-views decode extract pipeline speedup} ;;
 esac
 if [ -d .whl ]; then  # prepared by bench/prepare_gpu.sh: what the device's Python lacks
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/cae2-site .whl/*.whl && export PYTHONPATH=/tmp/cae2-site:$PWD
@@ -44,8 +44,9 @@ bench() {  # one benchmark under a time limit; a failure is reported and the oth
 for s in $SECTIONS; do
   case $s in
     views) bench 60 bench.device_views --images 300 --views 2 --batch-size 512 ;;
-    extract) bench 200 bench.extract --images 300 --repeat 24 --views 5 --batch-size 512 --workers "$W" \
-        --view-path device --teacher-modes fp16,fp16-weights,fp16-weights+compile ;;
+    decode) bench 60 bench.device_views --images 300 --views 5 --batch-size 512 --decoder device ;;
+    extract) bench 170 bench.extract --images 300 --repeat 24 --views 5 --batch-size 512 --workers "$W" \
+        --view-path device --decoder device --teacher-modes fp16,fp16-weights,fp16-weights+compile ;;
     pipeline) bench 50 bench.data_pipeline --repeat 6 --batches 56 --workers "0,$W" ;;
     speedup) bench 210 bench.speedup --images 300 --repeat 24 --steps 30 --batch-size 256 --mixed-precision bf16 \
         --compile --view-path device --workers "$W" --students cae2_vit_tiny,cae2_vit_small,cae2_vit_base \

@@ -94,10 +94,11 @@ def stores(tmp_path_factory):
         (images / f"awkward_{name}.jpg").write_bytes(data)
     make_shards(images, root / "shards", samples_per_shard=7)
     outputs = {}
-    for name, extra in (("host", ["--view-path", "pillow"]), ("device", ["--view-path", "device", "--decoder", "device"])):
-        res = _cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / f"{name}.zarr"), "--teacher",
-                   TINY_TEACHER, "--pretrained", "none", "--views", "2", "--workers", "1", "--batch-size", "8",
-                   "--no-progress", *extra)
+    runs = (("host", ["--view-path", "pillow"]), ("device", ["--view-path", "device", "--decoder", "device"]))
+    for name, extra in runs:
+        res = _cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / f"{name}.zarr"),
+                   "--teacher", TINY_TEACHER, "--pretrained", "none", "--views", "2", "--workers", "1",
+                   "--batch-size", "8", "--no-progress", *extra)
         assert res.returncode == 0, res.stderr[-2000:]
         outputs[name] = res.stdout
     return root, outputs
@@ -160,7 +161,8 @@ def test_stage_2_decodes_as_the_store_did_and_trains_the_same(stores):
 
 def test_crossing_to_other_pixels_is_refused_unless_asked_and_then_said():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_decoder("store", "pillow", cuda, "device") == (use := resolve_decoder("store", "pillow", cpu, "device"))
+    use = resolve_decoder("store", "pillow", cpu, "device")
+    assert resolve_decoder("store", "pillow", cuda, "device") == use
     assert (use.name, use.on_device, use.crossing) == ("pillow", False, None)
     use = resolve_decoder("store", "nvjpeg", cuda, "device")
     assert (use.name, use.on_device, use.crossing) == ("nvjpeg", True, None)
@@ -176,3 +178,14 @@ def test_crossing_to_other_pixels_is_refused_unless_asked_and_then_said():
     assert resolve_decoder("device", "pillow", cpu, "device").crossing is None
     with pytest.raises(UserError, match="--view-path device"):
         resolve_decoder("device", "pillow", cpu, "pillow")
+
+
+def test_convert_keeps_the_decoder_and_the_host_decoded_rows(stores):
+    root, _ = stores
+    res = _cli("convert-targets", str(root / "device.zarr"), str(root / "int8.zarr"), "--latent-format", "int8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    source, converted = TargetStore.open(root / "device.zarr"), TargetStore.open(root / "int8.zarr")
+    assert converted.meta.decoder == "torchvision"
+    for name in source.unit_names():
+        assert converted.unit(name).host_rows == source.unit(name).host_rows
+    assert any(converted.unit(name).host_rows for name in converted.unit_names())
