@@ -109,15 +109,19 @@ def _frame_info(marker: int, segment: bytes, adobe_transform: int | None) -> Jpe
 
 def decode_on_device(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """JPEG files (uint8 [bytes] each, on the host) -> RGB images uint8 [H, W, 3] on `device`, in one
-    batched call (nvJPEG on a GPU). Raises RuntimeError when one of them fails (`decode_each`)."""
+    batched call (nvJPEG on a GPU). Raises RuntimeError when one of them fails (`decode_all`)."""
     if not datas:
         return []
     out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=torch.device(device))
     return [image.permute(1, 2, 0) for image in out]
 
 
-def decode_each(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | str]:
-    """As `decode_on_device`, one call per image after a batch failed: each image, or why it failed."""
+def decode_all(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | str]:
+    """Batched decode, image by image only when the batch fails: each image, or why it failed."""
+    try:
+        return decode_on_device(datas, device)
+    except RuntimeError:
+        pass
     out = []
     for data in datas:
         try:
@@ -128,12 +132,11 @@ def decode_each(datas: list[torch.Tensor], device: torch.device | str) -> list[t
     return out
 
 
-def decode_all(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | str]:
-    """Batched decode, image by image only when the batch fails: each image, or why it failed."""
-    try:
-        return list(decode_on_device(datas, device))
-    except RuntimeError:
-        return decode_each(datas, device)
+def require_device_view_path(view_path: str) -> None:
+    """--decoder device cuts its views where it decodes: on the device view path."""
+    if view_path != "device":
+        raise UserError("--decoder device: device-decoded images are cut into views on the device; pass "
+                        f"--view-path device (this run's is {view_path}), or --decoder host")
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,8 @@ def resolve_decoder(choice: str, store_decoder: str, device: torch.device, view_
     """--decoder store|host|device against the store's decoder: 'store' decodes as the store's views were
     decoded (or with a decoder of the same pixels); crossing to other pixels is only done when asked for."""
     on_device_name = device_decoder_name(device)
-    if choice == "device" and view_path != "device":
-        raise UserError("--decoder device: device-decoded images are cut into views on the device; pass "
-                        f"--view-path device (this run's is {view_path}), or --decoder host")
+    if choice == "device":
+        require_device_view_path(view_path)
     if choice == "store":
         if store_decoder == on_device_name and store_decoder != "pillow" and view_path == "device":
             return DecoderUse(store_decoder, True, None)

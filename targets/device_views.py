@@ -120,6 +120,12 @@ def crop_record(image, ints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(image.crop((left, top, left + w, top + h))), rec
 
 
+def _layout(hw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images of sizes hw (int64 [m, 2]) back to back, 3 bytes a pixel -> (bytes, start) of each."""
+    sizes = hw[:, 0] * hw[:, 1] * 3
+    return sizes, (np.cumsum(sizes) - sizes).astype(np.int64)
+
+
 @dataclass
 class PackedImages:
     """Whole images (uint8 [H, W, 3]) back to back in one buffer."""
@@ -137,15 +143,14 @@ class PackedImages:
     def pack(cls, images: list[torch.Tensor | np.ndarray], pin: bool = False,
              buffer: torch.Tensor | None = None) -> PackedImages:
         """One copy of each image into one buffer: `buffer` when it is large enough, else a new (pinned) one."""
-        sizes = np.array([im.shape[0] * im.shape[1] * 3 for im in images], dtype=np.int64)
+        hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
+        sizes, starts = _layout(hw)
         total = int(sizes.sum())
         pixels = buffer[:total] if buffer is not None and buffer.numel() >= total else \
             torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-        starts = (np.cumsum(sizes) - sizes).astype(np.int64)
         flat = pixels.numpy()
         for im, start, size in zip(images, starts, sizes, strict=True):
             flat[start:start + size] = (im.numpy() if isinstance(im, torch.Tensor) else np.asarray(im)).reshape(-1)
-        hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
         return cls(pixels, torch.from_numpy(starts), torch.from_numpy(hw[:, 0].copy()),
                    torch.from_numpy(hw[:, 1].copy()), hw)
 
@@ -153,8 +158,7 @@ class PackedImages:
     def join(cls, images: list[torch.Tensor], device: torch.device) -> PackedImages:
         """Images already on `device` (uint8 [H, W, 3], any strides) -> one packed buffer there."""
         hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
-        sizes = hw[:, 0] * hw[:, 1] * 3
-        starts = (np.cumsum(sizes) - sizes).astype(np.int64)
+        starts = _layout(hw)[1]
         pixels = torch.cat([im.reshape(-1) for im in images]) if images else \
             torch.empty(0, dtype=torch.uint8, device=device)
         return cls(pixels, *(torch.from_numpy(a).to(device, non_blocking=True) for a in
@@ -162,8 +166,7 @@ class PackedImages:
 
     def images(self) -> list[torch.Tensor]:
         """Each image, uint8 [H, W, 3], a view of the buffer (the sizes come from the host's copy)."""
-        sizes = self.hw[:, 0] * self.hw[:, 1] * 3
-        starts = (np.cumsum(sizes) - sizes).astype(np.int64)
+        sizes, starts = _layout(self.hw)
         return [self.pixels[start:start + size].view(int(h), int(w), 3)
                 for start, size, (h, w) in zip(starts.tolist(), sizes.tolist(), self.hw, strict=True)]
 

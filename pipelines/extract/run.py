@@ -39,7 +39,7 @@ from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
 from targets.claims import Heartbeat, Holder, release
-from targets.decoders import device_decoder_name
+from targets.decoders import device_decoder_name, require_device_view_path
 from targets.device_views import DeviceViews, Packer
 from targets.quantize import QuantStats
 from targets.teacher import Teacher
@@ -155,9 +155,8 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
     teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download,
                       compile=cfg.compile_teacher)
     view_path = resolve_view_path(cfg.view_path, teacher.device, teacher.interpolation, cfg.views)
-    if cfg.decoder == "device" and view_path != "device":
-        raise UserError(f"--decoder device: the views of device-decoded images are cut on the device; pass "
-                        f"--view-path device (this run's resolved to {view_path}), or --decoder host")
+    if cfg.decoder == "device":
+        require_device_view_path(view_path)
     meta = store_meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
     mine = shards[state.process_index::state.num_processes]
@@ -270,7 +269,8 @@ class Extraction:
         if self.uncut and (final or waiting >= self.cfg.batch_size):
             unreadable = decode_jpegs(self.uncut, self.teacher.device)
             if unreadable:
-                self.uncut = [item for item in self.uncut if all(item is not bad for bad, _ in unreadable)]
+                gone = {id(item) for item, _ in unreadable}
+                self.uncut = [item for item in self.uncut if id(item) not in gone]
                 for item, reason in unreadable:
                     self.on_skip(Skip(item.unit, item.row, self.units[item.unit].writer.keys[item.row], reason))
             cut_views(self.uncut, self.device_views, self.packer)
@@ -282,7 +282,7 @@ class Extraction:
         for item, out in done:
             asm = self.units[item.unit]
             asm.writer.set_view_params(item.row, *item.records(), item.image_hw)
-            if item.host_reason and self.meta.decoder != "pillow":
+            if item.host_reason:  # set only where a device decoder left the image to Pillow
                 asm.writer.decoded_on_host(item.row, item.host_reason)
             self.stats.images += 1
             self.stats.views += len(out["latents"])

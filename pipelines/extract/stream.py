@@ -135,27 +135,24 @@ class UnitViewStream(IterableDataset):
         if data is None:
             fields = ", ".join(k for k in sample if not k.startswith("__")) or "none"
             return Skip(unit, row, key, f"no image field (has: {fields})")
-        host_reason = None
-        if r.device_decode:
-            info = device_decodable(data)
-            if info.host_reason is None:  # only the header is read here; the views need the size alone
-                params = [sample_view(r.settings, r.seed, key, k, (info.height, info.width)) for k in range(r.k)]
-                view_int, view_float = _records(params)
-                jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return ImageViews(unit, row, None, view_int, view_float, (info.height, info.width), jpeg=jpeg)
-            host_reason = info.host_reason
-        try:
-            image = decode_image(data)
-        except DecodeError as e:
-            return Skip(unit, row, key, str(e))
-        hw = (image.height, image.width)
+        info = device_decodable(data) if r.device_decode else None
+        image = None
+        if info is None or info.host_reason is not None:
+            try:
+                image = decode_image(data)
+            except DecodeError as e:
+                return Skip(unit, row, key, str(e))
+        hw = (image.height, image.width) if image is not None else (info.height, info.width)
         params = [sample_view(r.settings, r.seed, key, k, hw) for k in range(r.k)]
         if not r.device_views:  # the device path measures the contrast means itself
             params = [measure_view(p, image) for p in params]
         view_int, view_float = _records(params)
+        if image is None:  # a device decoder takes it: only its header was read here
+            return ImageViews(unit, row, None, view_int, view_float, hw,
+                              jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
         if r.device_views:
             return ImageViews(unit, row, None, view_int, view_float, hw, torch.from_numpy(np.asarray(image)),
-                              host_reason=host_reason)
+                              host_reason=info.host_reason if info else None)
         views = torch.stack([apply_view(image, p, r.size, r.interpolation) for p in params])
         return ImageViews(unit, row, views, view_int, view_float, hw)
 
