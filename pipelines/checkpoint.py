@@ -11,6 +11,7 @@ never deletes the newest complete one. The readers at the end (`find_checkpoint`
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from cae2.config import ModelConfig
-from cae2.errors import UserError
+from cae2.errors import UserError, naming
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -74,13 +75,63 @@ def read_state(ckpt: Path) -> dict:
         raise CorruptCheckpoint(ckpt, f"{STATE_FILE}: {e}") from None
 
 
+class _KeepsWriteError(io.RawIOBase):
+    """A file for torch.save that remembers the OSError of a refused write: torch's zip writer turns it
+    into a RuntimeError ("unexpected pos 64 vs 0") without the errno."""
+
+    def __init__(self, file):
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def save_torch(obj, path: str | os.PathLike, *, _save=torch.save) -> None:
+    """torch.save to `path`; a write the file system refuses (EIO, ENOSPC) raises its OSError naming the
+    file, where torch.save(obj, path) would report only "unexpected pos" or "iostream error"."""
+    with naming(path), open(path, "wb") as f:
+        sink = _KeepsWriteError(f)
+        try:
+            _save(obj, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
+
+
+@contextlib.contextmanager
+def _torch_saves_keep_their_errors():
+    """While Accelerate saves a checkpoint, its torch.save(obj, path) calls go through save_torch."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if args or kwargs or not isinstance(f, (str, os.PathLike)):
+            return original(obj, f, *args, **kwargs)
+        return save_torch(obj, f, _save=original)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = original
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Save on every process; the main process writes the marker last, then prunes old checkpoints."""
     ckpt = checkpoint_dir(run_dir, step)
     if accelerator.is_main_process and ckpt.exists():
         shutil.rmtree(ckpt)  # an incomplete leftover of the same step
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(ckpt), safe_serialization=True)
+    with _torch_saves_keep_their_errors():
+        accelerator.save_state(str(ckpt), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         follow_umask(p for p in ckpt.iterdir() if p.is_file())

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cae2.errors import naming
+from cae2.errors import UserError, naming
 
 STALE_AFTER = 600.0
 """Seconds without a heartbeat after which another host's claim counts as abandoned."""
@@ -85,26 +85,42 @@ def holder_alive(holder: Holder, heartbeat_age: float, stale_after: float = STAL
 
 
 def read_claim(path: Path) -> tuple[Holder | None, float]:
-    """(holder, seconds since its heartbeat); holder None for an unreadable (half-written) file."""
+    """(holder, seconds since its heartbeat); holder None for a file that holds no holder (being
+    written right now, or left half-written by a process that failed), (None, inf) for no file. A read
+    that fails (EIO) raises, naming the file: whether the work is held cannot be known then."""
     try:
-        age = time.time() - path.stat().st_mtime
-        return Holder(**json.loads(path.read_text())), age
+        with naming(path):
+            age = time.time() - path.stat().st_mtime
+            text = path.read_text()
     except FileNotFoundError:
         return None, float("inf")
-    except (OSError, ValueError, TypeError):
-        return None, 0.0
+    try:
+        return Holder(**json.loads(text)), age
+    except (ValueError, TypeError):
+        return None, age
+
+
+HALF_WRITTEN_FOR = 5.0
+"""Seconds a claim file may hold no holder before it counts as abandoned: its creator writes it right
+after creating it, so an older unreadable one was left by a process that failed in between."""
 
 
 def try_claim(path: Path, holder: Holder, stale_after: float = STALE_AFTER) -> tuple[bool, Holder | None]:
     """(True, None) when `holder` now holds `path`; (False, the live holder) when someone else does."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(5):
+    deadline = time.monotonic() + 4 * HALF_WRITTEN_FOR
+    while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             other, age = read_claim(path)
-            if other is None and age < 5.0:
-                return False, None  # being written right now
+            if other is None and age < HALF_WRITTEN_FOR:  # its creator is writing it: look again
+                if time.monotonic() > deadline:
+                    raise UserError(f"claim {path} has been rewritten without a holder for "
+                                    f"{4 * HALF_WRITTEN_FOR:.0f} s; remove it if no process is working on it, "
+                                    "then rerun") from None
+                time.sleep(0.05)
+                continue
             if other is not None and (other == holder or holder_alive(other, age, stale_after)):
                 return other == holder, None if other == holder else other
             with contextlib.suppress(FileNotFoundError):  # only one of the processes that found it stale wins
@@ -112,16 +128,23 @@ def try_claim(path: Path, holder: Holder, stale_after: float = STALE_AFTER) -> t
                 for old in path.parent.glob(f"{path.name}.stale.*"):
                     old.unlink(missing_ok=True)
             continue
-        with naming(path), os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(holder)))
+        try:
+            with naming(path), os.fdopen(fd, "w") as f:
+                f.write(json.dumps(asdict(holder)))
+        except BaseException:
+            with contextlib.suppress(OSError):  # a half-written claim would hold the work for HALF_WRITTEN_FOR
+                path.unlink()
+            raise
         return True, None
-    return False, None
 
 
 def release(path: Path, holder: Holder) -> None:
-    other, _ = read_claim(path)
-    if other == holder:
-        path.unlink(missing_ok=True)
+    """Delete the claim if `holder` holds it. A claim that cannot be read is left: the work it covers
+    is done or will be redone, and a dead holder's claim is taken over."""
+    with contextlib.suppress(OSError):
+        other, _ = read_claim(path)
+        if other == holder:
+            path.unlink(missing_ok=True)
 
 
 class Heartbeat:

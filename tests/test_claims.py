@@ -62,3 +62,30 @@ def test_heartbeat_refreshes_held_claims(tmp_path):
     time.sleep(0.3)
     beat.stop()
     assert read_claim(path)[1] < 5
+
+
+def test_a_claim_being_written_is_waited_for(tmp_path):
+    """A claim file without a holder yet is its creator's, for a moment: try_claim reads it again."""
+    import threading
+
+    path = tmp_path / "u.claim"
+    path.touch()
+    other = replace(Holder.me(), started="other")  # alive: this process
+    writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(asdict(other))))
+    writer.start()
+    assert try_claim(path, replace(other, started="me")) == (False, other)
+    writer.join()
+
+
+def test_a_half_written_claim_of_a_failed_process_is_taken_over(tmp_path):
+    """A process whose write of the claim failed (EIO) leaves an empty file: after HALF_WRITTEN_FOR it is
+    abandoned, never read as "done" or as held."""
+    from targets.claims import HALF_WRITTEN_FOR
+
+    path = tmp_path / "u.claim"
+    path.write_text('{"host": ')
+    old = time.time() - HALF_WRITTEN_FOR - 1
+    os.utime(path, (old, old))
+    me = Holder.me()
+    assert try_claim(path, me) == (True, None)
+    assert read_claim(path)[0] == me

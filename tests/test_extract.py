@@ -254,6 +254,27 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     assert verify_store(str(out), str(tmp_path / "shards")).ok
 
 
+def test_a_claim_left_half_written_is_redone_not_counted_complete(store, shards, tmp_path):
+    """A job whose write of a unit's claim failed (EIO) leaves an empty claim file and no unit: a rerun
+    waits for the claim to count as abandoned, then writes the unit."""
+    import shutil
+
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(store[0], out)
+    name = TargetStore.open(out).unit_names()[1]
+    shutil.rmtree(out / "units" / name)
+    claim = TargetStore.open(out).claim_path(name)
+    claim.parent.mkdir(exist_ok=True)
+    claim.touch()
+    stats = run_extract(ExtractConfig(shards=str(shards[0]), out=str(out), teacher=SPEC, views_per_image=3,
+                                      workers=2, batch_size=5, progress=False), log=lambda m: None)
+    assert stats.units_done == 1 and not stats.units_elsewhere
+    a, b = _unit_values(store[0]), _unit_values(out)
+    assert a.keys() == b.keys()
+    for x, y in zip(a[name], b[name], strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y)) if not isinstance(x, str) else x == y
+
+
 @pytest.mark.slow
 def test_accelerate_two_processes_equal_one(shards, store, tmp_path):
     out = tmp_path / "two.zarr"

@@ -91,6 +91,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(shards
                                                               // 1024 + 200) + "k", str(small_fs)], check=True)
     res = cli(*args, "--steps", "6", "--resume", "latest")
     assert res.returncode == 2 and "writing checkpoint" in res.stderr and "step_00000002 is kept" in res.stderr
+    assert "No space left on device" in res.stderr
     assert "Traceback" not in res.stderr
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
     res = cli(*args, "--steps", "6", "--resume", "latest")

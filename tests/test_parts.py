@@ -120,6 +120,26 @@ def test_checkpoints_resume_resolution_and_retention(tmp_path):
     assert [p.name for p in complete_checkpoints(run)] == ["step_00000015"]
 
 
+def test_a_refused_torch_save_names_the_file_and_the_errno(tmp_path):
+    """torch.save reports a full disk or EIO as "iostream error" / "unexpected pos"; checkpoints and
+    feature caches say which file and why."""
+    import errno
+
+    import torch
+
+    from pipelines.checkpoint import _torch_saves_keep_their_errors, save_torch
+
+    with pytest.raises(OSError) as caught:
+        save_torch({"x": torch.zeros(4096)}, "/dev/full")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
+    original = torch.save
+    with _torch_saves_keep_their_errors(), pytest.raises(OSError, match="No space left on device: '/dev/full'"):
+        torch.save({"x": torch.zeros(4096)}, "/dev/full")  # as Accelerate's save_state calls it
+    assert torch.save is original
+    save_torch({"x": torch.arange(3)}, tmp_path / "ok.pt")
+    assert torch.equal(torch.load(tmp_path / "ok.pt")["x"], torch.arange(3))
+
+
 def _index(counts: list[int]) -> list[ShardIndex]:
     return [ShardIndex(Shard(f"u{i}.tar", f"u{i}.tar"), np.arange(n), n) for i, n in enumerate(counts)]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipelines.checkpoint import save_torch
 from pipelines.evaluate.data import CenterCropImages, eval_resize
 
 
@@ -41,6 +42,6 @@ def extract_features(model, data, pool: str = "cls", batch_size: int = 128, work
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"features": feats, "labels": labels, "settings": settings}, tmp)
+        save_torch({"features": feats, "labels": labels, "settings": settings}, tmp)
         tmp.replace(cache)
     return feats, labels
