@@ -3,7 +3,9 @@
 # with a rerun to spare (bf16, the batches users should run):
 #   bash bench/gpu_suite.sh call1     # views + decode + extract   (limits 60 + 60 + 170 s)
 #   bash bench/gpu_suite.sh call2     # pipeline + speedup (limits 50 + 210 s)
-#   bash bench/gpu_suite.sh [section ...]   # any of: views decode extract pipeline speedup
+#   bash bench/gpu_suite.sh students  # each student's step by batch and compile mode (limit 240 s), when a
+#                                     # session has a third call to spare
+#   bash bench/gpu_suite.sh [section ...]   # any of: views decode extract pipeline speedup students
 # Adds `-gpu` sections to docs/benchmarks.md (the CPU sections stay) and copies the doc and the log to
 # $OUT when that is set. Prepare the device's inputs first, on this machine: `bash bench/prepare_gpu.sh`
 # (wheels the device lacks in .whl/, the 300 sample images in .bench_images/); the script installs the
@@ -51,6 +53,9 @@ for s in $SECTIONS; do
     speedup) bench 210 bench.speedup --images 300 --repeat 24 --steps 30 --batch-size 256 --mixed-precision bf16 \
         --compile --view-path device --workers "$W" --students cae2_vit_tiny,cae2_vit_small,cae2_vit_base \
         --step-table 128:0,256:0,256:1 ;;
+    students) bench 240 bench.speedup --steps-only --steps 20 --mixed-precision bf16 \
+        --students cae2_vit_tiny,cae2_vit_small,cae2_vit_base \
+        --step-table 256:default,256:reduce-overhead,512:reduce-overhead,1024:reduce-overhead,512:max-autotune-no-cudagraphs ;;
     *) echo "unknown section $s" | tee -a "$LOG"; status=1 ;;
   esac
 done

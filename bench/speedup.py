@@ -6,6 +6,11 @@ forward on in-memory synthetic batches (what this machine allows when both run a
 and the input-pipeline overhead: cached samples/s / in-memory student step samples/s.
 
     python -m bench.speedup [--images 64] [--repeat 1] [--steps 12] [--batch-size 16]
+
+The students' settings: `--steps-only --step-table 256:eager,256:default,256:reduce-overhead,...` times
+only the in-memory training step of each student at each batch and torch.compile mode (section
+`student-steps`, the fastest setting per student marked), for `pretrain --batch-size --compile
+--compile-mode`.
 """
 
 from __future__ import annotations
@@ -53,10 +58,10 @@ def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
 
 
 def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int,
-                    mixed_precision: str, compile: bool = False) -> tuple[float, float]:
+                    mixed_precision: str, compile: str | None = None) -> tuple[float, float]:
     """(student training steps, teacher forwards) in samples/s on in-memory synthetic batches: the step
-    of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision, --compile) without any data
-    loading."""
+    of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision, --compile with `compile` as
+    --compile-mode; None: eager) without any data loading."""
     import cae2
     from pipelines.pretrain.step import make_optimizer
     from targets.teacher import Teacher, TeacherSpec
@@ -66,9 +71,10 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
     preset = cae2.get_preset(student).train
     teacher = Teacher(TeacherSpec(name=teacher_name, pretrained="none"), device=device,
-                      compile=compile and (teacher_name, batch_size, mixed_precision, compile) not in _TEACHER_RATES)
+                      compile=bool(compile) and (teacher_name, batch_size, mixed_precision, bool(compile)) not in
+                      _TEACHER_RATES)
     model = cae2.create_model(student, target_dim=teacher.dim).to(device).train()
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode=compile) if compile else model
     cfg = model.cfg
     opt = make_optimizer(model, preset, preset.weight_decay, 1e-4)
     mask = synthetic_masks(cfg, batch_size).to(device)
@@ -87,7 +93,7 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    key = (teacher_name, batch_size, mixed_precision, compile)
+    key = (teacher_name, batch_size, mixed_precision, bool(compile))
     if key not in _TEACHER_RATES:  # the same for every student
         _TEACHER_RATES[key] = rate(lambda: teacher(views), steps, batch_size)
     return rate(step, steps, batch_size), _TEACHER_RATES[key]
@@ -119,9 +125,56 @@ def publish_speedup(args, n_samples: int, device: str, rows: list, ceilings: lis
             + table(["student", "student step samples/s", "teacher fwd samples/s", "student GFLOP/s",
                      "teacher GFLOP/s", "in-memory ratio 1 + step/fwd", "in-memory / FLOPs-predicted"], ceilings))
     if steps_table:
-        body += ("\n\nThe students' in-memory training step by batch and `--compile` (same precision):\n\n"
-                 + table(["student", "batch", "compiled", "samples/s", "TFLOP/s"], steps_table))
+        body += ("\n\nThe students' in-memory training step by batch and torch.compile mode (same precision):\n\n"
+                 + table(STEP_COLUMNS, steps_table))
     publish("speedup", body)
+
+
+STEP_COLUMNS = ["student", "batch", "compile mode", "samples/s", "TFLOP/s", "fastest"]
+
+
+def compile_setting(text: str) -> str | None:
+    """A --step-table setting: eager (or 0), or a torch.compile mode (1: default); None for eager."""
+    from pipelines.pretrain.config import COMPILE_MODES
+
+    mode = {"0": "eager", "1": "default"}.get(text, text)
+    if mode != "eager" and mode not in COMPILE_MODES:
+        raise SystemExit(f"--step-table: {text!r} is not eager, 0, 1 or one of {', '.join(COMPILE_MODES)}")
+    return None if mode == "eager" else mode
+
+
+def student_steps(args, student: str, s_flops: float, known: dict) -> list[list]:
+    """The in-memory step of `student` at each --step-table batch:setting, the fastest marked; `known`
+    holds rates already measured, by (batch, mode)."""
+    rows = []
+    for pair in filter(None, args.step_table.split(",")):
+        batch, setting = pair.split(":")
+        key = (int(batch), compile_setting(setting))
+        if key not in known:
+            known[key], _ = in_memory_rates(student, args.teacher, key[0], max(args.steps // 2, 3),
+                                            args.mixed_precision, key[1])
+        rows.append([student, key[0], key[1] or "eager", known[key], known[key] * s_flops / 1e12, ""])
+    if rows:
+        max(rows, key=lambda r: r[3])[5] = "yes"
+    return rows
+
+
+def pretrain_flags(mode: str) -> str:
+    """The `cae2 pretrain` flags of a step-table setting."""
+    return "" if mode == "eager" else " --compile" + ("" if mode == "default" else f" --compile-mode {mode}")
+
+
+def publish_student_steps(args, device: str, rows: list) -> None:
+    fastest = [r for r in rows if r[5]]
+    body = ("## Students' training step by batch and compile mode\n\n"
+            f"The step of `cae2 pretrain` (loss, fused AdamW, gradient clipping) on in-memory synthetic batches, "
+            f"{device}, mixed precision {args.mixed_precision}, {max(args.steps // 2, 3)} timed steps after a "
+            "warm-up; teacher targets "
+            f"of {args.teacher}'s size.\n\n" + table(STEP_COLUMNS, rows)
+            + "\n\nWhat to pass to `cae2 pretrain` (per process; a larger global batch comes from more processes or "
+              "--grad-accum):\n\n"
+            + "\n".join(f"- {r[0]}: `--batch-size {r[1]}{pretrain_flags(r[2])}`" for r in fastest))
+    publish("student-steps", body)
 
 
 def main() -> None:
@@ -136,9 +189,13 @@ def main() -> None:
     ap.add_argument("--teacher", default="ViT-B-16")
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--compile", action="store_true", help="Run pretrain and the in-memory step compiled.")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile's mode with --compile.")
     ap.add_argument("--view-path", default="auto")
     ap.add_argument("--step-table", default="",
-                    help="Also time the in-memory step at these batch:compile pairs, e.g. '128:0,256:0,256:1'.")
+                    help="Also time the in-memory step at these batch:setting pairs, a setting being eager (0) or a "
+                         "torch.compile mode (1: default), e.g. '256:eager,256:default,512:reduce-overhead'.")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="Time only the --step-table settings of each student (section student-steps).")
     ap.add_argument("--workers", default=None,
                     help="Comma-separated data-loader worker counts, one pair of runs each (default: 0,1 on CPU, "
                          "where a worker process competes with the training threads for the cores; 8 on a GPU).")
@@ -149,11 +206,17 @@ def main() -> None:
     from targets.cache import TargetStore
     from targets.teacher import TeacherSpec
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.steps_only:
+        rows = []
+        for student in args.students.split(","):
+            rows += student_steps(args, student, flops_per_sample(student, args.teacher)[0], {})
+            publish_student_steps(args, device, rows)  # a cut-off run keeps its rows
+        return
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-speedup-"))
     n_samples = args.images * args.repeat
     shards = make_sample_shards(work, n=args.images, per_shard=max(n_samples // 32, 1), repeat=args.repeat)
     store = work / "targets.zarr"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     worker_counts = [int(w) for w in (args.workers or ("8" if device == "cuda" else "0,1")).split(",")]
     run_extract(ExtractConfig(shards=str(shards), out=str(store), views_per_image=1, workers=max(max(worker_counts), 1),
                               progress=False, teacher=TeacherSpec(name=args.teacher, pretrained="none")),
@@ -164,16 +227,10 @@ def main() -> None:
     for student in args.students.split(","):
         s_flops, t_flops = flops_per_sample(student, args.teacher)
         predicted = (s_flops + t_flops) / s_flops
+        mode = args.compile_mode if args.compile else None
         step_rate, teacher_rate = in_memory_rates(student, args.teacher, args.batch_size, max(args.steps // 2, 3),
-                                                  args.mixed_precision, args.compile)
-        for pair in filter(None, args.step_table.split(",")):
-            batch, compiled = (int(v) for v in pair.split(":"))
-            if (batch, bool(compiled)) == (args.batch_size, args.compile):
-                rate_ = step_rate
-            else:
-                rate_, _ = in_memory_rates(student, args.teacher, batch, max(args.steps // 2, 3), args.mixed_precision,
-                                           bool(compiled))
-            steps_table.append([student, batch, "yes" if compiled else "no", rate_, rate_ * s_flops / 1e12])
+                                                  args.mixed_precision, mode)
+        steps_table += student_steps(args, student, s_flops, {(args.batch_size, mode): step_rate})
         measured_ceiling = 1 + step_rate / teacher_rate
         ceilings.append([student, step_rate, teacher_rate, step_rate * s_flops / 1e9, teacher_rate * t_flops / 1e9,
                          measured_ceiling, measured_ceiling / predicted])
@@ -187,7 +244,7 @@ def main() -> None:
                        "--allow-random-teacher", "--mixed-precision", args.mixed_precision, "--target-dim",
                        str(target_dim), "--view-path", args.view_path]
                 if args.compile:
-                    cmd.append("--compile")
+                    cmd += ["--compile", "--compile-mode", args.compile_mode]
                 if mode == "online":
                     cmd.append("--teacher-online")
                 res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

@@ -13,6 +13,9 @@ from targets.view_paths import VIEW_PATHS
 
 POSITIVE = Range(min=0, open_min=True)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+"""torch.compile's modes: reduce-overhead replays CUDA graphs (fewer kernel launches: the small students'
+step is launch-bound on a large GPU); max-autotune searches kernel configurations at start-up."""
 
 
 @dataclass(kw_only=True)
@@ -74,6 +77,9 @@ class TrainConfig:
     """Accept a store made by a randomly initialised teacher (tests, demos)."""
     compile: bool = False
     """torch.compile the student (and the online teacher)."""
+    compile_mode: Annotated[str, OneOf(COMPILE_MODES)] = "default"
+    """torch.compile's mode for the student with --compile: default, reduce-overhead (CUDA graphs),
+    max-autotune-no-cudagraphs, max-autotune. `python -m bench.speedup --steps-only` measures them."""
     view_path: Annotated[str, OneOf(VIEW_PATHS)] = "auto"
     """pillow: the loader workers cut the views; device: they decode and crop, the views are cut on the
     training device (bit-identical); auto: device when training on a GPU."""
@@ -104,3 +110,5 @@ class TrainConfig:
         check_fields(self)
         if self.eval_every and not self.eval_data:
             raise UserError("--eval-every N needs --eval-data (a folder with train/ and val/)")
+        if self.compile_mode != "default" and not self.compile:
+            raise UserError(f"--compile-mode {self.compile_mode} takes effect only with --compile; add --compile")

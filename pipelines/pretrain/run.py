@@ -200,7 +200,7 @@ def _open_run_dir(run: Run) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     # Compiled after prepare/load: checkpoints hold the plain module's keys, so runs with and without
     # --compile resume each other's checkpoints.
-    run.parts.forward = torch.compile(run.parts.model) if cfg.compile else run.parts.model
+    run.parts.forward = torch.compile(run.parts.model, mode=cfg.compile_mode) if cfg.compile else run.parts.model
     if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "config.json").write_text(json.dumps(run.resolved, indent=1, default=str))
