@@ -84,6 +84,7 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     n_visible = cfg.num_visible_tokens
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # as in pretrain's step
         with autocast():
             pred = net(images, mask)
             out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), n_visible, preset.loss,

@@ -134,6 +134,7 @@ def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
         wait += time.perf_counter() - t0
         images, mask, targets = parts.inputs(batch)
         with contextlib.nullcontext() if micro == parts.grad_accum - 1 else acc.no_sync(parts.model):
+            torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new replay
             pred = parts.forward(images, mask)
             out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), parts.n_visible,
                                       parts.schedule.loss, parts.schedule.loss_combine)
