@@ -43,10 +43,9 @@ def main() -> None:
         model = cae2.create_model(preset)
         fm = FeatureModel(model.encoder.eval(), "vit", model.cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, preset,
                           "").to(device)
-        extract_features(fm, data, batch_size=args.batch_size, workers=args.workers, log=lambda m: None)  # warm-up
+        extract_features(fm, data, batch_size=args.batch_size, workers=args.workers)  # warm-up
         t0 = time.perf_counter()
-        feats, labels = extract_features(fm, data, batch_size=args.batch_size, workers=args.workers,
-                                         log=lambda m: None)
+        feats, labels = extract_features(fm, data, batch_size=args.batch_size, workers=args.workers)
         seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         knn_classify(feats, labels, feats, labels, len(data.classes), device=device)

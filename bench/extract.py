@@ -62,7 +62,7 @@ def main() -> None:
     store = work / "targets.zarr"
     stats = run_extract(ExtractConfig(shards=str(shards), out=str(store), teacher=spec, views_per_image=args.views,
                                       batch_size=args.batch_size, workers=args.workers, progress=False,
-                                      view_path=args.view_path, decoder=args.decoder), log=lambda m: None)
+                                      view_path=args.view_path, decoder=args.decoder))
     view_path = TargetStore.open(store).meta.view_path
     end_to_end = stats.views / stats.seconds
     forward = (before + forward_only()) / 2  # measured before and after: slow drifts of the machine cancel

@@ -53,8 +53,7 @@ def main() -> None:
         stores[fmt] = work / f"{fmt}.zarr"
         t0 = time.perf_counter()
         stats = run_extract(ExtractConfig(shards=str(shards), out=str(stores[fmt]), teacher=spec, progress=False,
-                                          views_per_image=args.views, workers=args.workers, latent_format=fmt),
-                            log=lambda m: None)
+                                          views_per_image=args.views, workers=args.workers, latent_format=fmt))
         seconds[fmt] = time.perf_counter() - t0
         summaries[fmt] = stats
     views = summaries["fp16"].views

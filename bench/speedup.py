@@ -220,8 +220,7 @@ def main() -> None:
     store = work / "targets.zarr"
     worker_counts = [int(w) for w in (args.workers or ("8" if device == "cuda" else "0,1")).split(",")]
     run_extract(ExtractConfig(shards=str(shards), out=str(store), views_per_image=1, workers=max(max(worker_counts), 1),
-                              progress=False, teacher=TeacherSpec(name=args.teacher, pretrained="none")),
-                log=lambda m: None)
+                              progress=False, teacher=TeacherSpec(name=args.teacher, pretrained="none")))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     target_dim = TargetStore.open(store).meta.latent_dim  # e.g. ViT-Large's preset head is 768-d (ViT-L/14)
     rows, ceilings, steps_table = [], [], []

@@ -1,30 +1,46 @@
-"""Checkpoints that survive preemption.
+"""Checkpoints that survive preemption, written part by part through Python files (a refused write names
+its file and errno) with no change to any global:
 
-RUN_DIR/checkpoints/step_00001000/ holds Accelerate's state (model, optimizer, grad scaler, RNG
-states of every process) plus trainer_state.json (global step, epoch, data position, model config).
-The file COMPLETE is written last, by the main process after every process has saved: a directory
-without it never counts, and is removed. Retention keeps the newest `keep` complete checkpoints and
-never deletes the newest complete one. The readers at the end (`find_checkpoint`, `model_config_of`,
-`model_state_dict`) serve every command that starts from a run: export, evaluate, a resume.
+    RUN_DIR/checkpoints/step_00001000/
+        model.safetensors           the model's weights, unwrapped (no DDP or torch.compile prefixes)
+        optimizer.bin               the optimizer's state
+        <name>.bin                  every further stateful part (an EMA of the weights)
+        scaler.pt                   the fp16 grad scaler, where there is one
+        random_states_<rank>.pkl    every process's generators: Python, NumPy, torch, CUDA
+        trainer_state.json          step, epoch, data position, what the run was (the loop's record)
+        COMPLETE                    written last, by the main process, after every process has saved
+
+A directory without COMPLETE never counts, and is removed. Retention keeps the newest `keep` complete
+checkpoints and never deletes the newest complete one. Checkpoints written by Accelerate's save_state
+(cae2 0.1, no "checkpoint_format" in trainer_state.json) are read by Accelerate's load_state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
+import logging
+import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file
+from accelerate import Accelerator
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from cae2.config import ModelConfig
 from cae2.errors import UserError, naming
+from pipelines.files import fsync_dir, save_torch, write_atomically, write_bytes
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+FORMAT = 2
+"""trainer_state.json's "checkpoint_format": 2, the parts above; none: Accelerate's save_state."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
+logger = logging.getLogger(__name__)
 
 
 class CorruptCheckpoint(UserError):
@@ -33,6 +49,16 @@ class CorruptCheckpoint(UserError):
     def __init__(self, ckpt: Path, reason: str):
         super().__init__(f"checkpoint {ckpt} is corrupt ({reason}); pass --resume with an older checkpoint")
         self.ckpt, self.reason = ckpt, reason
+
+
+@dataclass
+class CheckpointParts:
+    """What a checkpoint holds besides the trainer state: the (prepared) model and optimizer and any further
+    objects with state_dict()/load_state_dict(), each in a file named for its key."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -75,76 +101,64 @@ def read_state(ckpt: Path) -> dict:
         raise CorruptCheckpoint(ckpt, f"{STATE_FILE}: {e}") from None
 
 
-class _KeepsWriteError(io.RawIOBase):
-    """A file for torch.save that remembers the OSError of a refused write: torch's zip writer turns it
-    into a RuntimeError ("unexpected pos 64 vs 0") without the errno."""
+# --- the parts ----------------------------------------------------------------------------------------
 
-    def __init__(self, file):
-        super().__init__()
-        self.file, self.error = file, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = e
-            raise
+def rng_states() -> dict:
+    """This process's random generators as tensors, lists and numbers (loadable with weights_only=True)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    out = {"python": [version, list(words), gauss], "torch": torch.get_rng_state(),
+           "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
 
 
-def save_torch(obj, path: str | os.PathLike, *, _save=torch.save) -> None:
-    """torch.save to `path`; a write the file system refuses (EIO, ENOSPC) raises its OSError naming the
-    file, where torch.save(obj, path) would report only "unexpected pos" or "iostream error"."""
-    with naming(path), open(path, "wb") as f:
-        sink = _KeepsWriteError(f)
-        try:
-            _save(obj, sink)
-        except RuntimeError:
-            if sink.error is None:
-                raise
-            raise sink.error from None
+def set_rng_states(states: dict) -> None:
+    version, words, gauss = states["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
-@contextlib.contextmanager
-def _torch_saves_keep_their_errors():
-    """While Accelerate saves a checkpoint, its torch.save(obj, path) calls go through save_torch."""
-    original = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        if args or kwargs or not isinstance(f, (str, os.PathLike)):
-            return original(obj, f, *args, **kwargs)
-        return save_torch(obj, f, _save=original)
-
-    torch.save = save
-    try:
-        yield
-    finally:
-        torch.save = original
-
-
-def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Save on every process; the main process writes the marker last, then prunes old checkpoints."""
-    ckpt = checkpoint_dir(run_dir, step)
-    if accelerator.is_main_process and ckpt.exists():
-        shutil.rmtree(ckpt)  # an incomplete leftover of the same step
-    accelerator.wait_for_everyone()
-    with _torch_saves_keep_their_errors():
-        accelerator.save_state(str(ckpt), safe_serialization=True)
-    accelerator.wait_for_everyone()
+def save_parts(accelerator: Accelerator, ckpt: Path, parts: CheckpointParts) -> None:
+    """Every process: the main one writes the model, optimizer and further parts, each its generators."""
+    weights = accelerator.get_state_dict(parts.model)  # every rank: a collective where the model is sharded
     if accelerator.is_main_process:
-        follow_umask(p for p in ckpt.iterdir() if p.is_file())
-        tmp = ckpt / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(trainer_state, indent=1))
-        os.replace(tmp, ckpt / STATE_FILE)
-        _fsync_dir(ckpt)
-        (ckpt / MARKER).write_text(f"step {step}\n")
-        _fsync_dir(ckpt)
-        prune(run_dir, keep)
-    accelerator.wait_for_everyone()
-    return ckpt
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        write_bytes(ckpt / "model.safetensors", safetensors.torch.save(weights, metadata={"format": "pt"}))
+        save_torch(parts.optimizer.state_dict(), ckpt / "optimizer.bin")
+        for name, part in parts.extra.items():
+            save_torch(part.state_dict(), ckpt / f"{name}.bin")
+        if accelerator.scaler is not None:
+            save_torch(accelerator.scaler.state_dict(), ckpt / "scaler.pt")
+    save_torch(rng_states(), ckpt / f"random_states_{accelerator.process_index}.pkl")
 
+
+def _load(path: Path) -> Any:
+    with naming(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_parts(accelerator: Accelerator, ckpt: Path, parts: CheckpointParts) -> None:
+    """Every process restores the parts and its own generators from `ckpt`."""
+    with naming(ckpt / "model.safetensors"):
+        weights = safetensors.torch.load((ckpt / "model.safetensors").read_bytes())
+    for prefix in WRAPPER_PREFIXES:
+        consume_prefix_in_state_dict_if_present(weights, prefix)
+    accelerator.unwrap_model(parts.model).load_state_dict(weights, strict=True)
+    parts.optimizer.load_state_dict(_load(ckpt / "optimizer.bin"))
+    for name, part in parts.extra.items():
+        part.load_state_dict(_load(ckpt / f"{name}.bin"))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(_load(ckpt / "scaler.pt"))
+    set_rng_states(_load(ckpt / f"random_states_{accelerator.process_index}.pkl"))
+
+
+# --- a run's checkpoints ------------------------------------------------------------------------------
 
 class Checkpointer:
     """A run's checkpoints: which one a run resumes from, when to save, saving with retention, loading."""
@@ -172,9 +186,9 @@ class Checkpointer:
     def should_save(self, step: int, total: int, stopping: bool) -> bool:
         return step % self.save_every == 0 or step == total or stopping
 
-    def save(self, accelerator, step: int, trainer_state: dict) -> Path:
+    def save(self, accelerator: Accelerator, step: int, trainer_state: dict, parts: CheckpointParts) -> Path:
         try:
-            return save_checkpoint(accelerator, self.run_dir, step, trainer_state, self.keep_last)
+            return self._save(accelerator, step, trainer_state, parts)
         except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk in their own types
             kept = latest_checkpoint(self.run_dir)
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
@@ -182,14 +196,40 @@ class Checkpointer:
             raise UserError(f"writing checkpoint {checkpoint_dir(self.run_dir, step)} failed ({reason}); {kept}; fix "
                             "the file system (free space, permissions) and rerun with --resume latest") from None
 
+    def _save(self, accelerator: Accelerator, step: int, trainer_state: dict, parts: CheckpointParts) -> Path:
+        """Every process saves its parts; the main process writes the marker last, then prunes."""
+        ckpt = checkpoint_dir(self.run_dir, step)
+        if accelerator.is_main_process:
+            if ckpt.exists():
+                shutil.rmtree(ckpt)  # an incomplete leftover of the same step
+            with naming(ckpt):
+                ckpt.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_parts(accelerator, ckpt, parts)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_atomically(ckpt / STATE_FILE, json.dumps(trainer_state | {"checkpoint_format": FORMAT}, indent=1))
+            fsync_dir(ckpt)
+            write_bytes(ckpt / MARKER, f"step {step}\n".encode())
+            fsync_dir(ckpt)
+            prune(self.run_dir, self.keep_last)
+        accelerator.wait_for_everyone()
+        return ckpt
+
     @staticmethod
-    def load(accelerator, ckpt: Path) -> None:
+    def load(accelerator: Accelerator, ckpt: Path, state: dict, parts: CheckpointParts) -> None:
         try:
-            accelerator.load_state(str(ckpt))
+            if state.get("checkpoint_format") is None:  # written by Accelerate's save_state
+                for part in parts.extra.values():
+                    accelerator.register_for_checkpointing(part)
+                accelerator.load_state(str(ckpt))
+            else:
+                load_parts(accelerator, ckpt, parts)
         except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
             raise CorruptCheckpoint(ckpt, f"{type(e).__name__}: {e}") from None
 
-    def restore(self, accelerator, resume: str | None, ckpt: Path, state: dict, check, log=print) -> tuple[Path, dict]:
+    def restore(self, accelerator: Accelerator, resume: str | None, ckpt: Path, state: dict,
+                check: Callable[[Path, dict], None], parts: CheckpointParts) -> tuple[Path, dict]:
         """Load `ckpt` (found by `find`) after check(ckpt, state). With --resume latest, a checkpoint
         whose files cannot be read gives way to the next older complete one, and the log says so; an
         explicitly named one that cannot be read is refused."""
@@ -201,15 +241,16 @@ class Checkpointer:
             try:
                 cand_state = state if i == 0 and state else read_state(candidate)
                 check(candidate, cand_state)
-                self.load(accelerator, candidate)
+                self.load(accelerator, candidate, cand_state, parts)
                 return candidate, cand_state
             except CorruptCheckpoint as e:
                 if resume != "latest":
                     raise
                 first = first or e
                 if i + 1 < len(candidates):
-                    log(f"WARNING: checkpoint {e.ckpt} is corrupt ({e.reason}); resuming from the previous complete "
-                        f"checkpoint {candidates[i + 1]} instead")
+                    logger.warning(f"checkpoint {e.ckpt} is corrupt ({e.reason}); resuming from the previous "
+                                   f"complete checkpoint {candidates[i + 1]} instead")
+        assert first is not None
         raise UserError(f"--resume latest: checkpoint {first.ckpt} is corrupt ({first.reason}), and no older complete "
                         f"checkpoint of {self.run_dir} can be read; start a new --out")
 
@@ -222,64 +263,3 @@ def prune(run_dir: Path, keep: int) -> None:
     for p in root.iterdir():
         if p.is_dir() and p != newest and (p not in done or p in done[: max(len(done) - max(keep, 1), 0)]):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def follow_umask(paths) -> None:
-    """Give files the mode the process's umask asks for (0644 under umask 022): safetensors writes its
-    files through a temporary file of mode 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o666 & ~mask)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# --- reading a run's weights (export, evaluate) ------------------------------------------------------
-
-def find_checkpoint(path: Path) -> Path:
-    """A complete checkpoint dir itself, or a run dir's newest complete one."""
-    if (path / MARKER).is_file():
-        return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise UserError(f"{path} is neither a complete checkpoint nor a run dir with one")
-    return ckpt
-
-
-def model_config_of(ckpt: Path) -> ModelConfig:
-    raw = dict(read_state(ckpt)["model_config"])
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-
-def model_state_dict(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The checkpoint's model weights with Accelerate's and torch.compile's wrapper prefixes removed;
-    with `prefix`, only the keys under it, without it (e.g. "encoder.")."""
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"checkpoint {ckpt} has no model.safetensors")
-    out = {}
-    for k, v in load_file(str(weights)).items():
-        for wrapper in ("module.", "_orig_mod."):
-            k = k.removeprefix(wrapper)
-        if k.startswith(prefix):
-            out[k.removeprefix(prefix)] = v.contiguous()
-    if not out:
-        raise UserError(f"checkpoint {ckpt}: no {prefix.rstrip('.') or 'model'} weights in model.safetensors")
-    return out
-
-
-def beit_metadata(kwargs: dict, classes: list[str]) -> dict[str, str]:
-    """What a fine-tuned network's .safetensors records: timm's class and arguments, the class names."""
-    return {"format": "timm.Beit", "timm_class": "Beit", "timm_kwargs": json.dumps(kwargs),
-            "classes": json.dumps(classes)}

@@ -22,7 +22,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer bundl
 import cae2
 from cae2.errors import UserError
 from cae2.fields import Switch
-from pipelines import options
+from pipelines import logs, options
 from pipelines.demo import DemoConfig, run_demo
 from pipelines.evaluate.commands import run_knn, run_linear
 from pipelines.evaluate.config import KnnConfig, LinearConfig
@@ -41,6 +41,7 @@ from pipelines.runs import end_ranks, process_state
 from pipelines.shards import MakeShardsConfig, make_shards
 from targets.views import ViewSettings
 
+logger = logging.getLogger(__name__)
 app = typer.Typer(
     name="cae2",
     help="CAE v2 distillation of CLIP into ViTs, with an offline CLIP target cache.",
@@ -62,12 +63,15 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Say only warnings and errors (CAE2_LOG_LEVEL=WARNING).")]
+    = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say debug messages too (CAE2_LOG_LEVEL=DEBUG).")]
+    = False,
 ) -> None:
     _state["debug"] = debug
-
-
-def _echo_err(message: str) -> None:
-    typer.echo(message, err=True)
+    if quiet and verbose:
+        raise UserError("--quiet and --verbose ask for opposite things; pass one of them")
+    logs.setup(logging.WARNING if quiet else logging.DEBUG if verbose else None)
 
 
 # --- cae2 models --------------------------------------------------------------------------------------
@@ -151,9 +155,9 @@ def _extract_targets(cfg: ExtractConfig) -> None:
     """
     cfg = replace(cfg, teacher=replace(cfg.teacher, init_seed=cfg.seed))  # a random teacher is seeded by --seed
     if cfg.teacher.is_random:
-        _echo_err("NOTE: --pretrained none: the teacher is RANDOMLY INITIALISED (tests and demos only); the store "
-                  "records this and `cae2 pretrain` refuses it without --allow-random-teacher")
-    stats = run_extract(cfg, log=_echo_err)
+        logger.warning("--pretrained none: the teacher is RANDOMLY INITIALISED (tests and demos only); the store "
+                       "records this and `cae2 pretrain` refuses it without --allow-random-teacher")
+    stats = run_extract(cfg)
     state = process_state()
     total = ExtractStats.merged(gather_object([stats])) if state.num_processes > 1 else stats
     if state.is_main_process:
@@ -175,7 +179,7 @@ def _convert_targets(cfg: ConvertConfig) -> None:
 
     Example: cae2 convert-targets /out/in1k-b16-k5.zarr /out/in1k-b16-k5-int8.zarr --latent-format int8
     """
-    stats = convert_store(cfg, log=_echo_err)
+    stats = convert_store(cfg)
     state = process_state()
     total = ConvertStats.merged(gather_object([stats])) if state.num_processes > 1 else stats
     if state.is_main_process:
@@ -230,15 +234,10 @@ def _pretrain(cfg: TrainConfig) -> None:
     Example: accelerate launch -m pipelines.cli pretrain --shards shards/ --targets t.zarr --out runs/base
     """
     evaluator = KnnMonitor(cfg.eval_data) if cfg.eval_every else None
-    result = train(cfg, log=_echo_err, evaluator=evaluator)
-    if process_state().is_main_process:
-        if result["status"] == "finished":
-            typer.echo(f"finished {result['step']} steps; run dir: {result['run_dir']}")
-        else:
-            typer.echo(f"{result['status']} at step {result['step']}: checkpoint saved; rerun with --resume latest")
-    if result["status"] == "interrupted":
-        _state["interruption_told"] = True
-        raise typer.Exit(130)
+    loop = train(cfg, evaluator=evaluator)
+    if loop.status == "finished" and process_state().is_main_process:
+        typer.echo(loop.status_line())
+    _end_of_run(loop.status, loop.status_line())
 
 
 options.command(app, "pretrain", TrainConfig, _pretrain, default_help=_preset_defaults)
@@ -265,7 +264,7 @@ def _evaluate_knn(cfg: KnnConfig) -> None:
 
     Example: cae2 evaluate knn --model runs/base --train /data/in1k/train --val /data/in1k/val --out knn.json
     """
-    run_knn(cfg, log=typer.echo)
+    run_knn(cfg)
 
 
 def _evaluate_linear(cfg: LinearConfig) -> None:
@@ -273,8 +272,8 @@ def _evaluate_linear(cfg: LinearConfig) -> None:
 
     Example: accelerate launch -m pipelines.cli evaluate linear --protocol official --model runs/base --train ...
     """
-    main = cfg.protocol != "official" or process_state().is_main_process
-    run_linear(cfg, log=typer.echo if main else lambda m: None)
+    result = run_linear(cfg)
+    _end_of_run(result.get("status", "finished"), result.get("status_line", ""))
 
 
 def _evaluate_finetune(cfg: FinetuneConfig) -> None:
@@ -282,11 +281,15 @@ def _evaluate_finetune(cfg: FinetuneConfig) -> None:
 
     Example: cae2 launch --multi_gpu --num_processes 8 evaluate finetune --model runs/base --train ... --out ft/
     """
-    main = process_state().is_main_process
-    result = run_finetune(cfg, log=typer.echo if main else lambda m: None)
-    if result["status"] != "finished" and main:
-        typer.echo(f"{result['status']} at step {result['steps']}: checkpoint saved; rerun with --resume latest")
-    if result["status"] == "interrupted":
+    result = run_finetune(cfg)
+    _end_of_run(result["status"], result["status_line"])
+
+
+def _end_of_run(status: str, line: str) -> None:
+    """A stopped run says where it stopped (SIGTERM: status 0, the scheduler's preemption; Ctrl-C: 130)."""
+    if status != "finished" and process_state().is_main_process:
+        typer.echo(line)
+    if status == "interrupted":
         _state["interruption_told"] = True
         raise typer.Exit(130)
 
@@ -317,7 +320,7 @@ def _demo(cfg: DemoConfig) -> None:
 
     Example: cae2 demo --out demo
     """
-    run_demo(cfg, echo=typer.echo)
+    run_demo(cfg)
 
 
 options.command(app, "demo", DemoConfig, _demo, config_file=False)
@@ -326,6 +329,7 @@ options.command(app, "demo", DemoConfig, _demo, config_file=False)
 def run(args: list[str] | None = None) -> int:
     """Run the `cae2` command line -> its exit status. Every error is one line on stderr (status 2): bad
     usage, a user error, an OS error; Ctrl-C says what is kept (status 130)."""
+    _state.update(debug=False, interruption_told=False)
     try:
         status = app(args=args, prog_name="cae2", standalone_mode=False)
         status = status if isinstance(status, int) else 0

@@ -38,6 +38,11 @@ from targets.cache import TargetStore
 from targets.teacher import TeacherSpec
 
 
+def say(text: str) -> None:
+    """The demo's report, on stdout (the stages' own log lines go to stderr)."""
+    print(text, flush=True)
+
+
 @dataclass(kw_only=True)
 class DemoConfig:
     """Every option of `cae2 demo`."""
@@ -106,80 +111,80 @@ class DemoPaths:
 TEACHER = TeacherSpec(name="cae2-tiny-clip", pretrained="none")
 
 
-def run_demo(cfg: DemoConfig, echo=print) -> dict:
+def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise UserError(f"--out {cfg.out} is not empty; remove it or choose another directory")
     d = DemoPaths.under(cfg.out)
-    echo("NOTE: no CLIP weights can be downloaded here, so the demo teacher is the bundled cae2-tiny-clip tower with "
-         "RANDOMLY INITIALISED weights (--pretrained none). Real runs use --teacher ViT-B-16 --pretrained openai.")
-    _images_and_shards(d, echo)
-    _targets(d, echo)
-    records = _pretrain(d, cfg.steps, echo)
-    result = _measure(d, echo) | {"loss_first": records[0]["loss"], "loss_last": records[-1]["loss"]}
-    echo(f"[6/6] cae2 export {d.run} --out {d.encoder}")
+    say("NOTE: no CLIP weights can be downloaded here, so the demo teacher is the bundled cae2-tiny-clip tower with "
+        "RANDOMLY INITIALISED weights (--pretrained none). Real runs use --teacher ViT-B-16 --pretrained openai.")
+    _images_and_shards(d)
+    _targets(d)
+    records = _pretrain(d, cfg.steps)
+    result = _measure(d) | {"loss_first": records[0]["loss"], "loss_last": records[-1]["loss"]}
+    say(f"[6/6] cae2 export {d.run} --out {d.encoder}")
     _, call = export_encoder(d.run, d.encoder)
-    echo("      " + call.replace("\n", "\n      "))
-    echo(f"\ndone in {time.perf_counter() - t0:.0f}s. Outputs:\n"
-         f"  images          {d.images}\n  shards          {d.shards}\n  target store    {d.store}\n"
-         f"  run dir         {d.run} (metrics.jsonl, tensorboard/, checkpoints/)\n  encoder         {d.encoder}")
+    say("      " + call.replace("\n", "\n      "))
+    say(f"\ndone in {time.perf_counter() - t0:.0f}s. Outputs:\n"
+        f"  images          {d.images}\n  shards          {d.shards}\n  target store    {d.store}\n"
+        f"  run dir         {d.run} (metrics.jsonl, tensorboard/, checkpoints/)\n  encoder         {d.encoder}")
     return result
 
 
-def _images_and_shards(d: DemoPaths, echo) -> None:
-    echo(f"\n[1/6] demo images -> {d.images}")
+def _images_and_shards(d: DemoPaths) -> None:
+    say(f"\n[1/6] demo images -> {d.images}")
     n = write_demo_images(d.images)
     write_demo_images(d.heldout_images, n_classes=2, per_class=8, seed=123)
     # the k-NN evaluation's own train/val split (classes 0-3, other images)
     write_demo_images(d.labelled / "train", per_class=16, seed=7)
     write_demo_images(d.labelled / "val", per_class=8, seed=8)
-    echo(f"      {n} training + 16 held-out synthetic JPEGs; k-NN split: 64 train / 32 val in 4 classes")
-    echo(f"[2/6] cae2 make-shards {d.images} {d.shards} --samples-per-shard 20")
+    say(f"      {n} training + 16 held-out synthetic JPEGs; k-NN split: 64 train / 32 val in 4 classes")
+    say(f"[2/6] cae2 make-shards {d.images} {d.shards} --samples-per-shard 20")
     paths = make_shards(d.images, d.shards, samples_per_shard=20)
     make_shards(d.heldout_images, d.heldout_shards, samples_per_shard=8)
-    echo(f"      {len(paths)} shards")
+    say(f"      {len(paths)} shards")
 
 
-def _targets(d: DemoPaths, echo) -> None:
-    echo(f"[3/6] cae2 extract-targets --shards {d.shards} --out {d.store} --teacher cae2-tiny-clip --pretrained none "
-         "--views 4")
+def _targets(d: DemoPaths) -> None:
+    say(f"[3/6] cae2 extract-targets --shards {d.shards} --out {d.store} --teacher cae2-tiny-clip --pretrained none "
+        "--views 4")
     stats = run_extract(ExtractConfig(shards=str(d.shards), out=str(d.store), teacher=TEACHER, views_per_image=4,
-                                      workers=2, batch_size=64), log=lambda m: None)
+                                      workers=2, batch_size=64))
     run_extract(ExtractConfig(shards=str(d.heldout_shards), out=str(d.heldout_store), teacher=TEACHER,
-                              views_per_image=1, workers=0, progress=False), log=lambda m: None)
-    echo("      " + stats.summary(1).replace("\n", "\n      "))
-    echo(f"[4/6] cae2 verify-targets {d.store} --shards {d.shards} --recompute 8")
+                              views_per_image=1, workers=0, progress=False))
+    say("      " + stats.summary(1).replace("\n", "\n      "))
+    say(f"[4/6] cae2 verify-targets {d.store} --shards {d.shards} --recompute 8")
     report = verify_store(str(d.store), str(d.shards), recompute=8)
-    echo("      " + report.summary().replace("\n", "\n      "))
+    say("      " + report.summary().replace("\n", "\n      "))
     if not report.ok:
         raise RuntimeError("the demo store failed verification")
 
 
-def _pretrain(d: DemoPaths, steps: int, echo) -> list[dict]:
-    echo(f"[5/6] cae2 pretrain --shards {d.shards} --targets {d.store} --model cae2_debug --out {d.run} "
-         f"--steps {steps} --batch-size 16 --warmup-steps 5 --lr 2e-3 --allow-random-teacher")
+def _pretrain(d: DemoPaths, steps: int) -> list[dict]:
+    say(f"[5/6] cae2 pretrain --shards {d.shards} --targets {d.store} --model cae2_debug --out {d.run} "
+        f"--steps {steps} --batch-size 16 --warmup-steps 5 --lr 2e-3 --allow-random-teacher")
     train(TrainConfig(shards=str(d.shards), targets=str(d.store), model="cae2_debug", out=str(d.run), steps=steps,
                       batch_size=16, workers=2, warmup_steps=5, lr=2e-3, log_every=5, save_every=max(steps // 2, 1),
-                      allow_random_teacher=True), log=lambda m: echo("      " + m))
+                      allow_random_teacher=True))
     records = [r for r in map(json.loads, (d.run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    echo(f"      loss {records[0]['loss']:.4f} (step {records[0]['step']}) -> {records[-1]['loss']:.4f} "
-         f"(step {records[-1]['step']})")
+    say(f"      loss {records[0]['loss']:.4f} (step {records[0]['step']}) -> {records[-1]['loss']:.4f} "
+        f"(step {records[-1]['step']})")
     return records
 
 
-def _measure(d: DemoPaths, echo) -> dict:
+def _measure(d: DemoPaths) -> dict:
     """Held-out alignment with the teacher and k-NN, at initialisation and after training."""
     set_seed(0)
     initial = cae2.CAEv2(cae2.resolve_model_config("cae2_debug"))
     held = TargetStore.open(d.heldout_store)
     before = alignment_cosine(initial, held, str(d.heldout_shards))
     after = alignment_cosine(load_model(d.run), held, str(d.heldout_shards))
-    echo(f"      held-out student/teacher cosine: {before:.3f} at init -> {after:.3f} after training")
+    say(f"      held-out student/teacher cosine: {before:.3f} at init -> {after:.3f} after training")
     knn = {name: _knn_top1(m, d.labelled) for name, m in (("init", initial), ("trained", load_model(d.run)))}
     teacher_knn = _knn_top1(None, d.labelled)
-    echo(f"      k-NN top-1 (k = 10, CLS) on the labelled split: {knn['init']:.1f}% at init -> {knn['trained']:.1f}% "
-         f"after training (chance 25%; the random teacher: {teacher_knn:.1f}%); cae2 evaluate knn --model {d.run} "
-         f"--train {d.labelled / 'train'} --val {d.labelled / 'val'} --out knn.json")
+    say(f"      k-NN top-1 (k = 10, CLS) on the labelled split: {knn['init']:.1f}% at init -> {knn['trained']:.1f}% "
+        f"after training (chance 25%; the random teacher: {teacher_knn:.1f}%); cae2 evaluate knn --model {d.run} "
+        f"--train {d.labelled / 'train'} --val {d.labelled / 'val'} --out knn.json")
     return {"cos_before": before, "cos_after": after, "knn_before": knn["init"], "knn_after": knn["trained"],
             "knn_teacher": teacher_knn}
 
@@ -191,6 +196,6 @@ def _knn_top1(model, labelled: Path) -> float:
     if model is not None:
         return student_knn(model, train, val, k=10)[0]
     fm = load_feature_model("clip:cae2-tiny-clip:none")
-    tf, tl = extract_features(fm, train, log=lambda m: None)
-    vf, vl = extract_features(fm, val, log=lambda m: None)
+    tf, tl = extract_features(fm, train)
+    vf, vl = extract_features(fm, val)
     return knn_classify(tf, tl, vf, vl, len(train.classes), (10,))[10][0]

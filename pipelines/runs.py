@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 
 from cae2.errors import UserError, naming
 from targets.claims import Heartbeat, Holder, claim_beside, release, try_claim
@@ -29,15 +29,7 @@ def init_worker(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def agree(accelerator, flag: bool) -> bool:
-    """True on every process if `flag` is True on any of them."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def end_ranks(state) -> None:
+def end_ranks(state: PartialState) -> None:
     """Every rank reaches the end, then the process group goes (a gloo group left to the interpreter's
     exit can abort a rank that finished early: 'terminate called without an active exception')."""
     if state.num_processes > 1 and dist.is_initialized():
@@ -83,13 +75,14 @@ class RunLock:
         self.path, self.holder, self.heartbeat = path, holder, heartbeat
 
     @classmethod
-    def take(cls, run_dir: Path, accelerator) -> RunLock:
+    def take(cls, run_dir: Path, accelerator: Accelerator) -> RunLock:
         path = claim_beside(run_dir, "train")
-        ok, other = True, None
+        holder, other = Holder.me(), None
         if accelerator.is_main_process:
-            holder = Holder.me()
             ok, other = try_claim(path, holder)
-        if not agree(accelerator, not ok):
+            if not ok:
+                accelerator.set_trigger()
+        if not accelerator.check_trigger():  # every rank learns whether the main process got it
             if not accelerator.is_main_process:
                 return cls(None, None, None)
             heartbeat = Heartbeat()
@@ -100,7 +93,7 @@ class RunLock:
                         "--out")
 
     def release(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.holder is not None and self.heartbeat is not None:
             self.heartbeat.stop()
             release(self.path, self.holder)
             self.path = None
@@ -110,7 +103,7 @@ class MetricsLog:
     """RUN_DIR/metrics.jsonl (main process) + Accelerate's trackers; on resume drops records past the
     checkpoint, so that the file reads like an uninterrupted run's."""
 
-    def __init__(self, run_dir: Path, accelerator, resume_step: int):
+    def __init__(self, run_dir: Path, accelerator: Accelerator, resume_step: int):
         self.path, self.tensorboard = run_dir / "metrics.jsonl", run_dir / "tensorboard"
         self.accelerator = accelerator
         if accelerator.is_main_process and self.path.exists():

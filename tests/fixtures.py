@@ -3,19 +3,64 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from pipelines import cli as cae2_cli
 from pipelines.demo import synthetic_image
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 # Two gloo CPU ranks. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process (its simple
 # launcher needs mpirun for more); `--multi_gpu` launches through torchrun, and cae2 picks gloo when no GPU is seen.
 ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY_TEACHER = "cae2-tiny-clip"  # bundled open_clip config (targets/configs), random init in tests
+
+
+@dataclass
+class Ran:
+    """What a `cae2` command left: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: object) -> Ran:
+    """`cae2 ARGS` run in this process through the CLI's own entry (`pipelines.cli.run`), as a fresh process
+    would run it: one intra-op thread (the subprocesses get OMP_NUM_THREADS=1, so losses compare bit for
+    bit), stdout and stderr captured, an escaping exception printed as a traceback with status 1. For every
+    test whose subject is not the process itself (signals, kills, injected faults, launches, concurrency)."""
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = cae2_cli.run([str(a) for a in args])
+            except Exception:  # noqa: BLE001 - what a process would print before dying with status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        torch.set_num_threads(threads)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def cli_process(*args: object, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cae2 ARGS` in a new process (`python -m pipelines.cli`), for tests whose subject is the process."""
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env or ENV, cwd=ROOT)
 
 
 def launch_errors(stderr: str, tail: int = 2000) -> str:

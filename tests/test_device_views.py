@@ -151,7 +151,7 @@ def test_stage1_device_path_store_equals_pillow_path_store(tmp_path):
         cfg = ExtractConfig(shards=str(tmp_path / "shards"), out=str(out), views_per_image=3, batch_size=7,
                             workers=1, progress=False, view_path=path,
                             teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none"))
-        run_extract(cfg, log=lambda m: None)
+        run_extract(cfg)
         stores[path] = TargetStore.open(out)
     a, b = stores["pillow"], stores["device"]
     assert (a.meta.view_path, b.meta.view_path) == ("pillow", "device") and not a.meta.differences(b.meta)

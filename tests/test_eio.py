@@ -157,8 +157,7 @@ def test_eio_during_extraction(preload, shards, tmp_path, point, seed):
 def test_eio_during_conversion(preload, shards, tmp_path, point):
     source = tmp_path / "fp16.zarr"
     run_extract(ExtractConfig(shards=str(shards / "shards"), out=str(source), views_per_image=2, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")),
-                log=lambda m: None)
+                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
     reference = tmp_path / "reference.zarr"
     assert _cli("convert-targets", str(source), str(reference)).returncode == 0
     _store_scenario(preload, tmp_path, lambda out: ["convert-targets", str(source), str(out)], reference, 1, point)
@@ -198,8 +197,7 @@ def _run_scenario(preload, tmp_path, args_for, seed: int, point: str, result) ->
 def test_eio_during_pretraining(preload, shards, tmp_path, point):
     store = tmp_path / "t.zarr"
     run_extract(ExtractConfig(shards=str(shards / "shards"), out=str(store), views_per_image=2, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")),
-                log=lambda m: None)
+                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
 
     def args_for(out: Path) -> list[str]:
         return ["pretrain", "--shards", str(shards / "shards"), "--targets", str(store), "--model", "cae2_debug",

@@ -111,8 +111,7 @@ def run(tmp_path_factory):
     write_demo_images(root / "images", n_classes=2, per_class=8)
     make_shards(root / "images", root / "shards", samples_per_shard=8)
     run_extract(ExtractConfig(shards=str(root / "shards"), out=str(root / "t.zarr"), views_per_image=1, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")),
-                log=lambda m: None)
+                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
     res = cli("pretrain", "--shards", str(root / "shards"), "--targets", str(root / "t.zarr"), "--model", "cae2_debug",
               "--out", str(root / "run"), "--steps", "2", "--batch-size", "4", "--workers", "0",
               "--allow-random-teacher", "--lr", "1e-3")

@@ -53,7 +53,7 @@ def shards(tmp_path_factory):
 def store(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "targets.zarr"
     stats = run_extract(ExtractConfig(shards=str(shards[0]), out=str(out), teacher=SPEC, views_per_image=3,
-                                      workers=2, batch_size=5, progress=False), log=lambda m: None)
+                                      workers=2, batch_size=5, progress=False))
     return out, stats
 
 
@@ -169,7 +169,7 @@ def test_verify_passes_and_detects_damage(store, shards, tmp_path):
 def test_rerun_skips_complete_units_and_clash_is_refused(store, shards):
     out, _ = store
     stats = run_extract(ExtractConfig(shards=str(shards[0]), out=str(out), teacher=SPEC, views_per_image=3,
-                                      workers=0, progress=False), log=lambda m: None)
+                                      workers=0, progress=False))
     assert stats.units_done == 0 and stats.units_already_complete == 3
     res = cli(*extract_args(shards[0], out))  # K=2 against a K=3 store
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -267,7 +267,7 @@ def test_a_claim_left_half_written_is_redone_not_counted_complete(store, shards,
     claim.parent.mkdir(exist_ok=True)
     claim.touch()
     stats = run_extract(ExtractConfig(shards=str(shards[0]), out=str(out), teacher=SPEC, views_per_image=3,
-                                      workers=2, batch_size=5, progress=False), log=lambda m: None)
+                                      workers=2, batch_size=5, progress=False))
     assert stats.units_done == 1 and not stats.units_elsewhere
     a, b = _unit_values(store[0]), _unit_values(out)
     assert a.keys() == b.keys()

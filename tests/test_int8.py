@@ -39,7 +39,7 @@ def cli(*args, timeout=300):
 def _extract(shards: Path, out: Path, fmt: str, **kw):
     cfg = ExtractConfig(shards=str(shards), out=str(out), teacher=SPEC, views_per_image=2, workers=0, batch_size=6,
                         progress=False, latent_format=fmt, **kw)
-    return run_extract(cfg, log=lambda m: None)
+    return run_extract(cfg)
 
 
 @pytest.fixture(scope="module")

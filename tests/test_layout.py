@@ -21,7 +21,8 @@ ALLOWED = {
     "pipelines.pretrain": {"cae2", "targets", "pipelines", "pipelines.pretrain"},
     "pipelines.evaluate": {"cae2", "targets", "pipelines", "pipelines.evaluate"},
 }
-SHARED = {"pipelines.checkpoint", "pipelines.options", "pipelines.runs", "pipelines.shards"}
+SHARED = {"pipelines.checkpoint", "pipelines.files", "pipelines.logs", "pipelines.options", "pipelines.run_loop",
+          "pipelines.runs", "pipelines.shards", "pipelines.weights"}
 
 
 def _modules() -> list[tuple[str, Path, ast.Module]]:

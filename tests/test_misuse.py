@@ -41,8 +41,7 @@ def data(tmp_path_factory):
     write_good_images(root / "images", 32, sizes=((72, 96), (64, 64)))
     make_shards(root / "images", root / "shards", samples_per_shard=8)
     run_extract(ExtractConfig(shards=str(root / "shards"), out=str(root / "t.zarr"), views_per_image=2, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")),
-                log=lambda m: None)
+                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
     assert run(_pretrain(root, root / "run", "--steps", "2")) == 0
     _colour_classes(root / "labelled" / "train", 6, seed=1)
     _colour_classes(root / "labelled" / "val", 4, seed=2)

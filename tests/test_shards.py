@@ -62,7 +62,7 @@ def test_teacher_from_a_config_json_file(shard_dir, tmp_path):
     config.write_text((BUNDLED_CONFIGS / "cae2-tiny-clip.json").read_text())
     out = tmp_path / "t.zarr"
     run_extract(ExtractConfig(shards=str(shard_dir), out=str(out), views_per_image=1, workers=0, progress=False,
-                              teacher=TeacherSpec(name=str(config), pretrained="none")), log=lambda m: None)
+                              teacher=TeacherSpec(name=str(config), pretrained="none")))
     teacher = TargetStore.open(out).meta.teacher
     assert teacher["name"] == "my-tiny-clip" and teacher["config"]["embed_dim"] == 32
     assert Path(out / "units" / "shard-000003.tar" / "keys").is_dir()

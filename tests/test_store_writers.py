@@ -29,7 +29,7 @@ ARRAYS = ("latents", "scales", "keys", "valid", "view_int", "view_float", "image
 def _extract(shards: Path, out: Path, fmt: str = "fp16", **kw) -> None:
     teacher = TeacherSpec(name=TINY_TEACHER, pretrained="none")
     run_extract(ExtractConfig(shards=str(shards), out=str(out), teacher=teacher, views_per_image=2, workers=0,
-                              progress=False, latent_format=fmt, **kw), log=lambda m: None)
+                              progress=False, latent_format=fmt, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Stage 2 on real shards, a real store, tiny models, real Accelerate (plain and 2-process launches)."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -28,16 +27,23 @@ from pipelines.pretrain.export import load_model
 from pipelines.shards import expand_shards, make_shards
 from targets.cache import TargetStore
 from targets.teacher import Teacher, TeacherSpec
-from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, launch_errors, write_bad_images, write_good_images
+from tests.fixtures import (
+    ACCELERATE_2CPU,
+    ENV,
+    ROOT,
+    TINY_TEACHER,
+    cli,
+    launch_errors,
+    write_bad_images,
+    write_good_images,
+)
 
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
 
 
 def _extract(shards: Path, out: Path, k: int = 2) -> Path:
     run_extract(ExtractConfig(shards=str(shards), out=str(out), teacher=SPEC, views_per_image=k, workers=0,
-                              progress=False), log=lambda m: None)
+                              progress=False))
     return out
 
 
@@ -58,11 +64,6 @@ def pretrain_args(data, out, *extra, steps=20):
     return ["pretrain", "--shards", str(data / "shards"), "--targets", str(data / "targets.zarr"),
             "--model", "cae2_debug", "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--workers", "2",
             "--log-every", "1", "--warmup-steps", "3", "--lr", "2e-3", "--allow-random-teacher", *extra]
-
-
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -112,6 +112,8 @@ class LinearConfig(FeatureOptions):
     resume: str | None = None
     """official: 'latest' or a checkpoint path."""
     log_every: Annotated[int, Range(min=1)] = 10
-    """official: steps between TensorBoard scalars."""
+    """official: steps between metrics records (RUN_DIR/metrics.jsonl, TensorBoard)."""
+    progress: bool = True
+    """official: show progress (a bar on a terminal, a status line every 30 s in a log file)."""
     mixed_precision: Annotated[str, OneOf(("no", "fp16", "bf16"))] | None = None
     """official: no, fp16 or bf16 (default: Accelerate's launch config)."""

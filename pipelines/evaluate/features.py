@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines.checkpoint import save_torch
 from pipelines.evaluate.data import CenterCropImages, eval_resize
+from pipelines.files import save_torch
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def extract_features(model, data, pool: str = "cls", batch_size: int = 128, workers: int = 0,
-                     cache_dir: str | None = None, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+                     cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32 on the CPU, labels [N]) of a LabelledImages set under the evaluation
     transform. With `cache_dir`, they are saved once per (model weights, data files and labels, transform,
     pool)."""
@@ -29,7 +32,7 @@ def extract_features(model, data, pool: str = "cls", batch_size: int = 128, work
         if cache.is_file():
             saved = torch.load(cache, weights_only=True)
             if saved.get("settings") == settings:
-                log(f"features: {cache} (cached)")
+                logger.info(f"features: {cache} (cached)")
                 return saved["features"], saved["labels"]
     loader = DataLoader(CenterCropImages(data, model.img_size), batch_size=batch_size, num_workers=workers,
                         generator=torch.Generator().manual_seed(0), pin_memory=model.device.type == "cuda")

@@ -11,6 +11,8 @@ under Accelerate and resumable like `pretrain`:
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -27,18 +29,21 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 import cae2
 from cae2.errors import UserError
-from pipelines.checkpoint import Checkpointer, beit_metadata, follow_umask
+from pipelines.checkpoint import Checkpointer, CheckpointParts
 from pipelines.evaluate.data import LabelledImages, load_labelled
 from pipelines.evaluate.finetune_config import FinetuneConfig, FinetuneRecipe, rand_augment_string
 from pipelines.evaluate.finetune_data import AugmentedImages, EvalImages, FinetunePlan, keyed
-from pipelines.evaluate.finetune_model import FinetuneNet, build, load_source
+from pipelines.evaluate.finetune_model import FinetuneNet, SourceViT, build, load_source
 from pipelines.evaluate.report import publish
-from pipelines.runs import MetricsLog, Preemption, RunLock, agree, init_worker
+from pipelines.files import follow_umask
+from pipelines.run_loop import RunLoop, restore, start_accelerator
+from pipelines.runs import RunLock, init_worker
+from pipelines.weights import beit_metadata
 
+logger = logging.getLogger(__name__)
 RANDOM_ERASING = 0.25  # the authors' fine-tuning default (--reprob 0.25); not in Table 9
 
 
@@ -76,46 +81,66 @@ class Finetune:
     def dir(self) -> Path:
         return Path(self.cfg.out)
 
+    def parts(self) -> CheckpointParts:
+        return CheckpointParts(model=self.model, optimizer=self.optimizer,
+                               extra={"ema": self.ema} if self.ema is not None else {})
+
     def trainer_state(self) -> dict:
         return {"kind": "finetune", "step": self.step, "epoch": self.epoch, "position": self.position,
                 "layout": self.layout, "history": self.history, "classes": self.classes,
                 "timm_model": {"class": "Beit", "kwargs": self.net.kwargs}, "config": asdict(self.cfg)}
 
 
-def _splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages]:
-    train = load_labelled(cfg.train, "--train")
-    return train, load_labelled(cfg.val, "--val", classes=train.classes)
+@dataclass(frozen=True)
+class Inputs:
+    """What a fine-tuning run starts from: the labelled splits, the source network and its recipe."""
+
+    train: LabelledImages
+    val: LabelledImages
+    source: SourceViT
+    preset: str
+    recipe: FinetuneRecipe
+    size: int
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig) -> Inputs:
+        train = load_labelled(cfg.train, "--train")
+        val = load_labelled(cfg.val, "--val", classes=train.classes)
+        source = load_source(cfg.model, cfg.seed)
+        preset, recipe = cfg.recipe(source.width)
+        return cls(train, val, source, preset, recipe, cfg.input_size or recipe.input_size)
 
 
-def setup(cfg: FinetuneConfig, log) -> Finetune:
+def setup(cfg: FinetuneConfig) -> Finetune:
     """Every check, then Accelerate, the network, optimizer, schedule and data; RUN_DIR written last."""
-    train, val = _splits(cfg)
-    source = load_source(cfg.model, cfg.seed)
-    preset, recipe = cfg.recipe(source.width)
-    size = cfg.input_size or recipe.input_size
+    inputs = Inputs.of(cfg)
     checkpointer = Checkpointer(Path(cfg.out), cfg.save_every, cfg.keep_last)
-    found = checkpointer.find(cfg.resume)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with="tensorboard",
-                      project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=cfg.out))
+    acc = start_accelerator(Path(cfg.out), cfg.mixed_precision)
     lock = RunLock.take(Path(cfg.out), acc)
     try:
-        ft = _assemble(cfg, acc, source, train, val, preset, recipe, size, checkpointer, lock)
-        if found[0] is not None:
-            _resume(ft, *found, log)
+        found = checkpointer.find(cfg.resume)
+        ft = _assemble(cfg, acc, inputs, checkpointer, lock)
+        state = restore(checkpointer, acc, cfg.resume, found, functools.partial(_check_layout, ft.layout), ft.parts())
+        if state is not None:
+            ft.step, ft.epoch, ft.position, ft.history = (state[k] for k in ("step", "epoch", "position", "history"))
         if acc.is_main_process:
             ft.dir.mkdir(parents=True, exist_ok=True)
-            acc.init_trackers("tensorboard", config={"preset": preset, "peak_lr": ft.peak_lr, "total_steps": ft.total})
-        _log_start(ft, log, size)
+            acc.init_trackers("tensorboard", config={"preset": ft.preset, "peak_lr": ft.peak_lr,
+                                                     "total_steps": ft.total})
+        _log_start(ft, inputs.size)
         return ft
     except BaseException:
         lock.release()
         raise
 
 
-def _assemble(cfg, acc, source, train, val, preset, recipe, size, checkpointer, lock) -> Finetune:
+def _assemble(cfg: FinetuneConfig, acc: Accelerator, inputs: Inputs, checkpointer: Checkpointer,
+              lock: RunLock) -> Finetune:
+    train, recipe, size = inputs.train, inputs.recipe, inputs.size
     plan = FinetunePlan(len(train), acc.num_processes, cfg.batch_size, cfg.global_batch)
+    acc.gradient_accumulation_steps = plan.grad_accum
     set_seed(cfg.seed)
-    net = build(source, cfg.seed, len(train.classes), size, recipe.drop_path, cfg.rel_pos_bias)
+    net = build(inputs.source, cfg.seed, len(train.classes), size, recipe.drop_path, cfg.rel_pos_bias)
     peak = cfg.lr if cfg.lr is not None else recipe.lr * cfg.global_batch / recipe.batch_ref
     total = max(1, round(recipe.epochs * plan.steps_per_epoch))
     warmup = min(round(recipe.warmup_epochs * plan.steps_per_epoch), total - 1)
@@ -127,7 +152,6 @@ def _assemble(cfg, acc, source, train, val, preset, recipe, size, checkpointer, 
     model, optimizer = acc.prepare(net.net, optimizer)
     if ema is not None:
         ema.to(acc.device)
-        acc.register_for_checkpointing(ema)
     mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
         mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,
@@ -142,30 +166,23 @@ def _assemble(cfg, acc, source, train, val, preset, recipe, size, checkpointer, 
     layout = {"processes": acc.num_processes, "batch_size": cfg.batch_size, "global_batch": cfg.global_batch,
               "seed": cfg.seed, "train": train.identity, "model": cfg.model, "width": net.width}
     return Finetune(cfg=cfg, acc=acc, net=net, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                    plan=plan, train=AugmentedImages(train, train_tf, cfg.seed), val=EvalImages(val, val_tf),
+                    plan=plan, train=AugmentedImages(train, train_tf, cfg.seed), val=EvalImages(inputs.val, val_tf),
                     classes=train.classes, mixup=mixup, criterion=criterion, checkpointer=checkpointer, lock=lock,
-                    layout=layout, preset=preset, recipe=recipe, peak_lr=peak, warmup_steps=warmup, total=total)
+                    layout=layout, preset=inputs.preset, recipe=recipe, peak_lr=peak, warmup_steps=warmup, total=total)
 
 
-def _resume(ft: Finetune, ckpt: Path, state: dict, log) -> None:
-    def check(candidate: Path, saved: dict) -> None:
-        if saved.get("layout") != ft.layout:
-            diff = sorted(k for k in ft.layout if saved.get("layout", {}).get(k) != ft.layout[k])
-            raise UserError(f"--resume {candidate}: the checkpoint is of another run ({', '.join(diff)} differ); "
-                            "resume with the original options, or start a new --out")
-
-    ckpt, state = ft.checkpointer.restore(ft.acc, ft.cfg.resume, ckpt, state, check, log)
-    ft.step, ft.epoch, ft.position, ft.history = state["step"], state["epoch"], state["position"], state["history"]
-    if ft.acc.is_main_process:
-        log(f"resumed from {ckpt} at step {ft.step} (epoch {ft.epoch}, micro-batch {ft.position})")
+def _check_layout(layout: dict, candidate: Path, saved: dict) -> None:
+    if saved.get("layout") != layout:
+        diff = sorted(k for k in layout if saved.get("layout", {}).get(k) != layout[k])
+        raise UserError(f"--resume {candidate}: the checkpoint is of another run ({', '.join(diff)} differ); "
+                        "resume with the original options, or start a new --out")
 
 
-def _log_start(ft: Finetune, log, size: int) -> None:
-    if not ft.acc.is_main_process:
-        return
+def _log_start(ft: Finetune, size: int) -> None:
     r, cfg = ft.recipe, ft.cfg
     rule = "as given (--lr)" if cfg.lr is not None else f"the preset's {r.lr:g} x {cfg.global_batch} / {r.batch_ref}"
-    log(f"finetune: {cfg.model} ({ft.net.width}-d) with the {ft.preset} recipe on {ft.acc.num_processes} "
+    logger.info(
+        f"finetune: {cfg.model} ({ft.net.width}-d) with the {ft.preset} recipe on {ft.acc.num_processes} "
         f"process(es); {len(ft.train)} train / {len(ft.val)} val images, {len(ft.classes)} classes, {size} px; "
         f"global batch {cfg.global_batch} = {cfg.batch_size} x {ft.acc.num_processes} x {ft.plan.grad_accum}; "
         f"peak lr {ft.peak_lr:.3g} ({rule}), layer decay {r.layer_decay}, {r.epochs:g} epochs of "
@@ -173,8 +190,9 @@ def _log_start(ft: Finetune, log, size: int) -> None:
         f"cutmix {r.cutmix}, smoothing {r.smoothing}, drop path {r.drop_path}")
 
 
-def train_epoch(ft: Finetune, metrics: MetricsLog, stop, bar) -> bool:
-    """The rest of the current epoch from `ft.position`; True when asked to stop (after a checkpoint)."""
+def train_epoch(ft: Finetune, loop: RunLoop) -> bool:
+    """The rest of the current epoch from `ft.position`, a checkpoint at its end and where due -> True: stop
+    (SIGTERM or Ctrl-C; the checkpoint is saved)."""
     cfg, acc, plan = ft.cfg, ft.acc, ft.plan
     ft.train.epoch = ft.epoch
     indices = plan.rank_indices(cfg.seed, ft.epoch, acc.process_index)[ft.position * cfg.batch_size:]
@@ -184,38 +202,39 @@ def train_epoch(ft: Finetune, metrics: MetricsLog, stop, bar) -> bool:
     batches, t0 = iter(loader), time.perf_counter()
     while ft.position < plan.steps_per_epoch * plan.grad_accum and ft.step < ft.total:
         loss = train_step(ft, batches)
-        bar.update(1)
+        record = None
         if ft.step % cfg.log_every == 0 or ft.step == ft.total:
             rate = cfg.log_every * cfg.global_batch / (time.perf_counter() - t0)
-            metrics.log({"step": ft.step, "epoch": ft.epoch, "loss": float(acc.reduce(loss, reduction="mean")),
-                         "lr": max(g["lr"] for g in ft.optimizer.param_groups), "samples_per_s": rate})
+            record = {"step": ft.step, "epoch": ft.epoch, "loss": float(acc.reduce(loss, reduction="mean")),
+                      "lr": max(g["lr"] for g in ft.optimizer.param_groups), "samples_per_s": rate}
             t0 = time.perf_counter()
+        loop.step_done(ft.step, record, record and f"loss {record['loss']:.4f}")
         if ft.position == plan.steps_per_epoch * plan.grad_accum:
             ft.epoch, ft.position = ft.epoch + 1, 0
-            _validate_epoch(ft, metrics)
-        stopping = stop()
-        if ft.position == 0 or stopping or ft.checkpointer.should_save(ft.step, ft.total, False):
-            ft.checkpointer.save(acc, ft.step, ft.trainer_state())
-        if stopping or ft.position == 0:
-            return stopping
+            _validate_epoch(ft, loop)
+        if loop.checkpoint(ft.trainer_state, due=ft.position == 0):
+            return True
+        if ft.position == 0:
+            return False
     return False
 
 
 def train_step(ft: Finetune, batches) -> torch.Tensor:
-    """One optimizer step: the step's micro-batches of this rank (mixed as keyed), the scheduled lr, the update."""
+    """One optimizer step: the step's micro-batches of this rank (mixed as keyed; Accelerate's accumulate
+    divides each loss by their count), the scheduled lr, the update."""
     acc, plan = ft.acc, ft.plan
     ft.scheduler.step_update(num_updates=ft.step)
     total = torch.zeros((), device=acc.device)
-    for m in range(plan.grad_accum):
+    for _ in range(plan.grad_accum):
         images, labels, _ = next(batches)
         images, labels = images.to(acc.device, non_blocking=True), labels.to(acc.device, non_blocking=True)
         step_in_epoch, chunk = plan.micro_batch(ft.position, acc.process_index)
         if ft.mixup is not None:
             with keyed("finetune-mix", ft.cfg.seed, ft.epoch, step_in_epoch, chunk):
                 images, labels = ft.mixup(images, labels)
-        with acc.no_sync(ft.model) if m < plan.grad_accum - 1 else torch.enable_grad(), acc.autocast():
+        with acc.accumulate(ft.model), acc.autocast():
             loss = ft.criterion(ft.model(images), labels)
-            acc.backward(loss / plan.grad_accum)
+            acc.backward(loss)
         total += loss.detach() / plan.grad_accum
         ft.position += 1
     if not torch.isfinite(total):
@@ -229,13 +248,13 @@ def train_step(ft: Finetune, batches) -> torch.Tensor:
     return total
 
 
-def _validate_epoch(ft: Finetune, metrics: MetricsLog) -> None:
+def _validate_epoch(ft: Finetune, loop: RunLoop) -> None:
     record = {"step": ft.step, "epoch": ft.epoch}
     record["val_top1"], record["val_top5"] = validate(ft.acc, ft.model, ft.val, ft.cfg)
     if ft.ema is not None:
         record["ema_top1"], record["ema_top5"] = validate(ft.acc, ft.ema.module, ft.val, ft.cfg)
     ft.history.append(record)
-    metrics.log(record)
+    loop.log(record)
 
 
 @torch.no_grad()
@@ -270,34 +289,27 @@ def result_record(ft: Finetune, seconds: float) -> dict:
             "cae2_version": cae2.__version__, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
-def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
+def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune (or resume) -> the result record; OUT/result.json and OUT/model.safetensors on the main
     process. SIGTERM or Ctrl-C saves and stops (status 'preempted' or 'interrupted')."""
-    ft = setup(cfg, log)
-    metrics, preempt = MetricsLog(ft.dir, ft.acc, ft.step), Preemption()
-    bar = tqdm(total=ft.total, initial=ft.step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and ft.acc.is_main_process))
-    t0, status = time.perf_counter(), "finished"
-    try:
-        while ft.step < ft.total:
-            if train_epoch(ft, metrics, lambda: agree(ft.acc, preempt.requested), bar):
-                status = "interrupted" if preempt.signal == "SIGINT" else "preempted"
-                break
-        if status == "finished" and (not ft.history or ft.history[-1]["step"] != ft.step):
-            _validate_epoch(ft, metrics)  # a run that ends inside an epoch
-        record = result_record(ft, time.perf_counter() - t0) | {"status": status, "run_dir": str(ft.dir)}
-        if ft.acc.is_main_process and status == "finished":
+    ft = setup(cfg)
+    t0 = time.perf_counter()
+    loop = RunLoop(ft.acc, ft.dir, ft.checkpointer, ft.parts(), step=ft.step, total=ft.total, name="finetune",
+                   progress=cfg.progress, lock=ft.lock)
+    with loop:
+        while ft.step < ft.total and not train_epoch(ft, loop):
+            pass
+        if loop.status == "finished" and (not ft.history or ft.history[-1]["step"] != ft.step):
+            _validate_epoch(ft, loop)  # a run that ends inside an epoch
+        record = result_record(ft, time.perf_counter() - t0) | {"status": loop.status, "run_dir": str(ft.dir),
+                                                                 "status_line": loop.status_line()}
+        if ft.acc.is_main_process and loop.status == "finished":
             save_model(ft)
             rows = [[f"{ft.preset} recipe, {ft.step} steps", f"{record['top1']:.2f}", f"{record['top5']:.2f}"]]
             if ft.ema is not None:
                 rows.append(["EMA weights", f"{record['ema_top1']:.2f}", f"{ft.history[-1]['ema_top5']:.2f}"])
             publish(str(ft.dir / "result.json"), record, ["fine-tuning", "top-1 %", "top-5 %"], rows,
-                    {"finetune/top1": record["top1"]}, log)
-    finally:
-        preempt.restore()
-        bar.close()
-        metrics.close()
-        ft.lock.release()
+                    {"finetune/top1": record["top1"]})
     return record
 
 

@@ -22,8 +22,8 @@ from cae2.config import IMAGENET_MEAN, IMAGENET_STD
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.pos_embed import sincos_pos_embed_2d
-from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
 from pipelines.evaluate.models import timm_model
+from pipelines.weights import find_checkpoint, model_config_of, model_state_dict
 
 VIT_ARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 

@@ -44,8 +44,8 @@ def student_knn(model, train, val, k: int = 20, device: str | torch.device = "cp
     was_training = encoder.training
     fm = FeatureModel(encoder.eval(), "vit", model.cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, "student", "")
     try:
-        tf, tl = extract_features(fm, train, log=lambda m: None)
-        vf, vl = extract_features(fm, val, log=lambda m: None)
+        tf, tl = extract_features(fm, train)
+        vf, vl = extract_features(fm, val)
     finally:
         encoder.train(was_training)
     return knn_classify(tf, tl, vf, vl, len(train.classes), (k,), device=device)[k]

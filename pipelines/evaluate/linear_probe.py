@@ -12,6 +12,8 @@ same number of steps, and the position in the epoch is a number saved with every
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,9 +28,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cae2.errors import UserError
-from pipelines.checkpoint import Checkpointer
+from pipelines.checkpoint import Checkpointer, CheckpointParts
+from pipelines.evaluate.config import LinearConfig
 from pipelines.evaluate.data import AugmentedImages, CenterCropImages, LabelledImages, load_labelled
 from pipelines.evaluate.models import FeatureModel, load_feature_model, state_sha256
+from pipelines.run_loop import RunLoop, restore, start_accelerator
+from pipelines.runs import RunLock
+
+logger = logging.getLogger(__name__)
 
 
 class LARS(torch.optim.Optimizer):
@@ -91,7 +98,7 @@ class ProbePlan:
 class Probe:
     """An official probe run, set up: the frozen model, the head and its optimizer, the plan, the position."""
 
-    cfg: object
+    cfg: LinearConfig
     acc: Accelerator
     model: FeatureModel
     head: nn.Module
@@ -103,6 +110,8 @@ class Probe:
     run_dir: Path
     layout: dict
     peak: float
+    lock: RunLock
+    head_dim: int
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -116,36 +125,69 @@ class Probe:
         """Micro-batches per rank in an epoch."""
         return self.plan.steps_per_epoch * self.plan.grad_accum
 
+    def parts(self) -> CheckpointParts:
+        return CheckpointParts(model=self.head, optimizer=self.optimizer)
 
-def run_official(cfg, log=print) -> dict:
-    """cfg: a LinearConfig with protocol 'official'."""
-    probe = _setup(cfg, log)
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "position": self.position, "layout": self.layout,
+                "config": asdict(self.cfg)}
+
+
+def run_official(cfg: LinearConfig) -> dict:
+    """The official probe (or its resume) -> its result, with "status": finished, or preempted (SIGTERM) /
+    interrupted (Ctrl-C) after a checkpoint."""
+    probe = _setup(cfg)
     t0 = time.perf_counter()
-    probe.head.train()
-    while probe.step < probe.total:
-        _train_epoch(probe)
-    acc, head = probe.acc, probe.acc.unwrap_model(probe.head)
-    top1, top5 = _validate(acc, probe.model, head, probe.val, cfg)
-    acc.log({"val/top1": top1, "val/top5": top5}, step=probe.step)
-    acc.end_training()
-    return {"top1": top1, "top5": top5, "epochs": cfg.epochs, "steps": probe.total, "global_batch": cfg.global_batch,
-            "grad_accum": probe.plan.grad_accum, "processes": acc.num_processes, "lr": probe.peak, "blr": cfg.blr,
-            "warmup_epochs": cfg.warmup_epochs, "optimizer": "LARS (momentum 0.9, weight decay 0)",
-            "head": "BatchNorm1d(affine=False, eps=1e-6) + Linear", "feature": "cls",
-            "train_transform": "RandomResizedCrop (0.08..1, bicubic) + flip", "run_dir": str(probe.run_dir),
-            "head_sha256": state_sha256(head), "seconds": time.perf_counter() - t0}
+    loop = RunLoop(probe.acc, probe.run_dir, probe.checkpointer, probe.parts(), step=probe.step, total=probe.total,
+                   name="linear probe", progress=cfg.progress, lock=probe.lock)
+    with loop:
+        probe.head.train()
+        while probe.step < probe.total and not _train_epoch(probe, loop):
+            pass
+        if loop.status != "finished":
+            return {"status": loop.status, "steps": probe.step, "status_line": loop.status_line()}
+        acc, head = probe.acc, probe.acc.unwrap_model(probe.head)
+        top1, top5 = _validate(acc, probe.model, head, probe.val, cfg)
+        loop.log({"step": probe.step, "epoch": probe.epoch, "val/top1": top1, "val/top5": top5})
+    return {"status": "finished", "top1": top1, "top5": top5, "epochs": cfg.epochs, "steps": probe.total,
+            "global_batch": cfg.global_batch, "grad_accum": probe.plan.grad_accum, "processes": acc.num_processes,
+            "lr": probe.peak, "blr": cfg.blr, "warmup_epochs": cfg.warmup_epochs,
+            "optimizer": "LARS (momentum 0.9, weight decay 0)", "head": "BatchNorm1d(affine=False, eps=1e-6) + Linear",
+            "feature": "cls", "train_transform": "RandomResizedCrop (0.08..1, bicubic) + flip",
+            "run_dir": str(probe.run_dir), "head_sha256": state_sha256(head), "seconds": time.perf_counter() - t0}
 
 
-def _setup(cfg, log) -> Probe:
+def _setup(cfg: LinearConfig) -> Probe:
     """Model, splits, plan, head and LARS under Accelerate; the checkpoint to resume from, restored."""
     run_dir = Path(cfg.run_dir or Path(cfg.out).with_suffix("").as_posix() + "-run")
     model = load_feature_model(cfg.model, cfg.seed, cfg.quick_gelu, cfg.download)
     train = load_labelled(cfg.train, "--train")
     val = load_labelled(cfg.val, "--val", classes=train.classes)
     checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
-    ckpt, state = checkpointer.find(cfg.resume)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with="tensorboard",
-                      project_dir=str(run_dir))
+    acc = start_accelerator(run_dir, cfg.mixed_precision)
+    lock = RunLock.take(run_dir, acc)
+    try:
+        found = checkpointer.find(cfg.resume)
+        probe = _assemble(cfg, acc, model, train, val, checkpointer, run_dir, lock)
+        state = restore(checkpointer, acc, cfg.resume, found, functools.partial(_check_layout, probe.layout),
+                        probe.parts())
+        if state is not None:
+            probe.step, probe.epoch, probe.position = state["step"], state["epoch"], state["position"]
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            acc.init_trackers("linear_probe")
+    except BaseException:
+        lock.release()
+        raise
+    logger.info(f"linear probe (official): {cfg.model} ({probe.head_dim}-d CLS), {len(train)} train / {len(val)} "
+                f"val images, {len(train.classes)} classes; global batch {cfg.global_batch} = {cfg.batch_size} x "
+                f"{acc.num_processes} x {probe.plan.grad_accum}; lr {probe.peak:.3g}; {cfg.epochs} epochs of "
+                f"{probe.plan.steps_per_epoch} steps")
+    return probe
+
+
+def _assemble(cfg: LinearConfig, acc: Accelerator, model: FeatureModel, train: LabelledImages, val: LabelledImages,
+              checkpointer: Checkpointer, run_dir: Path, lock: RunLock) -> Probe:
     world = acc.num_processes
     micro = cfg.batch_size * world
     if cfg.global_batch % micro:
@@ -155,6 +197,7 @@ def _setup(cfg, log) -> Probe:
     if plan.steps_per_epoch < 1:
         raise UserError(f"--train has {len(train)} images, fewer than one global batch of {cfg.global_batch}; "
                         "lower --global-batch")
+    acc.gradient_accumulation_steps = plan.grad_accum
     peak = cfg.blr * cfg.global_batch / 256
     model.to(acc.device)
     dim = model.features(torch.zeros(1, 3, model.img_size, model.img_size, dtype=torch.uint8), "cls").shape[1]
@@ -165,32 +208,19 @@ def _setup(cfg, log) -> Probe:
     head, optimizer = acc.prepare(head, LARS(head.parameters(), lr=peak, weight_decay=0.0))
     layout = {"processes": world, "batch_size": cfg.batch_size, "global_batch": cfg.global_batch, "seed": cfg.seed,
               "train_images": len(train), "model_sha256": model.sha256}
-    probe = Probe(cfg, acc, model, head, optimizer, plan, AugmentedImages(train, model.img_size, cfg.seed), val,
-                  checkpointer, run_dir, layout, peak)
-    if ckpt is not None:
-        _resume(probe, ckpt, state, log)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        acc.init_trackers("linear_probe")
-    log(f"linear probe (official): {cfg.model} ({dim}-d CLS), {len(train)} train / {len(val)} val images, "
-        f"{len(train.classes)} classes; global batch {cfg.global_batch} = {cfg.batch_size} x {world} x "
-        f"{plan.grad_accum}; lr {peak:.3g}; {cfg.epochs} epochs of {plan.steps_per_epoch} steps")
-    return probe
+    return Probe(cfg, acc, model, head, optimizer, plan, AugmentedImages(train, model.img_size, cfg.seed), val,
+                 checkpointer, run_dir, layout, peak, lock, head_dim=dim)
 
 
-def _resume(probe: Probe, ckpt: Path, state: dict, log) -> None:
-    def check(candidate, saved):
-        if saved.get("layout") != probe.layout:
-            raise UserError(f"--resume {candidate}: another probe layout ({saved.get('layout')} vs {probe.layout}); "
-                            "resume with the original options")
-
-    ckpt, state = probe.checkpointer.restore(probe.acc, probe.cfg.resume, ckpt, state, check, log)
-    probe.step, probe.epoch, probe.position = state["step"], state["epoch"], state["position"]
-    log(f"resumed from {ckpt} at step {probe.step} (epoch {probe.epoch}, micro-batch {probe.position})")
+def _check_layout(layout: dict, candidate: Path, saved: dict) -> None:
+    if saved.get("layout") != layout:
+        raise UserError(f"--resume {candidate}: another probe layout ({saved.get('layout')} vs {layout}); resume "
+                        "with the original options")
 
 
-def _train_epoch(probe: Probe) -> None:
-    """The rest of the current epoch (from `probe.position`), a checkpoint where one is due."""
+def _train_epoch(probe: Probe, loop: RunLoop) -> bool:
+    """The rest of the current epoch (from `probe.position`), checkpoints where due -> True: stop (SIGTERM or
+    Ctrl-C; the checkpoint is saved)."""
     cfg, acc, plan = probe.cfg, probe.acc, probe.plan
     probe.dataset.epoch = probe.epoch
     indices = plan.rank_indices(cfg.seed, probe.epoch, acc.process_index)[probe.position * cfg.batch_size:]
@@ -200,28 +230,29 @@ def _train_epoch(probe: Probe) -> None:
     while probe.position < probe.micro_batches:
         for group in probe.optimizer.param_groups:
             group["lr"] = probe_lr(probe.step / plan.steps_per_epoch, probe.peak, cfg.warmup_epochs, cfg.epochs)
-        for m in range(plan.grad_accum):
+        for _ in range(plan.grad_accum):
             images, labels, _ = next(it)
             feats = probe.model.features(images, "cls")
-            with acc.no_sync(probe.head) if m < plan.grad_accum - 1 else torch.enable_grad():
+            with acc.accumulate(probe.head):
                 loss = F.cross_entropy(probe.head(feats), labels.to(acc.device))
-                acc.backward(loss / plan.grad_accum)
+                acc.backward(loss)
             probe.position += 1
         probe.optimizer.step()
         probe.optimizer.zero_grad(set_to_none=True)
         probe.step += 1
+        record = None
         if probe.step % cfg.log_every == 0 or probe.step == probe.total:
-            acc.log({"train/loss": float(acc.reduce(loss.detach(), reduction="mean")),
-                     "train/lr": probe.optimizer.param_groups[0]["lr"]}, step=probe.step)
+            record = {"step": probe.step, "epoch": probe.epoch, "train/loss": float(acc.reduce(loss.detach(),
+                      reduction="mean")), "train/lr": probe.optimizer.param_groups[0]["lr"]}
+        loop.step_done(probe.step, record)
         end_of_epoch = probe.position == probe.micro_batches
         if end_of_epoch:
             probe.epoch, probe.position = probe.epoch + 1, 0
-        if probe.checkpointer.should_save(probe.step, probe.total, False):
-            probe.checkpointer.save(acc, probe.step, {"step": probe.step, "epoch": probe.epoch,
-                                                      "position": probe.position, "layout": probe.layout,
-                                                      "config": asdict(cfg)})
+        if loop.checkpoint(probe.trainer_state):
+            return True
         if end_of_epoch:
-            return
+            return False
+    return False
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from torch import nn
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
-from pipelines.checkpoint import find_checkpoint, model_config_of, model_state_dict
+from pipelines.weights import find_checkpoint, model_config_of, model_state_dict
 from targets.teacher import MissingWeights, Teacher, TeacherSpec
 from targets.views import normalize
 

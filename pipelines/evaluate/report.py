@@ -1,4 +1,4 @@
-"""An evaluation's result: the JSON record (written atomically), a printed table, TensorBoard scalars."""
+"""An evaluation's result: the JSON record (written atomically), a table on stdout, TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ def write_json(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
-def publish(out: str, record: dict, headers: list[str], rows: list[list[str]], scalars: dict, log) -> None:
-    """The result JSON, a printed table, and TensorBoard scalars beside the JSON."""
+def publish(out: str, record: dict, headers: list[str], rows: list[list[str]], scalars: dict) -> None:
+    """The result JSON, the table on stdout (the command's output), and TensorBoard scalars beside the JSON."""
     path = Path(out)
     write_json(path, record)
     if scalars and (path.parent.is_dir()):
@@ -24,6 +24,6 @@ def publish(out: str, record: dict, headers: list[str], rows: list[list[str]], s
             for k, v in scalars.items():
                 writer.add_scalar(k, v, 0)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    for r in [headers, ["-" * w for w in widths], *rows]:
-        log("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    log(f"results: {path}")
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))
+             for r in [headers, ["-" * w for w in widths], *rows]]
+    print("\n".join([*lines, f"results: {path}"]), flush=True)

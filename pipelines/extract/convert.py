@@ -9,6 +9,7 @@ same settings (both quantise the same float16 latents).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,11 +20,13 @@ import torch
 import cae2
 from cae2.errors import UserError
 from cae2.fields import Argument, OneOf, PathKind, Range
+from pipelines.logs import Progress
 from pipelines.runs import process_state
 from targets.cache import TargetStore, require_local_out
 from targets.claims import Heartbeat, Holder, release, try_claim
 from targets.quantize import QuantStats, quantize, token_errors
 
+logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class ConvertConfig:
@@ -37,6 +40,8 @@ class ConvertConfig:
     """int8: one float32 scale per token."""
     min_cosine: Annotated[float, Range(0, 1)] = 0.999
     """Fail a unit whose token cosine to the source falls below this."""
+    progress: bool = True
+    """Show progress (a bar on a terminal, a status line every 30 s in a log file)."""
 
 
 @dataclass
@@ -79,40 +84,50 @@ class ConvertStats:
         return "\n".join(lines + [f"FAILED: {m}" for m in self.units_failed])
 
 
-def convert_store(cfg: ConvertConfig, log=print) -> ConvertStats:
+def convert_store(cfg: ConvertConfig) -> ConvertStats:
     """Convert every complete unit of SRC that DST lacks. Each unit is claimed first (targets.claims), so
     several converts, a multi-rank launch, or a convert beside an int8 extraction into the same DST share
     the units, each written once; a complete unit of DST made from another shard is refused first."""
     source, target = _open_stores(cfg)
     names = [n for n in source.unit_names() if source.marker(n) is not None]
     if len(names) < len(source.unit_names()):
-        log(f"convert-targets: {len(source.unit_names()) - len(names)} incomplete unit(s) of {cfg.src} are left out; "
-            "finish them with extract-targets and rerun")
+        logger.warning(f"convert-targets: {len(source.unit_names()) - len(names)} incomplete unit(s) of {cfg.src} are "
+                       "left out; finish them with extract-targets and rerun")
     _check_reuse(source, target, names)
     state = process_state()
     names = names[state.process_index:] + names[:state.process_index]  # ranks start apart
     stats, holder, heartbeat = ConvertStats(), Holder.me(), Heartbeat()
+    progress = Progress(len(names), unit="unit", enabled=cfg.progress and state.is_main_process,
+                        name="convert-targets")
     t0 = time.perf_counter()
     try:
         for name in names:
-            claim = target.claim_path(name)
-            got, other = try_claim(claim, holder)
-            if not got:
-                stats.units_elsewhere.append(f"{name}: being written by {other.describe() if other else 'a process'}")
-                continue
-            try:
-                if target.marker(name) is not None:
-                    stats.units_already_complete += 1
-                    continue
-                heartbeat.add(claim)
-                _convert_unit(source, target, name, cfg.min_cosine, stats, holder)
-            finally:
-                heartbeat.discard(claim)
-                release(claim, holder)
+            _claim_and_convert(source, target, name, cfg.min_cosine, stats, holder, heartbeat)
+            progress.update(1, note=f"{stats.units_done} converted here")
     finally:
         heartbeat.stop()
+        progress.close()
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _claim_and_convert(source: TargetStore, target: TargetStore, name: str, min_cosine: float, stats: ConvertStats,
+                       holder: Holder, heartbeat: Heartbeat) -> None:
+    """Convert one unit unless another process holds it or it is complete already."""
+    claim = target.claim_path(name)
+    got, other = try_claim(claim, holder)
+    if not got:
+        stats.units_elsewhere.append(f"{name}: being written by {other.describe() if other else 'a process'}")
+        return
+    try:
+        if target.marker(name) is not None:
+            stats.units_already_complete += 1
+            return
+        heartbeat.add(claim)
+        _convert_unit(source, target, name, min_cosine, stats, holder)
+    finally:
+        heartbeat.discard(claim)
+        release(claim, holder)
 
 
 def _open_stores(cfg: ConvertConfig) -> tuple[TargetStore, TargetStore]:

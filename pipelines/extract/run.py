@@ -18,6 +18,7 @@ share the units, each written once: a unit another live process holds is skipped
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import cae2
 from cae2.errors import UserError
@@ -35,6 +35,7 @@ from pipelines.extract.assemble import UnitAssembler
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.stream import ImageViews, NotMine, ShardError, Skip, UnitStart, UnitViewStream, ViewRecipe
 from pipelines.extract.teacher_queue import TeacherQueue, cut_views, decode_jpegs
+from pipelines.logs import Progress
 from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
@@ -45,6 +46,7 @@ from targets.quantize import QuantStats
 from targets.teacher import Teacher
 from targets.view_paths import resolve_view_path, where_views_are_cut
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ExtractStats:
@@ -120,7 +122,7 @@ def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStor
     return store
 
 
-def units_to_do(store: TargetStore, shards: list[Shard], log) -> list[Shard]:
+def units_to_do(store: TargetStore, shards: list[Shard]) -> list[Shard]:
     """The shards whose units are not complete (damaged ones are redone, and said so); a complete unit made
     from another shard of the same name is refused before any work."""
     todo = []
@@ -128,7 +130,7 @@ def units_to_do(store: TargetStore, shards: list[Shard], log) -> list[Shard]:
         marker, damage = store.unit_state(shard.name)
         if marker is None:
             if damage:
-                log(f"redoing unit {shard.name}: it is damaged ({damage})")
+                logger.info(f"redoing unit {shard.name}: it is damaged ({damage})")
             todo.append(shard)
             continue
         changed = shard_changed(marker.get("source_identity"), shard.url)
@@ -149,7 +151,7 @@ def leave_cores_to_workers(device: torch.device, workers: int) -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - workers)))
 
 
-def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
+def run_extract(cfg: ExtractConfig) -> ExtractStats:
     state = process_state()
     shards = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download,
@@ -160,10 +162,11 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractStats:
     meta = store_meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
     mine = shards[state.process_index::state.num_processes]
-    todo = units_to_do(store, mine, log)
+    todo = units_to_do(store, mine)
     stats = ExtractStats(units_already_complete=len(mine) - len(todo))
     if state.is_main_process:
-        log(f"extract-targets: {len(shards)} shards, {len(todo)} to do on this rank ({stats.units_already_complete} "
+        logger.info(
+            f"extract-targets: {len(shards)} shards, {len(todo)} to do on this rank ({stats.units_already_complete} "
             f"already complete), {state.num_processes} rank(s), K={cfg.views_per_image}, teacher "
             f"{meta.teacher['name']} ({'RANDOM INIT' if cfg.teacher.is_random else meta.teacher['pretrained']}) "
             f"on {state.device} {teacher.precision}{' (compiled)' if teacher.compiled else ''}, "
@@ -215,7 +218,7 @@ class Extraction:
         # pinned buffer): nothing is pinned per item.
         loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=init_worker,
                             prefetch_factor=8 if workers else None, persistent_workers=False)
-        self.bar = tqdm(total=len(todo), unit="shard", disable=not self.show_progress, dynamic_ncols=True)
+        self.bar = Progress(len(todo), unit="unit", enabled=self.show_progress, name="extract-targets")
         self.t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as self.pool:
             for item in loader:
@@ -292,7 +295,7 @@ class Extraction:
             self.submit(item.unit, asm.put(item.row, out["latents"], out.get("scales")))
         if done:
             rate = self.stats.views / (time.perf_counter() - self.t0)
-            self.bar.set_postfix_str(f"{rate:.0f} views/s, {self.stats.images} images")
+            self.bar.update(0, note=f"{rate:.0f} views/s, {self.stats.images} images")
 
     def submit(self, unit: str, ready: list[tuple[int, np.ndarray, np.ndarray | None]]) -> None:
         """Queue the unit's ready blocks for the writer thread, and its marker once every row is in."""

@@ -26,7 +26,6 @@ import ctypes
 import functools
 import gc
 import hashlib
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,12 +224,12 @@ class TrainStream(IterableDataset):
     def _collate(self, batch, masker) -> dict:
         cfg = self.cfg
         views = self.view_batch()
-        masks, keys, chosen, targets = [], [], [], []
+        masks, keys, chosen, targets, warnings = [], [], [], [], []
         for unit, row, sample in batch:
             key = unit.keys[row]
             k = view_index(cfg.seed, self.epoch, key, self.meta.views_per_image)
             if not cfg.teacher_views:
-                stored = self._read_targets(unit, row, k)
+                stored = self._read_targets(unit, row, k, warnings)
                 if stored is None:
                     continue
                 targets.append(stored)
@@ -243,21 +242,22 @@ class TrainStream(IterableDataset):
             chosen.append(k)
         if not keys:
             raise CorruptTarget("every sample of a batch failed its checksum; run `cae2 verify-targets` on the store")
-        out = {"mask": torch.stack(masks), "keys": keys, "views": chosen, **views.batch()}
+        out = {"mask": torch.stack(masks), "keys": keys, "views": chosen, "warnings": warnings, **views.batch()}
         if targets:  # float16, or int8 with "target_scales" (dequantised on the device)
             out["targets"] = torch.stack([torch.from_numpy(latents) for latents, _ in targets])
             if targets[0][1] is not None:
                 out["target_scales"] = torch.stack([torch.from_numpy(scales) for _, scales in targets])
         return out
 
-    def _read_targets(self, unit, row: int, k: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """A sample's stored view (latents, int8 scales or None); None: it failed its checksum and is skipped."""
+    def _read_targets(self, unit, row: int, k: int, warnings: list[str]) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A sample's stored view (latents, int8 scales or None); None: it failed its checksum and is skipped
+        (the batch's "warnings" say so: the training process logs them)."""
         try:
             return unit.read_stored(row, k, check=self.cfg.corrupt_targets != "off")
         except CorruptTarget as e:
             if self.cfg.corrupt_targets == "stop":
                 raise
-            print(f"WARNING: skipped: {e}", file=sys.stderr, flush=True)
+            warnings.append(f"skipped: {e}")
             return None
 
 

@@ -15,14 +15,9 @@ from cae2.config import ModelConfig
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.fields import Argument, PathKind
-from pipelines.checkpoint import (
-    beit_metadata,
-    find_checkpoint,
-    follow_umask,
-    model_config_of,
-    model_state_dict,
-    read_state,
-)
+from pipelines.checkpoint import read_state
+from pipelines.files import follow_umask
+from pipelines.weights import beit_metadata, find_checkpoint, model_config_of, model_state_dict
 
 
 @dataclass(kw_only=True)

@@ -7,22 +7,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 
 import cae2
 from cae2.config import ModelConfig
 from cae2.errors import UserError
-from pipelines.checkpoint import Checkpointer
+from pipelines.checkpoint import Checkpointer, CheckpointParts
 from pipelines.pretrain.config import TrainConfig
-from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, plan_epoch, start_loader
+from pipelines.pretrain.data import (
+    EpochPlan,
+    ShardIndex,
+    StreamConfig,
+    index_shards,
+    make_loader,
+    plan_epoch,
+    start_loader,
+)
 from pipelines.pretrain.schedule import Schedule
 from pipelines.pretrain.step import StepParts, make_optimizer
+from pipelines.run_loop import restore, start_accelerator
 from pipelines.runs import RunLock, git_sha
 from pipelines.shards import expand_shards
 from targets.cache import StoreMeta, TargetStore
@@ -32,7 +42,8 @@ from targets.teacher import teacher_for_store
 from targets.view_paths import resolve_view_path, where_views_are_cut
 from targets.views import ViewSettings
 
-Evaluator = Callable[[torch.nn.Module, object], dict]
+logger = logging.getLogger(__name__)
+Evaluator = Callable[[torch.nn.Module, Accelerator], dict]
 """(the student, the accelerator) -> metrics of the student (`--eval-every`); it must not touch the
 student's state or any random generator, so that the run goes on exactly as without it."""
 
@@ -43,7 +54,7 @@ class Run:
 
     cfg: TrainConfig
     dir: Path
-    accelerator: object
+    accelerator: Accelerator
     store: TargetStore
     index: list
     model_cfg: ModelConfig
@@ -64,6 +75,9 @@ class Run:
         loader, plan = make_loader(self.store.path, self.store.meta, self.index, self.stream_cfg, self.model_cfg,
                                    epoch, skip_batches=skip, pin_memory=self.accelerator.device.type == "cuda")
         return start_loader(loader), plan
+
+    def checkpoint_parts(self) -> CheckpointParts:
+        return CheckpointParts(model=self.parts.model, optimizer=self.parts.optimizer)
 
     def trainer_state(self, step: int, epoch: int, batch_in_epoch: int) -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": self.cfg.model,
@@ -118,21 +132,19 @@ def _check_run_dir(out: Path, store: Path) -> None:
                             "empty directory")
 
 
-def start_run(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -> Run:
+def start_run(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Run:
     """Preflight, Accelerate, the schedule, the model and optimizer, the resume; RUN_DIR is written only
     after every check has passed."""
     run_dir = Path(cfg.out)
     store, index, model_cfg = preflight(cfg)
     checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo ranks when launched on CPUs
-                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    accelerator = start_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
     lock = RunLock.take(run_dir, accelerator)
     try:
         found = checkpointer.find(cfg.resume)  # before anything is logged: a refusal comes first
-        run = _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelerator)
+        run = _assemble(Setup(cfg, run_dir, store, index, model_cfg, checkpointer, accelerator))
         run.lock, run.evaluator = lock, evaluator
-        _resume(run, *found, log)
+        _resume(run, found)
         _open_run_dir(run)
         return run
     except BaseException:
@@ -140,8 +152,22 @@ def start_run(cfg: TrainConfig, log=print, evaluator: Evaluator | None = None) -
         raise
 
 
-def _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelerator) -> Run:
+@dataclass(frozen=True)
+class Setup:
+    """What preflight and Accelerate gave, before the model exists."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    store: TargetStore
+    index: list[ShardIndex]
+    model_cfg: ModelConfig
+    checkpointer: Checkpointer
+    accelerator: Accelerator
+
+
+def _assemble(setup: Setup) -> Run:
     """Everything but the restored state: stream, schedule, model, optimizer, the step's parts."""
+    cfg, store, index, model_cfg, accelerator = setup.cfg, setup.store, setup.index, setup.model_cfg, setup.accelerator
     meta = store.meta
     world, rank = accelerator.num_processes, accelerator.process_index
     view_path, decoder = _view_path(cfg, accelerator.device, meta)
@@ -152,7 +178,28 @@ def _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelera
     preset = cae2.get_preset(cfg.model).train
     first_plan = plan_epoch(index, stream_cfg, 0)
     schedule = Schedule.resolve(cfg, preset, first_plan.batches_per_rank, world)
-    resolved = {
+    if accelerator.is_main_process:
+        _log_start(cfg, accelerator, schedule, meta, index, first_plan, view_path, decoder)
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = cae2.CAEv2(model_cfg)
+    optimizer = make_optimizer(model, preset, schedule.weight_decay, schedule.peak_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = StepParts(accelerator=accelerator, model=model, forward=model, optimizer=optimizer, schedule=schedule,
+                      n_visible=model_cfg.num_visible_tokens)
+    if cfg.teacher_online:
+        parts.teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
+    if view_path == "device":
+        parts.student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
+        parts.teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
+    return Run(cfg=cfg, dir=setup.run_dir, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
+               stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=setup.checkpointer,
+               resolved=_resolved(cfg, model_cfg, schedule, store), data_layout=_data_layout(cfg, world, index))
+
+
+def _resolved(cfg: TrainConfig, model_cfg: ModelConfig, schedule: Schedule, store: TargetStore) -> dict:
+    """RUN_DIR/config.json: the options, the model, what they resolved to, the store, the code."""
+    meta = store.meta
+    return {
         "config": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg).items()},
         "model": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(model_cfg).items()},
         "derived": schedule.to_json(),
@@ -160,39 +207,24 @@ def _assemble(cfg, log, run_dir, store, index, model_cfg, checkpointer, accelera
                   "latent_format": meta.latent_format},
         "git_sha": git_sha(), "cae2_version": cae2.__version__,
     }
-    if accelerator.is_main_process:
-        _log_start(log, cfg, accelerator, schedule, meta, index, first_plan, view_path, decoder)
-    set_seed(cfg.seed)  # the same initial weights on every process
-    model = cae2.CAEv2(model_cfg)
-    optimizer = make_optimizer(model, preset, schedule.weight_decay, schedule.peak_lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    parts = StepParts(accelerator=accelerator, model=model, forward=model, optimizer=optimizer, schedule=schedule,
-                      n_visible=model_cfg.num_visible_tokens, grad_accum=cfg.grad_accum)
-    if cfg.teacher_online:
-        parts.teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
-    if view_path == "device":
-        parts.student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
-        parts.teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
-    data_layout = {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                   "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
-                   "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
-    return Run(cfg=cfg, dir=run_dir, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
-               stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=checkpointer, resolved=resolved,
-               data_layout=data_layout)
 
 
-def _resume(run: Run, ckpt: Path | None, resume_state: dict | None, log) -> None:
+def _data_layout(cfg: TrainConfig, world: int, index: list[ShardIndex]) -> dict:
+    """What the saved position in an epoch means something under: a resume must have the same."""
+    return {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
+            "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
+
+
+def _resume(run: Run, found: tuple[Path | None, dict | None]) -> None:
     """Restore the checkpoint `Checkpointer.find` chose, or seed a fresh run's per-process streams."""
-    cfg, accelerator = run.cfg, run.accelerator
-    if ckpt is None:
-        set_seed(cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
+    if found[0] is None:
+        set_seed(run.cfg.seed, device_specific=True)  # per-process streams (drop path); a resume restores them
         return
-    ckpt, resume_state = run.checkpointer.restore(
-        accelerator, cfg.resume, ckpt, resume_state,
-        lambda c, s: _check_resume(c, s, run.resolved["model"], run.data_layout), log=log)
-    run.step, run.epoch, run.batch_in_epoch = (resume_state[k] for k in ("step", "epoch", "batch_in_epoch"))
-    if accelerator.is_main_process:
-        log(f"resumed from {ckpt} at step {run.step} (epoch {run.epoch}, micro-batch {run.batch_in_epoch})")
+    state = restore(run.checkpointer, run.accelerator, run.cfg.resume, found,
+                    lambda c, s: _check_resume(c, s, run.resolved["model"], run.data_layout), run.checkpoint_parts())
+    assert state is not None
+    run.step, run.epoch, run.batch_in_epoch = (state[k] for k in ("step", "epoch", "batch_in_epoch"))
 
 
 def _open_run_dir(run: Run) -> None:
@@ -210,21 +242,22 @@ def _open_run_dir(run: Run) -> None:
         run.parts.keys_file = (run.dir / "keys" / f"rank{accelerator.process_index}.txt").open("a")
 
 
-def _log_start(log, cfg: TrainConfig, accelerator, schedule: Schedule, meta: StoreMeta, index: list, plan,
-               view_path: str, decoder: DecoderUse) -> None:
+def _log_start(cfg: TrainConfig, accelerator: Accelerator, schedule: Schedule, meta: StoreMeta,
+               index: list[ShardIndex], plan: EpochPlan, view_path: str, decoder: DecoderUse) -> None:
     s = schedule
-    log(f"pretrain: {cfg.model} on {s.processes} process(es) ({accelerator.device}, {accelerator.mixed_precision}); "
+    logger.info(
+        f"pretrain: {cfg.model} on {s.processes} process(es) ({accelerator.device}, {accelerator.mixed_precision}); "
         f"global batch {s.global_batch} = {cfg.batch_size} x {s.processes} x {cfg.grad_accum}; peak lr "
         f"{s.peak_lr:.3g} ({s.lr_rule}); {s.total_steps} steps, {s.steps_per_epoch}/epoch, warmup {s.warmup_steps}; "
         f"targets {'ONLINE teacher' if cfg.teacher_online else f'cache ({meta.latent_format})'}")
-    log(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
+    logger.info(f"views: cut {where_views_are_cut(view_path, accelerator.device)}; the store's were cut "
         f"{where_views_are_cut(meta.view_path, 'the teacher device')} from {meta.decoder}-decoded images"
         + ("" if view_path == meta.view_path else " (the two paths give bit-identical views)")
         + f"; this run decodes with {decoder.name}{' on the device' if decoder.on_device else ''}")
     if decoder.crossing:
-        log(f"WARNING: {decoder.crossing}")
+        logger.warning(decoder.crossing)
     skipped = sum(i.num_samples - len(i.rows) for i in index)
-    log(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
+    logger.info(f"data: {len(index)} shards, {sum(len(i.rows) for i in index)} samples ({skipped} skipped by stage 1), "
         f"{plan.left_out} left out per epoch to keep {s.processes} rank(s) in step")
 
 

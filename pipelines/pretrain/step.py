@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
+from typing import IO
 
 import torch
+from accelerate import Accelerator
 
 import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD, TrainDefaults
@@ -18,6 +20,7 @@ from targets.device_views import DeviceViews, PackedImages
 from targets.quantize import dequantize
 from targets.views import normalize
 
+logger = logging.getLogger(__name__)
 
 def make_optimizer(model: cae2.CAEv2, preset: TrainDefaults, weight_decay: float, lr: float) -> torch.optim.AdamW:
     """The preset's AdamW (betas, eps; no decay on norms, biases and the preset's tokens), fused: one
@@ -48,7 +51,7 @@ class LogWindow:
         self.wait += stats.wait
         self.steps += 1
 
-    def record(self, accelerator, stats: StepStats, step: int, epoch: int, global_batch: int) -> dict:
+    def record(self, accelerator: Accelerator, stats: StepStats, step: int, epoch: int, global_batch: int) -> dict:
         """The metrics record of the last step (losses averaged over processes) and the window's rates."""
         reduced = accelerator.reduce(stats.losses, reduction="mean").tolist()
         elapsed = time.perf_counter() - self.t0
@@ -61,19 +64,18 @@ class LogWindow:
 class StepParts:
     """What one optimizer step needs."""
 
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
     forward: torch.nn.Module
     """The model, or its torch.compile wrapper."""
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     n_visible: int
-    grad_accum: int
     teacher: torch.nn.Module | None = None
     """--teacher-online: targets from the teacher instead of the store."""
     student_views: DeviceViews | None = None
     teacher_views: DeviceViews | None = None
-    keys_file: object = None
+    keys_file: IO[str] | None = None
 
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A loader batch -> (normalised images, mask, targets) on the device."""
@@ -123,22 +125,26 @@ def _device_pack(batch: dict, device: torch.device) -> PackedImages:
 
 
 def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
-    """One optimizer step: `grad_accum` micro-batches (gradients synchronised on the last), clipping,
-    the scheduled lr, the update."""
+    """One optimizer step: the accelerator's `gradient_accumulation_steps` micro-batches (its accumulate:
+    each loss divided by their count, gradients synchronised on the last), clipping, the scheduled lr, the
+    update."""
     acc = parts.accelerator
+    micro_batches = acc.gradient_accumulation_steps
     losses = torch.zeros(3, device=acc.device)
     wait, keys = 0.0, []
-    for micro in range(parts.grad_accum):
+    for _ in range(micro_batches):
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
+        for warning in batch.get("warnings", ()):  # said by the loader worker that made the batch
+            logger.warning(warning)
         images, mask, targets = parts.inputs(batch)
-        with contextlib.nullcontext() if micro == parts.grad_accum - 1 else acc.no_sync(parts.model):
+        with acc.accumulate(parts.model):
             torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new replay
             pred = parts.forward(images, mask)
             out = cae2.alignment_loss(pred, cae2.CAEv2.arrange_targets(targets, mask), parts.n_visible,
                                       parts.schedule.loss, parts.schedule.loss_combine)
-            acc.backward(out.loss / parts.grad_accum)
+            acc.backward(out.loss)
         losses += torch.stack([out.loss.detach(), out.loss_v.detach(), out.loss_z.detach()]).float()
         keys += batch["keys"]
         if parts.keys_file:
@@ -155,4 +161,4 @@ def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
         group["lr"] = lr
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    return StepStats(losses / parts.grad_accum, grad_norm, lr, wait)
+    return StepStats(losses / micro_batches, grad_norm, lr, wait)
