@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -342,6 +343,7 @@ def run(args: list[str] | None = None) -> int:
     except UserError as e:
         if _state["debug"]:
             raise
+        _release_frames(e)
         text = str(e)
         if "Original Traceback" in text:  # raised in a data-loader worker: its own line is the last one
             text = text.strip().splitlines()[-1].split(": ", 1)[-1]
@@ -349,6 +351,7 @@ def run(args: list[str] | None = None) -> int:
     except OSError as e:  # a full, read-only or vanished file system, reported where it happened
         if _state["debug"]:
             raise
+        _release_frames(e)
         return _error(f"{e.strerror or e}: {e.filename or 'a file'}; fix the file system (free space, permissions, "
                       "mounts) and rerun: complete work is kept")
     except typer.Abort:
@@ -357,6 +360,12 @@ def run(args: list[str] | None = None) -> int:
         _say("interrupted: complete work is kept (finished units, saved checkpoints); rerun the same command "
              "to go on")
     return status
+
+
+def _release_frames(error: BaseException) -> None:
+    """Let go of what the failed command's frames held (data-loader iterators and their worker processes, open
+    stores) now, not at some later garbage collection: its traceback is a reference cycle."""
+    traceback.clear_frames(error.__traceback__)
 
 
 def _error(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -93,23 +94,42 @@ def write_good_images(folder: Path, n: int, seed: int = 0, sizes=((96, 128), (12
 
 def write_bad_images(folder: Path, seed: int = 1) -> dict[str, str]:
     """The awkward files real data sets have. -> {file name: 'ok' | 'skip'}."""
-    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-
-    def put(name: str, data: bytes, expect: str) -> None:
+    for name, (data, expect) in _bad_images(seed).items():
         (folder / name).write_bytes(data)
         files[name] = expect
+    return files
 
-    put("cmyk.jpg", _jpeg(synthetic_image(rng, 70, 90), "CMYK"), "ok")
-    put("gray.jpg", _jpeg(synthetic_image(rng, 90, 70)[..., 0]), "ok")
+
+@functools.cache
+def _bad_images(seed: int) -> dict[str, tuple[bytes, str]]:
+    """{file name: (bytes, 'ok' | 'skip')}, made once per seed (the 2000 x 3000 JPEG takes a while)."""
+    rng = np.random.default_rng(seed)
+    files = {
+        "cmyk.jpg": (_jpeg(synthetic_image(rng, 70, 90), "CMYK"), "ok"),
+        "gray.jpg": (_jpeg(synthetic_image(rng, 90, 70)[..., 0]), "ok"),
+    }
     png = io.BytesIO()
     Image.fromarray(synthetic_image(rng, 64, 64)).save(png, format="PNG")
-    put("png_named.jpg", png.getvalue(), "ok")
-    put("one_pixel.jpg", _jpeg(synthetic_image(rng, 1, 1)), "ok")
-    put("huge.jpg", _jpeg(synthetic_image(rng, 2000, 3000)), "ok")
+    files["png_named.jpg"] = (png.getvalue(), "ok")
+    files["one_pixel.jpg"] = (_jpeg(synthetic_image(rng, 1, 1)), "ok")
+    files["huge.jpg"] = (_jpeg(synthetic_image(rng, 2000, 3000)), "ok")
     full = _jpeg(synthetic_image(rng, 200, 200))
-    put("truncated.jpg", full[: len(full) // 2], "skip")
-    put("zero_bytes.jpg", b"", "skip")
-    put("it's \"quoted\" - name.jpg", _jpeg(synthetic_image(rng, 50, 300)), "ok")
+    files["truncated.jpg"] = (full[: len(full) // 2], "skip")
+    files["zero_bytes.jpg"] = (b"", "skip")
+    files["it's \"quoted\" - name.jpg"] = (_jpeg(synthetic_image(rng, 50, 300)), "ok")
     return files
+
+
+def colour_classes(root: Path, per_class: int, seed: int, shuffle: bool = False) -> None:
+    """Noisy images whose class is their colour (or, shuffled, a random folder): ROOT/class_<c>/img_*.jpg."""
+    rng = np.random.default_rng(seed)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    for c, colour in enumerate(colours):
+        for i in range(per_class):
+            folder = root / f"class_{rng.integers(3) if shuffle else c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = rng.integers(40, 90, 2)
+            img = (np.array(colour) + rng.normal(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"img_{c}_{i:03d}.jpg")

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +17,7 @@ from pipelines.shards import make_shards
 from targets.cache import TargetStore
 from targets.decoders import decode_all, decode_on_device, device_decodable, resolve_decoder
 from targets.views import decode_image
-from tests.fixtures import TINY_TEACHER, synthetic_image, write_bad_images, write_good_images
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from tests.fixtures import TINY_TEACHER, cli, synthetic_image, write_bad_images, write_good_images
 
 
 def _jpeg(arr: np.ndarray, **save) -> bytes:
@@ -96,17 +89,12 @@ def stores(tmp_path_factory):
     outputs = {}
     runs = (("host", ["--view-path", "pillow"]), ("device", ["--view-path", "device", "--decoder", "device"]))
     for name, extra in runs:
-        res = _cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / f"{name}.zarr"),
-                   "--teacher", TINY_TEACHER, "--pretrained", "none", "--views", "2", "--workers", "1",
+        res = cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / f"{name}.zarr"),
+                   "--teacher", TINY_TEACHER, "--pretrained", "none", "--views", "2", "--workers", "0",
                    "--batch-size", "8", "--no-progress", *extra)
         assert res.returncode == 0, res.stderr[-2000:]
         outputs[name] = res.stdout
     return root, outputs
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, env=ENV,
-                          cwd=ROOT, timeout=600)
 
 
 def test_a_device_decoder_store_equals_the_pillow_store_and_records_the_host_decoded_rows(stores):
@@ -132,10 +120,10 @@ def test_a_device_decoder_store_equals_the_pillow_store_and_records_the_host_dec
 
 def test_a_second_run_with_another_decoder_is_refused(stores):
     root, _ = stores
-    res = _cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / "device.zarr"), "--teacher",
+    res = cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / "device.zarr"), "--teacher",
                TINY_TEACHER, "--pretrained", "none", "--views", "2", "--workers", "0", "--view-path", "device")
     assert res.returncode == 2 and "decoder: store has 'torchvision', this run 'pillow'" in res.stderr, res.stderr
-    res = _cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / "new.zarr"), "--teacher",
+    res = cli("extract-targets", "--shards", str(root / "shards"), "--out", str(root / "new.zarr"), "--teacher",
                TINY_TEACHER, "--pretrained", "none", "--views", "2", "--view-path", "pillow", "--decoder", "device")
     assert res.returncode == 2 and "--decoder device" in res.stderr and "--view-path device" in res.stderr
 
@@ -145,7 +133,7 @@ def test_stage_2_decodes_as_the_store_did_and_trains_the_same(stores):
     losses = {}
     for decoder in ("store", "host"):
         out = root / f"run_{decoder}"
-        res = _cli("pretrain", "--shards", str(root / "shards"), "--targets", str(root / "device.zarr"), "--model",
+        res = cli("pretrain", "--shards", str(root / "shards"), "--targets", str(root / "device.zarr"), "--model",
                    "cae2_debug", "--out", str(out), "--steps", "3", "--batch-size", "6", "--workers", "2",
                    "--log-every", "1", "--warmup-steps", "1", "--lr", "2e-3", "--allow-random-teacher",
                    "--view-path", "device", "--decoder", decoder, "--no-progress")
@@ -154,7 +142,7 @@ def test_stage_2_decodes_as_the_store_did_and_trains_the_same(stores):
         assert said in res.stderr and "WARNING" not in res.stderr
         losses[decoder] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["store"]) == 3 and losses["store"] == losses["host"]
-    res = _cli("verify-targets", str(root / "device.zarr"), "--shards", str(root / "shards"), "--recompute", "8",
+    res = cli("verify-targets", str(root / "device.zarr"), "--shards", str(root / "shards"), "--recompute", "8",
                "--pretrained", "none")
     assert res.returncode == 0 and "min cosine 1.000000" in res.stdout and "verify: OK" in res.stdout, res.stdout
 
@@ -182,7 +170,7 @@ def test_crossing_to_other_pixels_is_refused_unless_asked_and_then_said():
 
 def test_convert_keeps_the_decoder_and_the_host_decoded_rows(stores):
     root, _ = stores
-    res = _cli("convert-targets", str(root / "device.zarr"), str(root / "int8.zarr"), "--latent-format", "int8")
+    res = cli("convert-targets", str(root / "device.zarr"), str(root / "int8.zarr"), "--latent-format", "int8")
     assert res.returncode == 0, res.stderr[-2000:]
     source, converted = TargetStore.open(root / "device.zarr"), TargetStore.open(root / "int8.zarr")
     assert converted.meta.decoder == "torchvision"

@@ -125,6 +125,7 @@ print("kernels exact", len(params), sum(p.flip for p in params))
 """
 
 
+@pytest.mark.slow
 def test_the_triton_kernels_are_exact_under_the_interpreter():
     pytest.importorskip("triton")
     res = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, cwd=ROOT, timeout=900,

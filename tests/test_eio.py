@@ -23,15 +23,10 @@ import numpy as np
 import pytest
 
 from cae2.errors import UserError
-from pipelines.extract.config import ExtractConfig
-from pipelines.extract.run import run_extract
 from pipelines.shards import make_shards
 from targets.cache import TargetStore
-from targets.teacher import TeacherSpec
-from tests.fixtures import TINY_TEACHER, write_good_images
-from tests.test_evaluate import _colour_classes
+from tests.fixtures import ROOT, TINY_TEACHER, cli, colour_classes, write_good_images
 
-ROOT = Path(__file__).resolve().parent.parent
 LIBFIU = sorted(glob.glob("/usr/lib/libfiu.so*") + glob.glob("/usr/lib/*-linux-gnu/libfiu.so*"))
 RUN_PRELOAD = next(iter(glob.glob("/usr/lib/fiu/fiu_run_preload.so") + glob.glob("/usr/lib/*/fiu/fiu_run_preload.so")),
                    None)
@@ -75,12 +70,6 @@ class Injected:
     def wait(self) -> tuple[int, str, str]:
         out, err = self.proc.communicate(timeout=600)
         return self.proc.returncode, out, err
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
 
 
 def _wait_for(condition, timeout: float = 120) -> None:
@@ -137,7 +126,7 @@ def _store_scenario(preload, tmp_path, args_for, reference: Path, seed: int, poi
     _check_failure(status, err)
     kept = _complete(out)
     assert all(kept.get(n) == m for n, m in before.items()), "a unit complete before the failure was touched"
-    again = _cli(*args_for(out))
+    again = cli(*args_for(out))
     assert again.returncode == 0, again.stderr[-2000:]
     a, b = _unit_arrays(reference), _unit_arrays(out)
     assert a.keys() == b.keys()
@@ -145,22 +134,27 @@ def _store_scenario(preload, tmp_path, args_for, reference: Path, seed: int, poi
         assert all(np.array_equal(a[name][k], b[name][k]) for k in a[name]), name
 
 
+@pytest.fixture(scope="module")
+def undisturbed(shards):
+    """The undisturbed results every scenario is compared with: the extraction (also the conversion's source)
+    and its int8 conversion."""
+    assert cli(*_extract_args(shards, shards / "reference.zarr")).returncode == 0
+    assert cli("convert-targets", shards / "reference.zarr", shards / "int8.zarr").returncode == 0
+    return shards
+
+
 @pytest.mark.parametrize("point", POINTS)
 @pytest.mark.parametrize("seed", [0])
-def test_eio_during_extraction(preload, shards, tmp_path, point, seed):
-    reference = tmp_path / "reference.zarr"
-    assert _cli(*_extract_args(shards, reference)).returncode == 0
-    _store_scenario(preload, tmp_path, lambda out: _extract_args(shards, out), reference, seed, point)
+def test_eio_during_extraction(preload, undisturbed, tmp_path, point, seed):
+    _store_scenario(preload, tmp_path, lambda out: _extract_args(undisturbed, out), undisturbed / "reference.zarr",
+                    seed, point)
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_eio_during_conversion(preload, shards, tmp_path, point):
-    source = tmp_path / "fp16.zarr"
-    run_extract(ExtractConfig(shards=str(shards / "shards"), out=str(source), views_per_image=2, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
-    reference = tmp_path / "reference.zarr"
-    assert _cli("convert-targets", str(source), str(reference)).returncode == 0
-    _store_scenario(preload, tmp_path, lambda out: ["convert-targets", str(source), str(out)], reference, 1, point)
+def test_eio_during_conversion(preload, undisturbed, tmp_path, point):
+    source = undisturbed / "reference.zarr"
+    _store_scenario(preload, tmp_path, lambda out: ["convert-targets", str(source), str(out)],
+                    undisturbed / "int8.zarr", 1, point)
 
 
 def _weights_sha(run_dir: Path) -> str:
@@ -173,11 +167,9 @@ def _losses(run_dir: Path) -> list:
             if "loss" in r]
 
 
-def _run_scenario(preload, tmp_path, args_for, seed: int, point: str, result) -> None:
+def _run_scenario(preload, tmp_path, args_for, seed: int, point: str, result, reference: Path) -> None:
     """Inject into a resumable run after some checkpoints, resume it, and compare with an undisturbed run."""
     rng = random.Random(seed)
-    reference = tmp_path / "reference"
-    assert _cli(*args_for(reference)).returncode == 0
     out = tmp_path / "run"
     run = Injected(preload, args_for(out), tmp_path / "ctl")
     wanted = rng.randint(1, 3)
@@ -188,38 +180,51 @@ def _run_scenario(preload, tmp_path, args_for, seed: int, point: str, result) ->
     status, _, err = run.wait()
     _check_failure(status, err)
     assert all(Path(c).is_file() for c in before), "a complete checkpoint was lost"
-    again = _cli(*args_for(out), "--resume", "latest")
+    again = cli(*args_for(out), "--resume", "latest")
     assert again.returncode == 0, again.stderr[-2000:]
     assert result(out) == result(reference)
 
 
+def _pretrain_args(shards: Path, out: Path) -> list[str]:
+    return ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "reference.zarr"), "--model",
+            "cae2_debug", "--out", str(out), "--steps", "60", "--batch-size", "4", "--workers", "0",
+            "--allow-random-teacher", "--lr", "1e-3", "--save-every", "4", "--keep-last", "100", "--log-every", "1",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pretrain_reference(undisturbed) -> Path:
+    assert cli(*_pretrain_args(undisturbed, undisturbed / "run")).returncode == 0
+    return undisturbed / "run"
+
+
 @pytest.mark.parametrize("point", POINTS)
-def test_eio_during_pretraining(preload, shards, tmp_path, point):
-    store = tmp_path / "t.zarr"
-    run_extract(ExtractConfig(shards=str(shards / "shards"), out=str(store), views_per_image=2, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
+def test_eio_during_pretraining(preload, undisturbed, pretrain_reference, tmp_path, point):
+    _run_scenario(preload, tmp_path, lambda out: _pretrain_args(undisturbed, out), 2, point,
+                  lambda run: (_losses(run), _weights_sha(run)), pretrain_reference)
 
-    def args_for(out: Path) -> list[str]:
-        return ["pretrain", "--shards", str(shards / "shards"), "--targets", str(store), "--model", "cae2_debug",
-                "--out", str(out), "--steps", "60", "--batch-size", "4", "--workers", "0", "--allow-random-teacher",
-                "--lr", "1e-3", "--save-every", "4", "--keep-last", "100", "--log-every", "1", "--no-progress"]
 
-    _run_scenario(preload, tmp_path, args_for, 2, point, lambda run: (_losses(run), _weights_sha(run)))
+def _probe_args(labelled: Path, out: Path) -> list[str]:
+    return ["evaluate", "linear", "--protocol", "official", "--model", f"clip:{TINY_TEACHER}:none", "--train",
+            str(labelled / "train"), "--val", str(labelled / "val"), "--out", str(out) + ".json", "--run-dir", str(out),
+            "--workers", "0", "--epochs", "40", "--warmup-epochs", "2", "--batch-size", "4", "--global-batch", "8",
+            "--save-every", "3", "--keep-last", "100", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """Colour classes, and the undisturbed probe on them (labelled/probe.json)."""
+    root = tmp_path_factory.mktemp("eio_labelled")
+    colour_classes(root / "train", 6, seed=1)
+    colour_classes(root / "val", 4, seed=2)
+    assert cli(*_probe_args(root, root / "probe")).returncode == 0
+    return root
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_eio_during_the_official_linear_probe(preload, tmp_path, point):
-    _colour_classes(tmp_path / "labelled" / "train", 6, seed=1)
-    _colour_classes(tmp_path / "labelled" / "val", 4, seed=2)
-
-    def args_for(out: Path) -> list[str]:
-        return ["evaluate", "linear", "--protocol", "official", "--model", f"clip:{TINY_TEACHER}:none", "--train",
-                str(tmp_path / "labelled" / "train"), "--val", str(tmp_path / "labelled" / "val"), "--out",
-                str(out) + ".json", "--run-dir", str(out), "--workers", "0", "--epochs", "40", "--warmup-epochs", "2",
-                "--batch-size", "4", "--global-batch", "8", "--save-every", "3", "--keep-last", "100"]
-
+def test_eio_during_the_official_linear_probe(preload, labelled, tmp_path, point):
     def result(out: Path):
         record = json.loads(Path(str(out) + ".json").read_text())["results"]
         return record["head_sha256"], record["top1"]
 
-    _run_scenario(preload, tmp_path, args_for, 3, point, result)
+    _run_scenario(preload, tmp_path, lambda out: _probe_args(labelled, out), 3, point, result, labelled / "probe")

@@ -1,7 +1,6 @@
 """Stage 1 end to end on real tar shards, a real Zarr store and a tiny random open_clip teacher."""
 
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -24,15 +23,17 @@ from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
 from targets.cache import TargetStore, unit_files
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import ViewParams, apply_view, measure_view
-from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, launch_errors, write_bad_images, write_good_images
+from tests.fixtures import (
+    ACCELERATE_2CPU,
+    ENV,
+    TINY_TEACHER,
+    cli,
+    launch_errors,
+    write_bad_images,
+    write_good_images,
+)
 
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
 
 
 def extract_args(shards, out, views=2):
@@ -226,6 +227,7 @@ def _unit_values(path):
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     write_good_images(tmp_path / "images", 48, sizes=((300, 400), (256, 256)))
     make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=3)
@@ -254,11 +256,12 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     assert verify_store(str(out), str(tmp_path / "shards")).ok
 
 
-def test_a_claim_left_half_written_is_redone_not_counted_complete(store, shards, tmp_path):
+def test_a_claim_left_half_written_is_redone_not_counted_complete(store, shards, tmp_path, monkeypatch):
     """A job whose write of a unit's claim failed (EIO) leaves an empty claim file and no unit: a rerun
     waits for the claim to count as abandoned, then writes the unit."""
     import shutil
 
+    monkeypatch.setattr("targets.claims.HALF_WRITTEN_FOR", 0.5)  # 5 s in real runs
     out = tmp_path / "copy.zarr"
     shutil.copytree(store[0], out)
     name = TargetStore.open(out).unit_names()[1]
@@ -324,7 +327,7 @@ def _start_together(args: list[str], tmp_path: Path, count: int):
     deadline = time.time() + 300
     while waiting and time.time() < deadline:
         for i in list(waiting):
-            if "to do on this rank" in logs[i][0].read_text() or procs[i].poll() is not None:
+            if "to do on this rank" in logs[i][1].read_text() or procs[i].poll() is not None:
                 procs[i].send_signal(signal.SIGSTOP)
                 waiting.discard(i)
         time.sleep(0.005)
@@ -333,6 +336,7 @@ def _start_together(args: list[str], tmp_path: Path, count: int):
     return procs, logs
 
 
+@pytest.mark.slow
 def test_three_concurrent_jobs_share_the_units_and_equal_one_job(tmp_path):
     write_good_images(tmp_path / "images", 36, sizes=((120, 160), (96, 96)))
     make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=2)  # 18 units

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,21 +20,18 @@ from timm.optim import create_optimizer_v2
 from pipelines.cli import run
 from pipelines.evaluate.finetune_config import RECIPES
 from pipelines.evaluate.finetune_model import build, load_source
-from tests.fixtures import ACCELERATE_2CPU, launch_errors
-from tests.test_evaluate import _colour_classes
+from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, cli, colour_classes, launch_errors
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 MODEL = "timm:vit_tiny_patch16_224:random"
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
     root = tmp_path_factory.mktemp("colours")
-    _colour_classes(root / "train", 16, seed=1)
-    _colour_classes(root / "val", 8, seed=2)
-    _colour_classes(root / "shuffled_train", 16, seed=3, shuffle=True)
-    _colour_classes(root / "shuffled_val", 8, seed=4, shuffle=True)
+    colour_classes(root / "train", 16, seed=1)
+    colour_classes(root / "val", 8, seed=2)
+    colour_classes(root / "shuffled_train", 16, seed=3, shuffle=True)
+    colour_classes(root / "shuffled_val", 8, seed=4, shuffle=True)
     return root
 
 
@@ -70,6 +66,7 @@ def test_layer_decay_groups_follow_the_formula():
     assert min(g["lr_scale"] for g in optimizer.param_groups) == pytest.approx(0.75 ** 13)
 
 
+@pytest.mark.slow
 def test_colour_classes_are_learned_and_shuffled_labels_are_not(colours, tmp_path, capsys):
     assert run(_args(colours, tmp_path / "run", "--epochs", "10", "--rand-augment", "none", "--mixup", "0")) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
@@ -100,19 +97,16 @@ def _sha(path: Path, prefix: str) -> str:
 def test_kill_9_after_the_second_checkpoint_then_resume_equals_an_uninterrupted_run(colours, tmp_path):
     extra = ("--epochs", "6", "--save-every", "2", "--keep-last", "10")  # 18 steps, the recipe's augmentations
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipelines.cli"]
-    assert subprocess.run([*cmd, *_args(colours, straight, *extra)], env=ENV, cwd=ROOT, capture_output=True,
-                          timeout=900).returncode == 0
-    proc = subprocess.Popen([*cmd, *_args(colours, killed, *extra)], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    assert cli(*_args(colours, straight, *extra)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *_args(colours, killed, *extra)], env=ENV,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and len(list(killed.glob("checkpoints/*/COMPLETE"))) < 2:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "result.json").exists()
-    res = subprocess.run([*cmd, *_args(colours, killed, *extra, "--resume", "latest")], env=ENV, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+    res = cli(*_args(colours, killed, *extra, "--resume", "latest"))
     assert res.returncode == 0 and "resumed from" in res.stderr + res.stdout, res.stderr[-2000:]
     a, b = (json.loads((d / "result.json").read_text()) for d in (straight, killed))
     assert (a["top1"], a["top5"], a["history"]) == (b["top1"], b["top5"], b["history"])
@@ -127,8 +121,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_accumulation(colours, tmp_path):
     extra = ("--epochs", "3", "--workers", "1")  # mixup, RandAugment and random erasing on, keyed
-    one = subprocess.run([sys.executable, "-m", "pipelines.cli", *_args(colours, tmp_path / "one", *extra)],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    one = cli(*_args(colours, tmp_path / "one", *extra))
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([*ACCELERATE_2CPU, "-m", "pipelines.cli", *_args(colours, tmp_path / "two", *extra)],
                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)

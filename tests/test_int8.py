@@ -1,7 +1,6 @@
 """int8 target stores: quantisation error, markers, --min-cosine, conversion, stage 2 on int8 targets."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,16 +23,9 @@ from pipelines.shards import expand_shards, make_shards
 from targets.cache import TargetStore
 from targets.quantize import QMAX, dequantize, quantize, token_errors
 from targets.teacher import Teacher, TeacherSpec
-from tests.fixtures import TINY_TEACHER, write_bad_images, write_good_images
+from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, write_bad_images, write_good_images
 
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def _extract(shards: Path, out: Path, fmt: str, **kw):
@@ -150,6 +142,7 @@ def test_converted_store_equals_and_trains_like_an_int8_extraction(data, tmp_pat
     assert losses["extracted"] == losses["converted"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_conversion_then_rerun_gives_the_same_store(tmp_path):
     write_good_images(tmp_path / "images", 40, sizes=((64, 64),))
     make_shards(tmp_path / "images", tmp_path / "shards", samples_per_shard=1)  # 40 units

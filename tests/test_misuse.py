@@ -3,8 +3,12 @@ the correct result) with the documented exit status."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -18,38 +22,27 @@ import torch
 
 import cae2
 from cae2.errors import UserError
+from pipelines import cli as cli_module
 from pipelines.cli import run
 from pipelines.evaluate.models import load_feature_model
-from pipelines.extract.config import ExtractConfig
-from pipelines.extract.run import run_extract
 from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.schedule import Schedule
-from pipelines.shards import make_shards
-from targets.teacher import TeacherSpec
-from tests.fixtures import ACCELERATE_2CPU, TINY_TEACHER, write_good_images
-from tests.test_evaluate import _colour_classes
+from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, TINY_TEACHER, cli, colour_classes
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TEACHER = f"clip:{TINY_TEACHER}:none"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Shards, their store, a short run and labelled images."""
-    root = tmp_path_factory.mktemp("misuse")
-    write_good_images(root / "images", 32, sizes=((72, 96), (64, 64)))
-    make_shards(root / "images", root / "shards", samples_per_shard=8)
-    run_extract(ExtractConfig(shards=str(root / "shards"), out=str(root / "t.zarr"), views_per_image=2, workers=0,
-                              progress=False, teacher=TeacherSpec(name=TINY_TEACHER, pretrained="none")))
-    assert run(_pretrain(root, root / "run", "--steps", "2")) == 0
-    _colour_classes(root / "labelled" / "train", 6, seed=1)
-    _colour_classes(root / "labelled" / "val", 4, seed=2)
-    return root
+def data(corpus, tiny_run, labelled):
+    """The session's shards, their store, a short run (DATA/run) and labelled images (DATA/labelled)."""
+    if not (corpus / "labelled").exists():
+        (corpus / "labelled").symlink_to(labelled)
+    return corpus
 
 
 def _pretrain(root: Path, out: Path, *extra) -> list[str]:
-    return ["pretrain", "--shards", str(root / "shards"), "--targets", str(root / "t.zarr"), "--model", "cae2_debug",
+    return ["pretrain", "--shards", str(root / "shards"), "--targets", str(root / "targets.zarr"), "--model",
+            "cae2_debug",
             "--out", str(out), "--batch-size", "4", "--workers", "0", "--allow-random-teacher", "--lr", "1e-3",
             "--no-progress", *extra]
 
@@ -62,7 +55,7 @@ def _one_line(capsys) -> str:
 
 def test_the_feature_cache_is_keyed_by_the_files_not_their_count(data, tmp_path, capsys):
     labelled = tmp_path / "labelled"
-    subprocess.run(["cp", "-r", str(data / "labelled"), str(labelled)], check=True)
+    shutil.copytree(data / "labelled", labelled)
     args = ["evaluate", "knn", "--model", TEACHER, "--train", str(labelled / "train"), "--val", str(labelled / "val"),
             "--workers", "0", "--ks", "1", "--cache-dir", str(tmp_path / "cache")]
     assert run([*args, "--out", str(tmp_path / "a.json")]) == 0
@@ -91,7 +84,7 @@ def test_a_peak_lr_below_the_final_lr_is_refused():
 
 
 def test_pretrain_out_is_never_the_store_or_a_folder_of_other_files(data, tmp_path, capsys):
-    assert run(_pretrain(data, data / "t.zarr", "--steps", "1")) == 2
+    assert run(_pretrain(data, data / "targets.zarr", "--steps", "1")) == 2
     assert "overlap" in _one_line(capsys)
     other = tmp_path / "photos"
     other.mkdir()
@@ -143,13 +136,14 @@ def test_a_clip_weights_file_open_clip_does_not_know_is_evaluated_with_quick_gel
 
 
 @pytest.mark.slow
-def test_evaluate_a_vit_b_16_weights_file_with_no_quick_gelu(data, tmp_path):
+def test_evaluate_a_vit_b_16_weights_file_with_no_quick_gelu(tmp_path):
     weights = tmp_path / "b16.pt"
     torch.save(open_clip.create_model("ViT-B-16").state_dict(), weights)
-    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "knn", "--model",
-                          f"clip:ViT-B-16:{weights}", "--no-quick-gelu", "--train", str(data / "labelled" / "train"),
-                          "--val", str(data / "labelled" / "val"), "--workers", "0", "--ks", "5", "--out",
-                          str(tmp_path / "k.json")], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    colour_classes(tmp_path / "train", 2, seed=1)  # a few images: ViT-B/16 takes ~0.3 s per image here
+    colour_classes(tmp_path / "val", 1, seed=2)
+    res = cli("evaluate", "knn", "--model", f"clip:ViT-B-16:{weights}", "--no-quick-gelu", "--train",
+              tmp_path / "train", "--val", tmp_path / "val", "--workers", "0", "--ks", "5", "--out",
+              tmp_path / "k.json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "k.json").read_text())["feature_dim"] == 512
 
@@ -163,7 +157,7 @@ def test_a_teacher_image_size_off_the_patch_grid_is_one_line(data, tmp_path, cap
 
 def test_a_truncated_tar_shard_is_named_without_internals(data, tmp_path, capsys):
     shards = tmp_path / "shards"
-    subprocess.run(["cp", "-r", str(data / "shards"), str(shards)], check=True)
+    shutil.copytree(data / "shards", shards)
     tar = sorted(shards.glob("*.tar"))[1]
     data_ = tar.read_bytes()
     tar.write_bytes(data_[:len(data_) // 2 + 100])  # cut inside a member
@@ -173,6 +167,7 @@ def test_a_truncated_tar_shard_is_named_without_internals(data, tmp_path, capsys
     assert status == 1 and f"FAILED: shard {tar}" in out and "BufferedReader" not in out and "(\"" not in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_says_so_and_resumes(data, tmp_path):
     out = tmp_path / "run"
     # a loader worker too: it leaves Ctrl-C to the main process
@@ -189,8 +184,7 @@ def test_ctrl_c_saves_a_checkpoint_says_so_and_resumes(data, tmp_path):
     assert "interrupted at step" in stdout and "--resume latest" in stdout and "Traceback" not in stderr
     step = int(stdout.split("interrupted at step ")[1].split(":")[0])
     assert 0 < step < 400 and (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
-    res = subprocess.run([*cmd, "--steps", str(step + 2), "--resume", "latest"], capture_output=True, text=True,
-                         env=ENV, cwd=ROOT, timeout=300)
+    res = cli(*cmd[3:], "--steps", str(step + 2), "--resume", "latest")
     assert res.returncode == 0 and f"resumed from {out / 'checkpoints'}" in res.stderr, res.stderr[-1500:]
 
 
@@ -205,13 +199,20 @@ def test_a_failure_under_cae2_launch_is_one_line_per_process(tmp_path):
     assert all(line.startswith("error:") for line in lines) and any("does not exist" in line for line in lines)
 
 
-@pytest.mark.parametrize("error, shown", [("OSError(5, 'Input/output error')", False), ("ValueError('bug')", True)])
-def test_sibling_read_errors_left_by_zarr_are_not_printed_after_the_error_line(error, shown):
+@pytest.mark.parametrize("error, shown", [(OSError(5, "Input/output error"), False), (ValueError("bug"), True)])
+def test_sibling_read_errors_left_by_zarr_are_not_printed_after_the_error_line(error, shown, caplog):
     """zarr gathers a chunk's reads and raises the first EIO; asyncio would print the others' tracebacks when
     their futures are collected. The CLI drops those OSErrors (the error line said it) and nothing else."""
-    code = ("import asyncio, gc, logging; from pipelines import cli; "
-            "logging.getLogger('asyncio').addFilter(cli._sibling_os_error); loop = asyncio.new_event_loop(); "
-            f"future = loop.create_future(); future.set_exception({error}); del future; gc.collect()")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                         timeout=120).stderr
-    assert ("exception was never retrieved" in err) == shown, err
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(cli_module._sibling_os_error)
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        future.set_exception(error)
+        del future
+        gc.collect()
+    finally:
+        loop.close()
+        asyncio_log.removeFilter(cli_module._sibling_os_error)
+    said = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert any("exception was never retrieved" in m for m in said) == shown, said

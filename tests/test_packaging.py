@@ -8,6 +8,7 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from pipelines.cli_docs import DOC, render
+from tests.fixtures import cli
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
@@ -45,6 +46,7 @@ def test_dockerfile_is_pinned_non_root_exec_form(path, tmp_path):
     assert "/data" in volumes and "/out" in volumes
 
 
+@pytest.mark.slow
 def test_hadolint_passes():
     import sys
 
@@ -57,14 +59,8 @@ def test_hadolint_passes():
 
 
 def test_debug_flag_shows_traceback_only_when_asked(tmp_path):
-    import os
-    import sys
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = ["verify-targets", str(tmp_path / "missing.zarr")]
-    plain = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, env=env)
-    debug = subprocess.run([sys.executable, "-m", "pipelines.cli", "--debug", *args], capture_output=True, text=True,
-                           env=env)
+    plain, debug = cli(*args), cli("--debug", *args)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().startswith("error: STORE") and len(plain.stderr.strip().splitlines()) == 1
     assert debug.returncode != 0 and "Traceback" in debug.stderr

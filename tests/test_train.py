@@ -34,7 +34,6 @@ from tests.fixtures import (
     TINY_TEACHER,
     cli,
     launch_errors,
-    write_bad_images,
     write_good_images,
 )
 
@@ -48,16 +47,9 @@ def _extract(shards: Path, out: Path, k: int = 2) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_good_images(root / "train_images", 46, seed=0)
-    write_bad_images(root / "train_images")  # 2 of them are skipped by stage 1
-    make_shards(root / "train_images", root / "shards", samples_per_shard=9)  # 6 shards, 54 samples, 52 valid
-    write_good_images(root / "heldout_images", 12, seed=99)
-    make_shards(root / "heldout_images", root / "heldout", samples_per_shard=6)
-    _extract(root / "shards", root / "targets.zarr")
-    _extract(root / "heldout", root / "heldout.zarr", k=1)
-    return root
+def data(corpus):
+    """The session's corpus: 6 shards (52 valid samples), their store (K = 2), held-out shards and store."""
+    return corpus
 
 
 def pretrain_args(data, out, *extra, steps=20):
@@ -95,6 +87,7 @@ def test_end_to_end_loss_falls_and_heldout_alignment_rises(data, tmp_path):
     assert after > before + 0.1, (before, after)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_reproduces_every_loss(data, tmp_path):
     straight = tmp_path / "straight"
     assert cli(*pretrain_args(data, straight, "--save-every", "10")).returncode == 0
@@ -127,6 +120,7 @@ def test_resume_after_kill_9_reproduces_every_loss(data, tmp_path):
     assert any(a[s] != c[s] for s in range(11, 21)), "the negative control must differ"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli",

@@ -18,6 +18,7 @@ share the units, each written once: a unit another live process holds is skipped
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from pipelines.logs import Progress
 from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
 from targets.cache import StoreMeta, TargetStore
-from targets.claims import Heartbeat, Holder, release
+from targets.claims import Heartbeat, Holder, claims_within, release
 from targets.decoders import device_decoder_name, require_device_view_path
 from targets.device_views import DeviceViews, Packer
 from targets.quantize import QuantStats
@@ -220,15 +221,27 @@ class Extraction:
                             prefetch_factor=8 if workers else None, persistent_workers=False)
         self.bar = Progress(len(todo), unit="unit", enabled=self.show_progress, name="extract-targets")
         self.t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as self.pool:
-            for item in loader:
-                self.handlers[type(item)](item)
-            self.feed(final=True)
-            for f in self.writes:
-                f.result()
-        self.heartbeat.stop()
-        self.bar.close()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as self.pool:
+                for item in loader:
+                    self.handlers[type(item)](item)
+                self.feed(final=True)
+                for f in self.writes:
+                    f.result()
+        except BaseException:
+            self.release_claims()
+            raise
+        finally:
+            self.heartbeat.stop()
+            self.bar.close()
         assert not self.units, f"units left unfinished: {sorted(self.units)}"
+
+    def release_claims(self) -> None:
+        """A run that fails lets go of the units it holds at once (where the file system still allows it), so
+        that its rerun, or another job, takes them without waiting for the claims to go stale."""
+        with contextlib.suppress(OSError):
+            for claim in claims_within(self.store.path):
+                release(claim, self.holder)
 
     # --- the loader's messages ---------------------------------------------------------------------
 
@@ -307,8 +320,8 @@ class Extraction:
             del self.units[unit]
             self.bar.update(1)
             self.finish_unit(unit, asm)
-        while len(self.writes) > 16:  # bound memory held by queued blocks; surface writer errors
-            self.writes.pop(0).result()
+        while self.writes and (self.writes[0].done() or len(self.writes) > 16):  # a writer error surfaces at once;
+            self.writes.pop(0).result()                                          # queued blocks stay bounded
 
     def finish_unit(self, unit: str, asm: UnitAssembler) -> None:
         int8 = self.meta.latent_format == "int8"
