@@ -118,7 +118,8 @@ def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int 
     """A valid target store with real view parameters and random latents of CLIP ViT-B/16's shape
     (for pipeline benchmarks that need the store's layout and sizes, not the teacher's values)."""
     from pipelines.shards import expand_shards, image_bytes, iter_shard
-    from targets.cache import StoreMeta, TargetStore
+    from targets.store import TargetStore
+    from targets.store_meta import StoreMeta
     from targets.views import ViewSettings, decode_image, measure_view, sample_view
 
     settings = ViewSettings()

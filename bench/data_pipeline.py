@@ -29,8 +29,8 @@ def main() -> None:
     import cae2
     from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, sample_rng, view_index
     from pipelines.shards import expand_shards, image_bytes, iter_shard
-    from targets.cache import TargetStore
     from targets.device_views import PackedImages, crop_record
+    from targets.store import TargetStore
     from targets.views import ViewParams, apply_view, decode_image
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-data-"))

@@ -40,7 +40,7 @@ def main() -> None:
 
     from pipelines.extract.config import ExtractConfig
     from pipelines.extract.run import run_extract
-    from targets.cache import TargetStore
+    from targets.store import TargetStore
     from targets.teacher import Teacher, TeacherSpec
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-extract-"))
@@ -95,7 +95,7 @@ def teacher_modes(spec, device: str, modes: list[str], store: Path, batch_size: 
 
     from bench.speedup import flops_per_sample
     from pipelines.shards import image_bytes, iter_shard
-    from targets.cache import TargetStore
+    from targets.store import TargetStore
     from targets.teacher import Teacher
     from targets.views import ViewParams, apply_view, decode_image
 

@@ -42,7 +42,7 @@ def main() -> None:
     from pipelines.extract.run import run_extract
     from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
     from pipelines.shards import expand_shards
-    from targets.cache import TargetStore
+    from targets.store import TargetStore
     from targets.teacher import TeacherSpec
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-int8-"))

@@ -204,7 +204,7 @@ def main() -> None:
 
     from pipelines.extract.config import ExtractConfig
     from pipelines.extract.run import run_extract
-    from targets.cache import TargetStore
+    from targets.store import TargetStore
     from targets.teacher import TeacherSpec
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

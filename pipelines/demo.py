@@ -34,7 +34,7 @@ from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.export import export_encoder, load_model
 from pipelines.pretrain.loop import train
 from pipelines.shards import make_shards
-from targets.cache import TargetStore
+from targets.store import TargetStore
 from targets.teacher import TeacherSpec
 
 

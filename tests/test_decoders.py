@@ -14,8 +14,8 @@ from PIL import Image
 
 from cae2.errors import UserError
 from pipelines.shards import make_shards
-from targets.cache import TargetStore
 from targets.decoders import decode_all, decode_on_device, device_decodable, resolve_decoder
+from targets.store import TargetStore
 from targets.views import decode_image
 from tests.fixtures import TINY_TEACHER, cli, synthetic_image, write_bad_images, write_good_images
 

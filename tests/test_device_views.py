@@ -16,8 +16,8 @@ from pipelines.demo import synthetic_image
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.shards import make_shards
-from targets.cache import TargetStore
 from targets.device_views import DeviceViews, PackedImages, crop_record
+from targets.store import TargetStore
 from targets.teacher import TeacherSpec
 from targets.view_inputs import vertical_first
 from targets.views import ViewParams, ViewSettings, apply_view, measure_view, sample_view

@@ -24,7 +24,7 @@ import pytest
 
 from cae2.errors import UserError
 from pipelines.shards import make_shards
-from targets.cache import TargetStore
+from targets.store import TargetStore
 from tests.fixtures import ROOT, TINY_TEACHER, cli, colour_classes, write_good_images
 
 LIBFIU = sorted(glob.glob("/usr/lib/libfiu.so*") + glob.glob("/usr/lib/*-linux-gnu/libfiu.so*"))

@@ -20,8 +20,9 @@ from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.extract.verify import verify_store
 from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
-from targets.cache import TargetStore, unit_files
+from targets.store import TargetStore
 from targets.teacher import Teacher, TeacherSpec
+from targets.unit_files import unit_files
 from targets.views import ViewParams, apply_view, measure_view
 from tests.fixtures import (
     ACCELERATE_2CPU,

@@ -20,8 +20,8 @@ from pipelines.extract.run import run_extract
 from pipelines.extract.verify import verify_store
 from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
 from pipelines.shards import expand_shards, make_shards
-from targets.cache import TargetStore
 from targets.quantize import QMAX, dequantize, quantize, token_errors
+from targets.store import TargetStore
 from targets.teacher import Teacher, TeacherSpec
 from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, write_bad_images, write_good_images
 

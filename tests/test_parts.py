@@ -20,7 +20,8 @@ from pipelines.pretrain.data import ShardIndex, StreamConfig, _shuffled, plan_ep
 from pipelines.pretrain.schedule import Schedule, lr_at
 from pipelines.pretrain.step import StepParts, make_optimizer, train_step
 from pipelines.shards import Shard
-from targets.cache import StoreMeta, TargetStore
+from targets.store import TargetStore
+from targets.store_meta import StoreMeta
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -10,7 +10,7 @@ from cae2.errors import UserError
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.shards import expand_shards, iter_shard, make_shards
-from targets.cache import TargetStore
+from targets.store import TargetStore
 from targets.teacher import BUNDLED_CONFIGS, TeacherSpec
 from tests.fixtures import write_good_images
 

@@ -13,7 +13,8 @@ import zarr
 
 from pipelines.extract.verify import verify_store
 from targets.block_files import LatentsChecksum
-from targets.cache import StoreMeta, TargetStore
+from targets.store import TargetStore
+from targets.store_meta import StoreMeta
 from targets.views import ViewSettings
 
 K, T, D, ROWS = 3, 5, 8, 4

@@ -16,7 +16,7 @@ from pipelines.cli import run
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.shards import make_shards
-from targets.cache import TargetStore
+from targets.store import TargetStore
 from targets.teacher import TeacherSpec
 from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, TINY_TEACHER, launch_errors, write_good_images
 

@@ -25,7 +25,7 @@ from pipelines.extract.run import run_extract
 from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
 from pipelines.pretrain.export import load_model
 from pipelines.shards import expand_shards, make_shards
-from targets.cache import TargetStore
+from targets.store import TargetStore
 from targets.teacher import Teacher, TeacherSpec
 from tests.fixtures import (
     ACCELERATE_2CPU,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.shards import expand_shards, image_bytes, iter_shard
-from targets.cache import TargetStore
+from targets.store import TargetStore
 from targets.views import ViewParams, apply_view, decode_image, normalize
 
 

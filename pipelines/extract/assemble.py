@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.cache import StoreMeta, UnitWriter
 from targets.quantize import QuantStats
+from targets.store_meta import StoreMeta
+from targets.unit_writer import UnitWriter
 
 
 class UnitAssembler:

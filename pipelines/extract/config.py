@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from cae2.fields import OneOf, PathKind, Range, check_fields
-from targets.cache import require_local_out
 from targets.claims import STALE_AFTER
 from targets.decoders import DECODER_CHOICES
 from targets.quantize import LATENT_FORMATS
+from targets.store import require_local_out
 from targets.teacher import PRECISIONS, TeacherSpec
 from targets.view_paths import VIEW_PATHS
 from targets.views import ViewSettings

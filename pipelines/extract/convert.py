@@ -22,9 +22,9 @@ from cae2.errors import UserError
 from cae2.fields import Argument, OneOf, PathKind, Range
 from pipelines.logs import Progress
 from pipelines.runs import process_state
-from targets.cache import TargetStore, require_local_out
 from targets.claims import Heartbeat, Holder, release, try_claim
 from targets.quantize import QuantStats, quantize, token_errors
+from targets.store import TargetStore, require_local_out
 
 logger = logging.getLogger(__name__)
 

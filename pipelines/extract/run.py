@@ -39,11 +39,12 @@ from pipelines.extract.teacher_queue import TeacherQueue, cut_views, decode_jpeg
 from pipelines.logs import Progress
 from pipelines.runs import init_worker, process_state
 from pipelines.shards import Shard, expand_shards, shard_changed
-from targets.cache import StoreMeta, TargetStore
 from targets.claims import Heartbeat, Holder, claims_within, release
 from targets.decoders import device_decoder_name, require_device_view_path
 from targets.device_views import DeviceViews, Packer
 from targets.quantize import QuantStats
+from targets.store import TargetStore
+from targets.store_meta import StoreMeta
 from targets.teacher import Teacher
 from targets.view_paths import resolve_view_path, where_views_are_cut
 

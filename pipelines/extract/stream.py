@@ -15,9 +15,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cae2.errors import UserError
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_identity
-from targets.cache import TargetStore
 from targets.claims import STALE_AFTER, Holder, release, try_claim
 from targets.decoders import device_decodable
+from targets.store import TargetStore
 from targets.views import DecodeError, ViewSettings, apply_view, decode_image, measure_view, sample_view
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 from cae2.errors import UserError
 from cae2.fields import Argument, PathKind, Range
 from pipelines.shards import expand_shards, image_bytes, iter_shard
-from targets.block_files import LatentsChecksum
-from targets.cache import DamagedUnit, IncompleteUnit, TargetStore, view_checksum
+from targets.block_files import LatentsChecksum, view_checksum
 from targets.decoders import decode_on_device
+from targets.store import DamagedUnit, IncompleteUnit, TargetStore
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
 

@@ -36,9 +36,11 @@ from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.runs import init_worker
 from pipelines.shards import Shard, image_bytes, iter_shard, shard_changed
-from targets.cache import N_INT, CorruptTarget, DamagedUnit, StoreMeta, TargetStore
 from targets.decoders import device_decodable
 from targets.device_views import PackedImages, crop_record
+from targets.store import DamagedUnit, TargetStore
+from targets.store_meta import N_INT, StoreMeta
+from targets.unit_reader import CorruptTarget
 from targets.views import ViewParams, apply_view, decode_image, measure_view
 
 

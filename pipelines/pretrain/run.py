@@ -35,9 +35,10 @@ from pipelines.pretrain.step import StepParts, make_optimizer
 from pipelines.run_loop import restore, start_accelerator
 from pipelines.runs import RunLock, git_sha
 from pipelines.shards import expand_shards
-from targets.cache import StoreMeta, TargetStore
 from targets.decoders import DECODERS, DecoderUse, resolve_decoder
 from targets.device_views import DeviceViews
+from targets.store import TargetStore
+from targets.store_meta import StoreMeta
 from targets.teacher import teacher_for_store
 from targets.view_paths import resolve_view_path, where_views_are_cut
 from targets.views import ViewSettings

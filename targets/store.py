@@ -1,0 +1,278 @@
+"""The target store: a self-describing Zarr v3 group of teacher latents keyed by view parameters.
+
+Layout (see docs/cache.md):
+
+    STORE/zarr.json                      attrs["cae2"]: schema, teacher, views, seed, K, grid, dims, ...
+    STORE/units/<shard file name>/       one group per input shard ("unit"); attrs["complete"] last
+        latents     [N, K, 1 + T, D] float16   chunk = one view; block (a zarr shard file) = `images_per_shard`
+                                               images
+                                               (int8 stores: int8, and scales [N, K, 1 + T] float32;
+                                               latents ~= latents * scales[..., None])
+        keys        [N] str                    sample keys in shard order
+        valid       [N] bool                   False: skipped in stage 1 (reason in the marker)
+        view_int    [N, K, 10] int32           jitter order (4), flip, crop top, left, height, width,
+                                               contrast mean (-1: contrast off; schema 1 has 9 columns)
+        view_float  [N, K, 4] float32          brightness, contrast, saturation, hue factors
+        image_hw    [N, 2] int32               decoded image size (H, W)
+
+Row i of a unit is the i-th sample of the shard, so stage 2 joins a streamed sample to its
+targets by (shard name, position) and checks the key. Exactly one process writes a unit
+(`targets.unit_writer`), every block of `latents` is written whole in one call, and the completion
+marker (sample count, checksum, skipped samples) is written last: a unit without it is incomplete and
+is redone. `targets.unit_reader` reads a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import zarr
+
+from cae2.errors import UserError, naming
+from targets.block_files import BlockFileWriter
+from targets.claims import (
+    Holder,
+    claim_beside,
+    claim_within,
+    claims_within,
+    holder_alive,
+    read_claim,
+    release,
+    try_claim,
+)
+from targets.store_meta import READABLE_SCHEMAS, ROOT_ATTR, StoreMeta
+from targets.unit_files import files_problem
+from targets.unit_reader import MARKER_ATTR, UnitReader
+from targets.unit_writer import UnitWriter
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _unfinished_creation(path: Path) -> bool:
+    """True for a store whose creation was interrupted: no cae2 attribute (written last) and no units."""
+    try:
+        data = json.loads((path / "zarr.json").read_text())
+        attrs = data.get("attributes", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return not any((path / "units").glob("*/zarr.json"))
+    return ROOT_ATTR not in attrs and not any((path / "units").glob("*/zarr.json"))
+
+
+def require_local_out(path: str) -> None:
+    if not _is_local(path):
+        raise UserError(f"--out {path}: target stores are written to a local or mounted file system path "
+                        "(the writer relies on atomic renames); copy the finished store elsewhere afterwards")
+
+
+class TargetStore:
+    """A target store opened for reading (`open`) or for extraction (`create_or_validate`)."""
+
+    def __init__(self, path: str | Path, group: zarr.Group, meta: StoreMeta):
+        self.path = str(path)
+        self.group = group
+        self.meta = meta
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> TargetStore:
+        path = str(path)
+        if _is_local(path) and not (Path(path) / "zarr.json").is_file():
+            raise UserError(f"target store {path} does not exist (no zarr.json); run `cae2 extract-targets` first")
+        damaged = f"target store {path}: {path}/zarr.json is damaged"
+        try:
+            with naming(Path(path) / "zarr.json"):
+                group = zarr.open_group(path, mode=mode)
+                raw = group.attrs.get(ROOT_ATTR)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zarr reports unreadable metadata in many types
+            raise UserError(f"{damaged} ({type(e).__name__}: {str(e)[:160]}); restore it from a copy, or extract "
+                            "into a new --out") from None
+        if not raw:
+            raise UserError(f"{path} is a Zarr group but not a cae2 target store (no '{ROOT_ATTR}' attribute)")
+        if not isinstance(raw, dict):
+            raise UserError(f"{damaged}: its '{ROOT_ATTR}' attribute is {raw!r}, not a store description; restore it "
+                            "from a copy, or extract into a new --out")
+        if raw.get("schema_version") not in READABLE_SCHEMAS:
+            raise UserError(f"target store {path} has schema version {raw.get('schema_version')}, this cae2 "
+                            f"reads {', '.join(map(str, READABLE_SCHEMAS))}; use the cae2 version that wrote "
+                            f"it ({raw.get('cae2_version') or 'unknown'}) or rebuild it with this one")
+        try:
+            meta = StoreMeta.from_json(raw)
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(f"{damaged}: its store description does not read ({e}); restore it from a copy, or "
+                            "extract into a new --out") from None
+        return cls(path, group, meta)
+
+    @classmethod
+    def check_settings(cls, path: str | Path, meta: StoreMeta) -> None:
+        """Read-only: raise the error `create_or_validate` would raise for this path (not a local path,
+        a store built with other settings, a directory that is not a store). Every rank calls this
+        before anyone writes."""
+        path = str(path)
+        require_local_out(path)
+        if not Path(path).exists():
+            return
+        creator, age = read_claim(claim_beside(path, "create"))
+        if creator is not None and holder_alive(creator, age, 60):
+            return  # another process is creating it; create_or_validate checks it once that is done
+        if (Path(path) / "zarr.json").is_file():
+            if not _unfinished_creation(Path(path)):
+                diffs = cls.open(path).meta.differences(meta)
+                if diffs:
+                    raise UserError(f"target store {path} was built with other settings ({'; '.join(diffs)}); "
+                                    "use a new --out, or rerun with the store's settings")
+        elif any(Path(path).iterdir()):
+            raise UserError(f"--out {path} exists and is not a cae2 target store; choose an empty or new directory")
+
+    @classmethod
+    def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
+        """Create the store, or open an existing one whose settings equal `meta` (else a clear error).
+        Processes that call this at once (independent jobs on one --out) take turns: one creates, the
+        others then validate what it made."""
+        path = str(path)
+        lock = claim_beside(path, "create")
+        me = Holder.me()
+        deadline = time.monotonic() + 300
+        while not try_claim(lock, me, stale_after=60)[0]:
+            if time.monotonic() > deadline:
+                raise UserError(f"--out {path}: another process has been creating this store for 5 minutes "
+                                f"({lock}); remove that file if no process is")
+            time.sleep(0.1)
+        try:
+            return cls._create_or_validate(path, meta)
+        finally:
+            release(lock, me)
+
+    @classmethod
+    def _create_or_validate(cls, path: str, meta: StoreMeta) -> TargetStore:
+        cls.check_settings(path, meta)
+        if (Path(path) / "zarr.json").is_file():
+            if not _unfinished_creation(Path(path)):
+                return cls.open(path, mode="r+")
+            shutil.rmtree(path)  # a run killed while creating the store: nothing in it yet
+        group = zarr.open_group(path, mode="w")
+        group.require_group("units")
+        group.attrs[ROOT_ATTR] = meta.to_json()  # written last: the store exists once this does
+        return cls(path, group, meta)
+
+    def remove_stale_partials(self) -> int:
+        """Delete temp files of writes that a killed process left behind (zarr's LocalStore writes
+        `<name>.<uuid>.partial`, then renames it). Creating a unit also (re)writes the metadata of the
+        store and of `units/`, so those two folders can hold some; an incomplete unit is removed whole
+        when it is redone. While another live process holds a claim on a unit of the store, only files
+        older than five minutes go (a live writer's temp file lives for milliseconds)."""
+        others = any(holder is not None and holder_alive(holder, age)
+                     for holder, age in map(read_claim, claims_within(self.path)))
+        older_than = 300.0 if others else -1.0
+        now = time.time()
+        stale = []
+        for p in [*Path(self.path).glob("*.partial"), *(Path(self.path) / "units").glob("*.partial")]:
+            try:
+                if now - p.stat().st_mtime > older_than:
+                    p.unlink()
+                    stale.append(p)
+            except FileNotFoundError:
+                continue
+        return len(stale)
+
+    # --- units --------------------------------------------------------------------------------
+
+    def unit_names(self) -> list[str]:
+        """Every unit folder (complete, incomplete or damaged: `unit_state` tells which)."""
+        if _is_local(self.path):  # a listing, so that one unreadable unit's metadata hides no other unit
+            folder = Path(self.path) / "units"
+            return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
+        units = self.group.get("units")
+        return sorted(units.group_keys()) if units is not None else []
+
+    def marker(self, unit: str) -> dict | None:
+        """The unit's completion marker, or None when the unit is missing, incomplete or damaged (its
+        marker does not hold: `unit_state` says why)."""
+        return self.unit_state(unit)[0]
+
+    def unit_state(self, unit: str) -> tuple[dict | None, str | None]:
+        """(marker, None) for a complete unit whose marker holds; (None, None) for a missing or incomplete
+        one; (None, why) for a damaged one: its metadata cannot be read, or a file the marker lists is
+        missing or has another size. A rerun of the command that wrote the unit redoes both."""
+        folder = Path(self.path) / "units" / unit
+        if not (folder / "zarr.json").is_file():
+            return None, None
+        try:
+            with naming(folder / "zarr.json"):  # a failing disk is reported as such, not as a damaged unit
+                marker = self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            return None, f"its zarr.json cannot be read ({type(e).__name__}: {str(e)[:120]})"
+        if marker is None:
+            return None, None
+        if not isinstance(marker, dict) or not isinstance(marker.get("num_samples"), int):
+            return None, "its completion marker is not a marker cae2 writes"
+        problem = files_problem(folder, marker, self.meta.latent_format)
+        return (None, problem) if problem else (marker, None)
+
+    def claim_path(self, unit: str) -> Path:
+        """The claim file of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""
+        return claim_within(self.path, unit)
+
+    def begin_unit(self, unit: str, source: str, keys: list[str], view_path: str = "pillow",
+                   source_identity: dict | None = None) -> UnitWriter:
+        """Start (or restart) a unit: an incomplete leftover is removed first. `source`: the shard's URL;
+        `source_identity`: what tells that shard apart from another of the same name (its marker keeps it)."""
+        with naming(Path(self.path) / "units" / unit):
+            return self._begin_unit(unit, source, keys, view_path, source_identity)
+
+    def _begin_unit(self, unit: str, source: str, keys: list[str], view_path: str,
+                    source_identity: dict | None) -> UnitWriter:
+        self._remove_unit(unit)
+        m = self.meta
+        n = len(keys)
+        ug = self.group.require_group(f"units/{unit}")
+        ug.attrs["source"] = source
+
+        def per_view(name: str, dtype: str, view_shape: tuple[int, ...]) -> zarr.Array:
+            return ug.create_array(name, shape=(n, m.views_per_image, *view_shape), dtype=dtype,
+                                   chunks=(1, 1, *view_shape), shards=(m.images_per_shard, m.views_per_image,
+                                                                        *view_shape),
+                                   compressors=None, fill_value=0)
+
+        int8 = m.latent_format == "int8"
+        latents = per_view("latents", "int8" if int8 else "float16", (m.num_tokens, m.latent_dim))
+        scales = per_view("scales", "float32", (m.num_tokens,)) if int8 else None
+        direct = BlockFileWriter.for_array(latents, self.path, f"units/{unit}/latents")
+        direct_scales = BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None
+        return UnitWriter(ug, Path(self.path) / "units" / unit, latents, keys, m.views_per_image, m.images_per_shard,
+                          view_path, direct, scales, direct_scales, source_identity)
+
+    def _remove_unit(self, unit: str) -> None:
+        folder = Path(self.path) / "units" / unit  # stores are written on local paths only
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    def unit(self, unit: str) -> UnitReader:
+        marker, problem = self.unit_state(unit)
+        if problem:
+            raise DamagedUnit(self.path, unit, problem)
+        if marker is None:
+            raise IncompleteUnit(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
+                                 "`cae2 extract-targets` with the same options to finish it")
+        with naming(Path(self.path) / "units" / unit):
+            return UnitReader(self.group[f"units/{unit}"], self.path)
+
+
+class IncompleteUnit(UserError):
+    """A unit that is missing, or whose writer has not finished it (no completion marker)."""
+
+
+class DamagedUnit(UserError):
+    """A unit whose completion marker does not hold (files missing or cut short, unreadable metadata)."""
+
+    def __init__(self, store: str, unit: str, problem: str):
+        self.unit, self.problem = unit, problem
+        super().__init__(f"target store {store}: unit {unit} is damaged: {problem}; rerun the command that wrote "
+                         "it (extract-targets or convert-targets) with the same options: it redoes the unit")
