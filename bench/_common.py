@@ -12,6 +12,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL
+import psutil
+import torch
+import zarr
+
+from cae2.masking import create_mask_generator
+from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
+from targets.store import TargetStore
+from targets.store_meta import StoreMeta
+from targets.views import ViewSettings, decode_image, measure_view, sample_view
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = Path(os.environ.get("CAE2_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))  # dry runs write elsewhere
@@ -19,10 +29,6 @@ SAMPLE = Path(os.environ.get("CAE2_BENCH_IMAGES", ROOT.parent / "shared" / "data
 
 
 def machine() -> str:
-    import PIL
-    import torch
-    import zarr
-
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,8 +54,6 @@ def table(headers: list[str], rows: list[list]) -> str:
 def publish(section: str, body: str) -> None:
     """Print a section and write it between its markers in docs/benchmarks.md. On a machine with a GPU
     the section is a separate one (`<section>-gpu`, the GPU named in its heading): CPU figures stay."""
-    import torch
-
     if torch.cuda.is_available():
         section += "-gpu"
         heading, _, rest = body.strip().partition("\n")
@@ -66,8 +70,6 @@ def publish(section: str, body: str) -> None:
 
 def rate(fn, calls: int, items_per_call: int) -> float:
     """Items/s of `calls` calls of fn (after one warm-up call), synchronising CUDA around the timing."""
-    import torch
-
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -81,10 +83,6 @@ def rate(fn, calls: int, items_per_call: int) -> float:
 
 def synthetic_masks(model_cfg, n: int):
     """n block masks of a student ([n, N] bool tensor), as the data loader makes them."""
-    import torch
-
-    from cae2.masking import create_mask_generator
-
     gen = create_mask_generator(model_cfg)
     return torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(n)]))
 
@@ -98,8 +96,6 @@ def sample_images(n: int | None = None) -> list[Path]:
 
 def make_sample_shards(work: Path, n: int | None = None, per_shard: int = 50, repeat: int = 1) -> Path:
     """Shards of the real ImageNet sample (optionally repeated to make a larger data set)."""
-    from pipelines.shards import make_shards
-
     src = work / "images"
     if src.exists():
         shutil.rmtree(src)
@@ -117,11 +113,6 @@ def make_sample_shards(work: Path, n: int | None = None, per_shard: int = 50, re
 def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int = 512, seed: int = 0) -> Path:
     """A valid target store with real view parameters and random latents of CLIP ViT-B/16's shape
     (for pipeline benchmarks that need the store's layout and sizes, not the teacher's values)."""
-    from pipelines.shards import expand_shards, image_bytes, iter_shard
-    from targets.store import TargetStore
-    from targets.store_meta import StoreMeta
-    from targets.views import ViewSettings, decode_image, measure_view, sample_view
-
     settings = ViewSettings()
     meta = StoreMeta(teacher={"name": "benchmark-random-latents", "random_init": True}, views=settings.to_dict(),
                      seed=seed, views_per_image=k, input_size=224, grid=(14, 14), num_tokens=tokens, latent_dim=dim,
@@ -153,14 +144,10 @@ class PeakRSS:
     shared between the forked workers and their parent are counted once, not once per process."""
 
     def __init__(self, pid: int):
-        import psutil
-
         self.proc = psutil.Process(pid)
         self.peak = 0
 
     def sample(self) -> None:
-        import psutil
-
         try:
             procs = [self.proc, *self.proc.children(recursive=True)]
             total = 0

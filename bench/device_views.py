@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bench._common import publish, sample_images, table
-from targets.decoders import decode_on_device
+from targets.decoders import decode_on_device, device_decodable, device_decoder_name
+from targets.device_views import DeviceViews, Packer, use_kernels
+from targets.teacher import Teacher, TeacherSpec
+from targets.views import ViewSettings, apply_view, decode_image, measure_view, sample_view
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--views", type=int, default=5, help="K, stage 1's default: the host copies each image once")
@@ -30,78 +34,101 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--decoder", choices=("host", "device"), default="host",
                     help="device: the JPEGs are decoded on the device (nvJPEG on a GPU), the rest by Pillow")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from targets.decoders import device_decodable, device_decoder_name
-    from targets.device_views import DeviceViews, Packer, use_kernels
-    from targets.teacher import Teacher, TeacherSpec
-    from targets.views import ViewSettings, apply_view, decode_image, measure_view, sample_view
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Inputs:
+    """The sample decoded by Pillow, the files a device decoder takes, and each image's K views' records."""
+
+    images: list
+    arrays: list[np.ndarray]
+    jpegs: list[torch.Tensor | None]
+    sampled: list[list]
+    view_int: list[np.ndarray]
+    view_float: list[np.ndarray]
+    us: dict[str, float]  # host time per image or view of each step the loader workers take
+
+
+def prepare(args: argparse.Namespace) -> Inputs:
     files = sample_images(args.images)
     t0 = time.perf_counter()
     images = [decode_image(p.read_bytes()) for p in files]
-    ms_decode = (time.perf_counter() - t0) / len(images) * 1e3
-    arrays = [np.asarray(img) for img in images]
-    jpegs = [None] * len(files)  # --decoder device: the files it takes (headers read in the loader workers)
+    us = {"decode": (time.perf_counter() - t0) / len(images) * 1e6}
+    jpegs: list[torch.Tensor | None] = [None] * len(files)  # --decoder device: the files it takes (headers only)
     datas = [p.read_bytes() for p in files]
     t0 = time.perf_counter()
     if args.decoder == "device":
         jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if device_decodable(data).host_reason is None
                  else None for data in datas]
-    us_header = (time.perf_counter() - t0) / len(images) * 1e6
+    us["header"] = (time.perf_counter() - t0) / len(images) * 1e6
     t0 = time.perf_counter()
     sampled = [[sample_view(ViewSettings(), 0, p.stem, k, (img.height, img.width)) for k in range(args.views)]
                for p, img in zip(files, images, strict=True)]
-    us_sample = (time.perf_counter() - t0) / (len(images) * args.views) * 1e6
+    us["sample"] = (time.perf_counter() - t0) / (len(images) * args.views) * 1e6
     records = [[v.to_record() for v in views] for views in sampled]  # what the workers hand on, per image
-    view_int = [np.stack([r[0] for r in recs]) for recs in records]
-    view_float = [np.stack([r[1] for r in recs]) for recs in records]
+    return Inputs(images, [np.asarray(img) for img in images], jpegs, sampled,
+                  [np.stack([r[0] for r in recs]) for recs in records], [np.stack([r[1] for r in recs]) for recs in
+                                                                          records], us)
+
+
+def pillow_views(inputs: Inputs, teacher: Teacher) -> tuple[torch.Tensor, float]:
+    """The same views on the Pillow path -> (views, ms per view)."""
+    params = [measure_view(v, img) for vs, img in zip(inputs.sampled, inputs.images, strict=True) for v in vs]
+    owner = [i for i, vs in enumerate(inputs.sampled) for _ in vs]
+    t0 = time.perf_counter()
+    pillow = torch.stack([apply_view(inputs.images[i], p, teacher.image_size, teacher.interpolation)
+                          for i, p in zip(owner, params, strict=True)])
+    return pillow, (time.perf_counter() - t0) / len(owner) * 1e3
+
+
+def main() -> None:
+    args = parse()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = prepare(args)
     teacher = Teacher(TeacherSpec(name=args.teacher, pretrained="none"), device=device)
     views = DeviceViews(teacher.image_size, teacher.interpolation, device)
     per_image = args.batch_size // args.views
-    batches = [range(s, min(s + per_image, len(images))) for s in range(0, len(images), per_image)]
-
+    n = len(inputs.images)
+    batches = [range(s, min(s + per_image, n)) for s in range(0, n, per_image)]
     packer = Packer(device)  # its host buffers are allocated once, as in a run: warm every one of them up
-    sources = [j if j is not None else a for j, a in zip(jpegs, arrays, strict=True)]
+    sources = [j if j is not None else a for j, a in zip(inputs.jpegs, inputs.arrays, strict=True)]
     for _ in range(-(-len(packer.buffers) // len(batches))):
-        run(views, packer, sources, view_int, view_float, batches, device)
-    out, spent = run(views, packer, sources, view_int, view_float, batches, device)
-    n_views = len(images) * args.views
-    params = [measure_view(v, img) for vs, img in zip(sampled, images, strict=True) for v in vs]
-    owner = [i for i in range(len(images)) for _ in range(args.views)]
-    t0 = time.perf_counter()
-    pillow = torch.stack([apply_view(images[i], p, teacher.image_size, teacher.interpolation)
-                          for i, p in zip(owner, params, strict=True)])
-    ms_pillow = (time.perf_counter() - t0) / n_views * 1e3
+        run(views, packer, sources, inputs.view_int, inputs.view_float, batches, device)
+    out, spent = run(views, packer, sources, inputs.view_int, inputs.view_float, batches, device)
+    pillow, ms_pillow = pillow_views(inputs, teacher)
     diff = (out.int() - pillow.int()).abs()
     cos = torch.cat([F.cosine_similarity(teacher(pillow[s:s + 256]), teacher(out[s:s + 256]), dim=-1).flatten()
-                     for s in range(0, n_views, 256)])
+                     for s in range(0, len(out), 256)])
+    publish("device-views" if args.decoder == "host" else "device-decode",
+            report(args, inputs, teacher, device, diff, cos, ms_pillow, spent))
+
+
+def report(args: argparse.Namespace, inputs: Inputs, teacher: Teacher, device: torch.device, diff: torch.Tensor,
+           cos: torch.Tensor, ms_pillow: float, spent: dict[str, float]) -> str:
+    n_views = len(diff)
     renderer = "Triton kernels" if use_kernels(device) else "the plain-torch renderer"
     where = f"{device} ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "cpu"
-    host = spent[HOST]
-    decoded = f"{sum(j is not None for j in jpegs)} decoded on the device ({device_decoder_name(device)}), the " \
-        f"rest by Pillow" if args.decoder == "device" else "decoded by Pillow"
-    body = (f"## Device view path: fidelity and cost (--decoder {args.decoder})\n\n"
-            f"{len(images)} real ImageNet JPEGs ({decoded}) x K = {args.views} views ({n_views}), default view "
-            "settings, "
-            f"{teacher.image_size} px {teacher.interpolation}; device path on {where} with {renderer}, batches of "
-            f"{args.batch_size} views; teacher {args.teacher} (random weights) {teacher.precision} on both paths' "
-            "views of the same parameters.\n\n"
+    decoded = f"{sum(j is not None for j in inputs.jpegs)} decoded on the device ({device_decoder_name(device)}), " \
+        "the rest by Pillow" if args.decoder == "device" else "decoded by Pillow"
+    return (f"## Device view path: fidelity and cost (--decoder {args.decoder})\n\n"
+            f"{len(inputs.images)} real ImageNet JPEGs ({decoded}) x K = {args.views} views ({n_views}), default "
+            f"view settings, {teacher.image_size} px {teacher.interpolation}; device path on {where} with "
+            f"{renderer}, batches of {args.batch_size} views; teacher {args.teacher} (random weights) "
+            f"{teacher.precision} on both paths' views of the same parameters.\n\n"
             + table(["measure", "value"], [
                 ["views whose pixels differ from the Pillow path", f"{int((diff.flatten(1).amax(1) > 0).sum())} of "
                                                                     f"{n_views}"],
                 ["max abs pixel difference (levels)", int(diff.max())],
                 ["teacher latents, min token cosine (goal >= 0.9999)", f"{float(cos.min()):.6f}"],
-                ["host: decode (Pillow), ms per image", ms_decode],
+                ["host: decode (Pillow), ms per image", inputs.us["decode"] / 1e3],
                 ["host: Pillow view (jitter, flip, crop, resize), ms per view", ms_pillow],
-                ["host, loader workers: view parameters (sample_view), us per view", us_sample],
-                *([["host, loader workers: JPEG header and bytes to a tensor, us per image", us_header]]
+                ["host, loader workers: view parameters (sample_view), us per view", inputs.us["sample"]],
+                *([["host, loader workers: JPEG header and bytes to a tensor, us per image", inputs.us["header"]]]
                   if args.decoder == "device" else []),
-                ["host, main process, besides decoding: us per view (goal <= 5)", host],
+                ["host, main process, besides decoding: us per view (goal <= 5)", spent[HOST]],
                 *[[f"  {name} (us per view)", us] for name, us in spent.items()],
             ]))
-    publish("device-views" if args.decoder == "host" else "device-decode", body)
 
 
 HOST = "host: pack images, stack records, plan, launch"

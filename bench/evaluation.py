@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
+import cae2
 from bench._common import publish, sample_images, table
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.evaluate.data import load_labelled
+from pipelines.evaluate.features import extract_features
+from pipelines.evaluate.knn import knn_classify
+from pipelines.evaluate.models import FeatureModel
 
 
 def main() -> None:
@@ -25,12 +31,6 @@ def main() -> None:
     ap.add_argument("--presets", default="cae2_vit_tiny,cae2_vit_base")
     args = ap.parse_args()
 
-    import cae2
-    from cae2.config import IMAGENET_MEAN, IMAGENET_STD
-    from pipelines.evaluate.data import load_labelled
-    from pipelines.evaluate.features import extract_features
-    from pipelines.evaluate.knn import knn_classify
-    from pipelines.evaluate.models import FeatureModel
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-eval-"))
     for i, p in enumerate(sample_images(args.images)):  # an ImageFolder tree: one class per image
         folder = work / f"c{i:03d}"

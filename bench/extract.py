@@ -15,15 +15,23 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bench._common import make_sample_shards, publish, rate, table
+from bench.speedup import flops_per_sample
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.shards import image_bytes, iter_shard
+from targets.store import TargetStore
+from targets.teacher import Teacher, TeacherSpec
+from targets.views import ViewParams, apply_view, decode_image
 
 
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--repeat", type=int, default=1, help="Use each image this many times (under other keys).")
@@ -36,13 +44,11 @@ def main() -> None:
     ap.add_argument("--teacher-modes", default=None,
                     help="Comma-separated precision modes to time ('+compile' compiles the tower); default: "
                          "fp16,fp16-weights,fp16-weights+compile on a GPU, none on CPU.")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from pipelines.extract.config import ExtractConfig
-    from pipelines.extract.run import run_extract
-    from targets.store import TargetStore
-    from targets.teacher import Teacher, TeacherSpec
 
+def main() -> None:
+    args = parse()
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-extract-"))
     units = max(4, 2 * args.workers)  # stage 1 gives each decode worker whole shards
     shards = make_sample_shards(work, n=args.images, per_shard=max(args.images * args.repeat // units, 1),
@@ -91,14 +97,6 @@ def main() -> None:
 def teacher_modes(spec, device: str, modes: list[str], store: Path, batch_size: int) -> str:
     """The teacher's forward per mode: views/s and TFLOP/s on in-memory batches, and the cosine of its
     latents to the first mode's on real views (the store's first unit, re-cut by the Pillow path)."""
-    import torch.nn.functional as F
-
-    from bench.speedup import flops_per_sample
-    from pipelines.shards import image_bytes, iter_shard
-    from targets.store import TargetStore
-    from targets.teacher import Teacher
-    from targets.views import ViewParams, apply_view, decode_image
-
     ts = TargetStore.open(store)
     name = ts.unit_names()[0]
     unit = ts.unit(name)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench._common import publish, sample_images, table
+from pipelines.cli import run
 
 
 def main() -> None:
@@ -27,8 +28,6 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--input-size", type=int, default=224)
     args = ap.parse_args()
-
-    from pipelines.cli import run
 
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-finetune-"))
     for split in ("train", "val"):

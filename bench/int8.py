@@ -18,14 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cae2
 from bench._common import ROOT, make_sample_shards, publish, table
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
+from pipelines.shards import expand_shards
+from targets.store import TargetStore
+from targets.teacher import TeacherSpec
 
 
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--views", type=int, default=2)
@@ -34,47 +41,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return ap.parse_args()
 
-    import cae2
-    from pipelines.extract.config import ExtractConfig
-    from pipelines.extract.run import run_extract
-    from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
-    from pipelines.shards import expand_shards
-    from targets.store import TargetStore
-    from targets.teacher import TeacherSpec
 
-    work = Path(tempfile.mkdtemp(prefix="cae2-bench-int8-"))
-    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images // 6, 1))
+def extract_both(args: argparse.Namespace, shards: Path, work: Path) -> tuple[dict, dict, dict]:
+    """The same shards extracted as fp16 and int8 -> ({format: store path}, {format: seconds}, {format: stats})."""
     spec = TeacherSpec(name=args.teacher, pretrained="none")
-    stores, seconds, summaries = {}, {}, {}
+    stores, seconds, stats = {}, {}, {}
     for fmt in ("fp16", "int8"):
         stores[fmt] = work / f"{fmt}.zarr"
         t0 = time.perf_counter()
-        stats = run_extract(ExtractConfig(shards=str(shards), out=str(stores[fmt]), teacher=spec, progress=False,
-                                          views_per_image=args.views, workers=args.workers, latent_format=fmt))
+        stats[fmt] = run_extract(ExtractConfig(shards=str(shards), out=str(stores[fmt]), teacher=spec,
+                                               progress=False, views_per_image=args.views, workers=args.workers,
+                                               latent_format=fmt))
         seconds[fmt] = time.perf_counter() - t0
-        summaries[fmt] = stats
-    views = summaries["fp16"].views
-    size = {fmt: du(path / "units") / views for fmt, path in stores.items()}
-    meta = TargetStore.open(stores["fp16"]).meta
-    raw = meta.num_tokens * meta.latent_dim
-    q = summaries["int8"].quant
+    return stores, seconds, stats
 
-    # the same views' int8 vs fp16 targets, read back (both hold the same teacher output)
-    a, b = TargetStore.open(stores["fp16"]), TargetStore.open(stores["int8"])
+
+def read_back(a: TargetStore, b: TargetStore, views: int) -> tuple[torch.Tensor, float]:
+    """Token cosines of the same views' int8 and fp16 targets, read back, and the latents' max abs value."""
     cos = []
     for name in a.unit_names():
         ua, ub = a.unit(name), b.unit(name)
         for row in np.flatnonzero(ua.valid):
-            for k in range(args.views):
+            for k in range(views):
                 cos.append(torch.nn.functional.cosine_similarity(torch.from_numpy(ua.read(row, k)).float(),
                                                                  torch.from_numpy(ub.read(row, k)), dim=-1))
-    cos = torch.cat(cos)
-    max_abs = max(float(np.abs(a.unit(n).latents[:]).max()) for n in a.unit_names())
+    return torch.cat(cos), max(float(np.abs(a.unit(n).latents[:]).max()) for n in a.unit_names())
 
-    # short pretrain, same seed
+
+def pretrain_losses(args: argparse.Namespace, shards: Path, stores: dict, work: Path, target_dim: int) -> dict:
+    """{format: the loss of every step} of a short pretrain on each store, same seed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     losses = {}
     for fmt, store in stores.items():
@@ -82,19 +79,20 @@ def main() -> None:
         cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", str(shards), "--targets", str(store),
                "--model", args.student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--workers", "0", "--log-every", "1", "--allow-random-teacher", "--target-dim",
-               str(meta.latent_dim), "--view-path", "pillow"]
+               str(target_dim), "--view-path", "pillow"]
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
         losses[fmt] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return losses
 
-    loss_gap = max(abs(x - y) for x, y in zip(losses["fp16"], losses["int8"], strict=True))
 
-    # stage 2 target reads and the loader
-    index = index_shards(a, expand_shards(str(shards)))
-    model_cfg = cae2.resolve_model_config(args.student, target_dim=meta.latent_dim)
+def stage2_reads(args: argparse.Namespace, shards: Path, stores: dict[str, TargetStore]) -> tuple[dict, dict]:
+    """Per format: ms per target read as stored, and the loader's samples/s on one core."""
+    index = index_shards(stores["fp16"], expand_shards(str(shards)))
+    model_cfg = cae2.resolve_model_config(args.student, target_dim=stores["fp16"].meta.latent_dim)
     read_ms, loader = {}, {}
-    for fmt, store in (("fp16", a), ("int8", b)):
+    for fmt, store in stores.items():
         units = [store.unit(n) for n in store.unit_names()]
         picks = [(u, int(r), int(r) % args.views) for u in units for r in np.flatnonzero(u.valid)]
         t0 = time.perf_counter()
@@ -113,7 +111,23 @@ def main() -> None:
         for _ in range(n):
             next(it)
         loader[fmt] = n * batch / (time.perf_counter() - t0)
+    return read_ms, loader
 
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(tempfile.mkdtemp(prefix="cae2-bench-int8-"))
+    shards = make_sample_shards(work, n=args.images, per_shard=max(args.images // 6, 1))
+    paths, seconds, stats = extract_both(args, shards, work)
+    stores = {fmt: TargetStore.open(path) for fmt, path in paths.items()}
+    cos, max_abs = read_back(stores["fp16"], stores["int8"], args.views)
+    losses = pretrain_losses(args, shards, paths, work, stores["fp16"].meta.latent_dim)
+    read_ms, loader = stage2_reads(args, shards, stores)
+    meta, views, q = stores["fp16"].meta, stats["fp16"].views, stats["int8"].quant
+    size = {fmt: du(path / "units") / views for fmt, path in paths.items()}
+    raw = meta.num_tokens * meta.latent_dim
+    loss_gap = max(abs(x - y) for x, y in zip(losses["fp16"], losses["int8"], strict=True))
     body = ("## int8 target stores\n\n"
             f"{args.images} real ImageNet JPEGs x K = {args.views} ({views} views), teacher {args.teacher} "
             f"(random weights: the figures users with real weights read come from their own markers), "

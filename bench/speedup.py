@@ -25,8 +25,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+import cae2
 from bench._common import ROOT, make_sample_shards, publish, rate, synthetic_masks, table
+from pipelines.extract.config import ExtractConfig
+from pipelines.extract.run import run_extract
+from pipelines.pretrain.config import COMPILE_MODES
+from pipelines.pretrain.step import make_optimizer
+from targets.store import TargetStore
+from targets.teacher import Teacher, TeacherSpec
 
 
 def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
@@ -36,12 +45,6 @@ def flops_per_sample(student: str, teacher_name: str) -> tuple[float, float]:
     the counter does not see inside those fused CPU kernels (it would report 22.7 instead of 35.3
     GFLOPs for the ViT-B/16 tower).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import cae2
-    from targets.teacher import Teacher, TeacherSpec
-
     teacher = Teacher(TeacherSpec(name=teacher_name, pretrained="none"))
     model = cae2.create_model(student, target_dim=teacher.dim)
     cfg = model.cfg
@@ -62,10 +65,6 @@ def in_memory_rates(student: str, teacher_name: str, batch_size: int, steps: int
     """(student training steps, teacher forwards) in samples/s on in-memory synthetic batches: the step
     of `cae2 pretrain` (same loss, optimizer, gradient clipping, precision, --compile with `compile` as
     --compile-mode; None: eager) without any data loading."""
-    import cae2
-    from pipelines.pretrain.step import make_optimizer
-    from targets.teacher import Teacher, TeacherSpec
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -136,8 +135,6 @@ STEP_COLUMNS = ["student", "batch", "compile mode", "samples/s", "TFLOP/s", "fas
 
 def compile_setting(text: str) -> str | None:
     """A --step-table setting: eager (or 0), or a torch.compile mode (1: default); None for eager."""
-    from pipelines.pretrain.config import COMPILE_MODES
-
     mode = {"0": "eager", "1": "default"}.get(text, text)
     if mode != "eager" and mode not in COMPILE_MODES:
         raise SystemExit(f"--step-table: {text!r} is not eager, 0, 1 or one of {', '.join(COMPILE_MODES)}")
@@ -178,7 +175,7 @@ def publish_student_steps(args, device: str, rows: list) -> None:
     publish("student-steps", body)
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1,
@@ -200,13 +197,34 @@ def main() -> None:
     ap.add_argument("--workers", default=None,
                     help="Comma-separated data-loader worker counts, one pair of runs each (default: 0,1 on CPU, "
                          "where a worker process competes with the training threads for the cores; 8 on a GPU).")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from pipelines.extract.config import ExtractConfig
-    from pipelines.extract.run import run_extract
-    from targets.store import TargetStore
-    from targets.teacher import TeacherSpec
 
+def cached_and_online(args: argparse.Namespace, student: str, shards: Path, store: Path, work: Path,
+                      workers: int, target_dim: int) -> dict[str, float]:
+    """{cache | online: samples/s} of two `cae2 pretrain` processes of `student`, alike but for --teacher-online."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rates = {}
+    for mode in ("cache", "online"):
+        run = work / f"{student}-{mode}-w{workers}"
+        cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", str(shards), "--targets",
+               str(store), "--model", student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
+               str(args.batch_size), "--workers", str(workers), "--log-every", "2", "--save-every", "100000",
+               "--allow-random-teacher", "--mixed-precision", args.mixed_precision, "--target-dim",
+               str(target_dim), "--view-path", args.view_path]
+        if args.compile:
+            cmd += ["--compile", "--compile-mode", args.compile_mode]
+        if mode == "online":
+            cmd.append("--teacher-online")
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+        rates[mode] = samples_per_s(run)
+    return rates
+
+
+def main() -> None:
+    args = parse()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.steps_only:
         rows = []
@@ -221,7 +239,6 @@ def main() -> None:
     worker_counts = [int(w) for w in (args.workers or ("8" if device == "cuda" else "0,1")).split(",")]
     run_extract(ExtractConfig(shards=str(shards), out=str(store), views_per_image=1, workers=max(max(worker_counts), 1),
                               progress=False, teacher=TeacherSpec(name=args.teacher, pretrained="none")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     target_dim = TargetStore.open(store).meta.latent_dim  # e.g. ViT-Large's preset head is 768-d (ViT-L/14)
     rows, ceilings, steps_table = [], [], []
     for student in args.students.split(","):
@@ -235,22 +252,7 @@ def main() -> None:
         ceilings.append([student, step_rate, teacher_rate, step_rate * s_flops / 1e9, teacher_rate * t_flops / 1e9,
                          measured_ceiling, measured_ceiling / predicted])
         for workers in worker_counts:
-            rates = {}
-            for mode in ("cache", "online"):
-                run = work / f"{student}-{mode}-w{workers}"
-                cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", str(shards), "--targets",
-                       str(store), "--model", student, "--out", str(run), "--steps", str(args.steps), "--batch-size",
-                       str(args.batch_size), "--workers", str(workers), "--log-every", "2", "--save-every", "100000",
-                       "--allow-random-teacher", "--mixed-precision", args.mixed_precision, "--target-dim",
-                       str(target_dim), "--view-path", args.view_path]
-                if args.compile:
-                    cmd += ["--compile", "--compile-mode", args.compile_mode]
-                if mode == "online":
-                    cmd.append("--teacher-online")
-                res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-                if res.returncode:
-                    raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-                rates[mode] = samples_per_s(run)
+            rates = cached_and_online(args, student, shards, store, work, workers, target_dim)
             measured = rates["cache"] / rates["online"]
             rows.append([student, workers, s_flops / 1e9, t_flops / 1e9, rates["online"], rates["cache"], measured,
                          predicted, measured / predicted, measured / measured_ceiling, rates["cache"] / step_rate])

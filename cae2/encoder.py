@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from cae2.config import ModelConfig
 from cae2.pos_embed import sincos_pos_embed_2d
@@ -34,6 +35,9 @@ class Encoder(VisionTransformer):
     gradient and changes no output. Everything else (pre-norm blocks, layer scale, final norm,
     LayerNorm eps 1e-6) matches the official encoder.
     """
+
+    pos_embed: nn.Parameter  # timm makes both (class token, learned-style embedding filled with sin-cos here)
+    cls_token: nn.Parameter
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(**timm_kwargs(cfg), drop_path_rate=cfg.drop_path, weight_init="skip")

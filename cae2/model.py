@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers.weight_init import trunc_normal_
 from torch import nn
 
 from cae2.config import ModelConfig
@@ -22,6 +22,8 @@ def _official_trunc_normal_(t: torch.Tensor, std: float = 0.02) -> None:
 
 
 class CAEv2(nn.Module):
+    regressor_pos_embed: torch.Tensor  # a buffer: fixed sin-cos positions [1, N, C]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers.drop import DropPath
+from timm.layers.mlp import Mlp
 from torch import nn
 
 

@@ -144,7 +144,7 @@ class BlockFileReader:
         index = self._index[block][:n]
         if (index[:, 1] == self.view_bytes).all() and \
                 (index[:, 0] == np.arange(n, dtype=np.uint64) * np.uint64(self.view_bytes)).all():
-            buf, done = memoryview(out).cast("B"), 0
+            buf, done = memoryview(out.data).cast("B"), 0
             while done < len(buf):
                 got = os.preadv(fd, [buf[done:]], done)
                 if got == 0:

@@ -102,7 +102,7 @@ def _frame_info(marker: int, segment: bytes, adobe_transform: int | None) -> Jpe
         return host(f"chroma sampling {sampling}")
     if height < 1 or width < 1:
         return host("no pixels")
-    if height * width > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow refuses these as decompression bombs
+    if Image.MAX_IMAGE_PIXELS and height * width > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow refuses decompression bombs
         return host("too many pixels")
     return JpegInfo(height, width, None)
 
@@ -119,7 +119,7 @@ def decode_on_device(datas: list[torch.Tensor], device: torch.device | str) -> l
 def decode_all(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | str]:
     """Batched decode, image by image only when the batch fails: each image, or why it failed."""
     try:
-        return decode_on_device(datas, device)
+        return list(decode_on_device(datas, device))
     except RuntimeError:
         pass
     out = []

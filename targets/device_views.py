@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -83,6 +84,7 @@ def _dense(first: torch.Tensor, weights: torch.Tensor, in_pad: int, size: torch.
     n, out, k = weights.shape
     cols = first.unsqueeze(-1) + torch.arange(k, device=first.device)
     if flip is not None:
+        assert size is not None, "a flipped row reads from its input's right end: pass the input sizes"
         mirrored = size.view(n, 1, 1) - 1 - cols
         cols = torch.where(flip.view(n, 1, 1), mirrored, cols)
     cols = cols.clamp_(0, in_pad - 1)  # padded taps have weight 0
@@ -161,8 +163,9 @@ class PackedImages:
         starts = _layout(hw)[1]
         pixels = torch.cat([im.reshape(-1) for im in images]) if images else \
             torch.empty(0, dtype=torch.uint8, device=device)
-        return cls(pixels, *(torch.from_numpy(a).to(device, non_blocking=True) for a in
-                             (starts, hw[:, 0].copy(), hw[:, 1].copy())), hw)
+        offsets, heights, widths = (torch.from_numpy(a).to(device, non_blocking=True) for a in
+                                    (starts, hw[:, 0].copy(), hw[:, 1].copy()))
+        return cls(pixels, offsets, heights, widths, hw)
 
     def images(self) -> list[torch.Tensor]:
         """Each image, uint8 [H, W, 3], a view of the buffer (the sizes come from the host's copy)."""
@@ -175,8 +178,9 @@ class PackedImages:
         return PackedImages(self.pixels.pin_memory(), self.offsets, self.heights, self.widths, self.hw)
 
     def to(self, device: torch.device) -> PackedImages:
-        return PackedImages(*(t.to(device, non_blocking=True) for t in
-                              (self.pixels, self.offsets, self.heights, self.widths)), self.hw)
+        pixels, offsets, heights, widths = (t.to(device, non_blocking=True) for t in
+                                            (self.pixels, self.offsets, self.heights, self.widths))
+        return PackedImages(pixels, offsets, heights, widths, self.hw)
 
 
 class Packer:
@@ -198,28 +202,35 @@ class Packer:
             return self._copy(images)
         on_host = [im for im, d in zip(images, there, strict=True) if not d]
         host = iter(self._copy(on_host).images() if on_host else [])
-        return PackedImages.join([im if d else next(host) for im, d in zip(images, there, strict=True)],
-                                 self.device)
+        joined = [torch.as_tensor(im) if d else next(host) for im, d in zip(images, there, strict=True)]
+        return PackedImages.join(joined, self.device)
 
     def _copy(self, images: list[torch.Tensor | np.ndarray]) -> PackedImages:
         slot, self.turn = self.turn % len(self.buffers), self.turn + 1
-        if self.copied[slot] is not None:
-            self.copied[slot].synchronize()
+        copied = self.copied[slot]
+        if copied is not None:
+            copied.synchronize()
         need = sum(im.shape[0] * im.shape[1] * 3 for im in images)
-        if self.buffers[slot] is None or self.buffers[slot].numel() < need:  # as large as any batch so far
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < need:  # as large as any batch so far
             size = int(max([need, *(b.numel() for b in self.buffers if b is not None)]) * 1.25)
-            self.buffers[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            buffer = self.buffers[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
             if not self.pin:  # pinned pages are resident already; pageable ones fault in once, here
-                self.buffers[slot].zero_()
-        packed = PackedImages.pack(images, buffer=self.buffers[slot]).to(self.device)
+                buffer.zero_()
+        packed = PackedImages.pack(images, buffer=buffer).to(self.device)
         if self.pin:
-            self.copied[slot] = torch.cuda.Event()
-            self.copied[slot].record()
+            event = self.copied[slot] = torch.cuda.Event()
+            event.record()
         return packed
 
 
+def kernels_for(device: torch.device) -> ModuleType | None:
+    """The Triton kernels where they run (a GPU, or Triton's interpreter), else None: the plain-torch renderer."""
+    return vk if vk is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") else None
+
+
 def use_kernels(device: torch.device) -> bool:
-    return vk is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return kernels_for(device) is not None
 
 
 def contrast_means(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
@@ -230,11 +241,13 @@ def contrast_means(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor
     device = images.pixels.device
     prog = vi.programs(ints, floats, before_contrast=True)
     npix = images.heights[owner] * images.widths[owner]
-    if use_kernels(device):
-        n_blocks = int(plan.pixels.max()) // vk.BLOCK + 1 if len(owner) else 1
+    kernels = kernels_for(device)
+    if kernels is not None:
+        n_blocks = int(plan.pixels.max()) // kernels.BLOCK + 1 if len(owner) else 1
         partial = torch.zeros((len(owner), n_blocks), dtype=torch.int32, device=device)
-        vk.launch(vk.contrast_sums_kernel, (len(owner), n_blocks), images.pixels, images.offsets[owner], npix,
-                  prog.pre, prog.saturation, prog.post, partial, n_blocks, HAS_SAT=True, BLOCK=vk.BLOCK)
+        kernels.launch(kernels.contrast_sums_kernel, (len(owner), n_blocks), images.pixels, images.offsets[owner],
+                       npix, prog.pre, prog.saturation, prog.post, partial, n_blocks, HAS_SAT=True,
+                       BLOCK=kernels.BLOCK)
         sums = partial.sum(1, dtype=torch.int64)
     else:
         sums = torch.stack([_gray_sum(_image(images, int(i)), prog, v) for v, i in enumerate(owner.tolist())]) \
@@ -289,8 +302,9 @@ def render(images: PackedImages, owner: torch.Tensor, ints: torch.Tensor, floats
     out = torch.empty((len(owner), 3, *out_hw), dtype=torch.uint8, device=device)
     if not len(owner):
         return out
-    if use_kernels(device):
-        _render_kernels(images, owner, prog, geo, out, out_hw, plan)
+    kernels = kernels_for(device)
+    if kernels is not None:
+        _render_kernels(kernels, images, owner, prog, geo, out, out_hw, plan)
     else:
         for v, i in enumerate(owner.tolist()):
             out[v] = _render_one(images, i, v, prog, geo)
@@ -308,8 +322,9 @@ def _render_one(images: PackedImages, i: int, v: int, prog: vi.Programs, geo: Vi
     return render_group(crop.contiguous(), g, bool(geo.vertical_first[v]))[0]
 
 
-def _render_kernels(images, owner, prog, geo, out, out_hw, plan: vi.BatchPlan) -> None:
+def _render_kernels(kernels: ModuleType, images, owner, prog, geo, out, out_hw, plan: vi.BatchPlan) -> None:
     """The kernel launches, every size from the host's plan: nothing here waits for the device."""
+    vk = kernels
     oh, ow = out_hw
     device = out.device
     base = images.offsets[owner]
@@ -341,7 +356,7 @@ class DeviceViews:
 
     def __init__(self, size: int | tuple[int, int], interpolation: str, device: torch.device | str = "cpu"):
         check_supported(interpolation)
-        self.out_hw = (size, size) if isinstance(size, int) else tuple(size)
+        self.out_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.interpolation = interpolation
         self.device = torch.device(device)
 
@@ -361,8 +376,9 @@ class DeviceViews:
         plan = plan or self.plan(images, owner, ints, floats)
         return render(images, *self._on_device(owner, ints, floats), self.out_hw, self.interpolation, plan)
 
-    def _on_device(self, *tensors) -> list[torch.Tensor]:
-        return [torch.as_tensor(t).to(self.device, non_blocking=True) for t in tensors]
+    def _on_device(self, owner, ints, floats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        owner, ints, floats = (torch.as_tensor(t).to(self.device, non_blocking=True) for t in (owner, ints, floats))
+        return owner, ints, floats
 
     def make(self, images: list, params: list[ViewParams], owner: list[int] | None = None) -> torch.Tensor:
         """Views of decoded images (uint8 [H, W, 3]) by their parameters, with their contrast means."""

@@ -76,7 +76,7 @@ class QuantStats:
 
     def failure(self, unit: str, min_cosine: float, against: str, remedy: str) -> str | None:
         """Why a unit fails `min_cosine` (naming the worst key, row, view and token), or None when it passes."""
-        if not self.tokens or self.min_cosine >= min_cosine:
+        if not self.tokens or self.min_cosine >= min_cosine or self.worst is None:
             return None
         w = self.worst
         return (f"unit {unit}: int8 latents of key {w['key']} (row {w['row']}, view {w['view']}, token {w['token']}) "

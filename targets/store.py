@@ -28,6 +28,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import zarr
 
@@ -47,6 +48,7 @@ from targets.store_meta import READABLE_SCHEMAS, ROOT_ATTR, StoreMeta
 from targets.unit_files import files_problem
 from targets.unit_reader import MARKER_ATTR, UnitReader
 from targets.unit_writer import UnitWriter
+from targets.zarr_nodes import subgroup
 
 
 def _is_local(path: str) -> bool:
@@ -80,7 +82,7 @@ class TargetStore:
     # --- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> TargetStore:
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> TargetStore:
         path = str(path)
         if _is_local(path) and not (Path(path) / "zarr.json").is_file():
             raise UserError(f"target store {path} does not exist (no zarr.json); run `cae2 extract-targets` first")
@@ -189,8 +191,7 @@ class TargetStore:
         if _is_local(self.path):  # a listing, so that one unreadable unit's metadata hides no other unit
             folder = Path(self.path) / "units"
             return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
-        units = self.group.get("units")
-        return sorted(units.group_keys()) if units is not None else []
+        return sorted(subgroup(self.group, "units").group_keys()) if "units" in self.group else []
 
     def marker(self, unit: str) -> dict | None:
         """The unit's completion marker, or None when the unit is missing, incomplete or damaged (its
@@ -245,7 +246,8 @@ class TargetStore:
         latents = per_view("latents", "int8" if int8 else "float16", (m.num_tokens, m.latent_dim))
         scales = per_view("scales", "float32", (m.num_tokens,)) if int8 else None
         direct = BlockFileWriter.for_array(latents, self.path, f"units/{unit}/latents")
-        direct_scales = BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") if int8 else None
+        direct_scales = BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") \
+            if scales is not None else None
         return UnitWriter(ug, Path(self.path) / "units" / unit, latents, keys, m.views_per_image, m.images_per_shard,
                           view_path, direct, scales, direct_scales, source_identity)
 
@@ -262,7 +264,7 @@ class TargetStore:
             raise IncompleteUnit(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
                                  "`cae2 extract-targets` with the same options to finish it")
         with naming(Path(self.path) / "units" / unit):
-            return UnitReader(self.group[f"units/{unit}"], self.path)
+            return UnitReader(subgroup(self.group, f"units/{unit}"), self.path)
 
 
 class IncompleteUnit(UserError):

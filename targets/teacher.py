@@ -17,7 +17,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import open_clip
 import torch
@@ -190,7 +190,6 @@ class Teacher(nn.Module):
         if quick_gelu is None and not spec.is_random:
             quick_gelu = _quick_gelu_of(name, spec.pretrained, pcfg, sha256)
         self.quick_gelu = bool(quick_gelu) and not name.endswith("-quickgelu")
-        kwargs = dict(force_quick_gelu=self.quick_gelu, force_image_size=spec.image_size)
         patch = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("patch_size")
         if spec.image_size and isinstance(patch, int) and spec.image_size % patch:
             raise UserError(f"--teacher-image-size {spec.image_size} is not a multiple of {spec.name}'s patch size "
@@ -198,10 +197,11 @@ class Teacher(nn.Module):
         try:
             with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(spec.is_random):
                 torch.manual_seed(spec.init_seed)
-                model = open_clip.create_model(name, pretrained=weights_file, **kwargs)
+                model = open_clip.create_model(name, pretrained=weights_file, force_quick_gelu=self.quick_gelu,
+                                               force_image_size=spec.image_size)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"--pretrained: could not load {spec.pretrained} into {spec.name}: {e}") from e
-        visual = model.visual
+        visual: Any = model.visual  # open_clip's VisionTransformer (its attributes are read as open_clip names them)
         del model
         if not hasattr(visual, "ln_post") or getattr(visual, "attn_pool", None) is not None \
                 or getattr(visual, "final_ln_after_pool", False) or getattr(visual, "proj", None) is None \
@@ -215,8 +215,8 @@ class Teacher(nn.Module):
         if self.precision.endswith("-weights"):  # OpenAI CLIP's own fp16 mode: weights cast, no autocast
             self.visual.to(_DTYPES[self.precision.removesuffix("-weights")])
         pp = visual.preprocess_cfg
-        self.mean = tuple(float(v) for v in pp["mean"])
-        self.std = tuple(float(v) for v in pp["std"])
+        self.mean: tuple[float, float, float] = _rgb(pp["mean"])
+        self.std: tuple[float, float, float] = _rgb(pp["std"])
         self.interpolation = str(pp.get("interpolation", "bicubic"))
         self.image_size = int(visual.image_size[0])
         self.patch_size = int(visual.patch_size[0])
@@ -316,3 +316,8 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision.startswith("fp16") and device.type == "cpu":
         raise UserError(f"--precision {precision} needs a GPU; use fp32 or bf16 on CPU")
     return precision
+
+
+def _rgb(values) -> tuple[float, float, float]:
+    r, g, b = (float(v) for v in values)
+    return r, g, b

@@ -3,6 +3,8 @@ on demand (as bytes on local stores, `targets.block_files`) and checked against 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import zarr
@@ -11,6 +13,7 @@ from cae2.errors import UserError
 from targets.block_files import BlockFileReader, view_checksum
 from targets.quantize import dequantize
 from targets.store_meta import N_FLOAT, N_INT
+from targets.zarr_nodes import array, optional_array, record, values
 
 MARKER_ATTR = "complete"
 
@@ -24,21 +27,25 @@ class UnitReader:
 
     def __init__(self, group: zarr.Group, store_path: str = ""):
         self.group = group
-        self.marker = group.attrs[MARKER_ATTR]
-        self.latents = group["latents"]
-        self.scales = group.get("scales")  # int8 latents
-        fast = store_path and self.latents.shape[0]
+        marker = record(group, MARKER_ATTR)
+        if marker is None:
+            raise ValueError(f"unit {group.path} has no completion marker: open it through TargetStore.unit")
+        self.marker: dict[str, Any] = marker
+        self.latents = array(group, "latents")
+        self.scales = optional_array(group, "scales")  # int8 latents
+        fast = bool(store_path) and self.latents.shape[0] > 0
         self._fast = BlockFileReader.for_array(self.latents, store_path, f"{group.path}/latents") if fast else None
         self._fast_scales = BlockFileReader.for_array(self.scales, store_path, f"{group.path}/scales") \
             if fast and self.scales is not None else None
-        self.keys = [str(k) for k in group["keys"][:]] if self.marker["num_samples"] else []
-        n = len(self.keys)
-        self.valid = group["valid"][:] if n else np.zeros(0, bool)
-        self.view_int = group["view_int"][:] if n else np.zeros((0, 0, N_INT), np.int32)
-        self.view_float = group["view_float"][:] if n else np.zeros((0, 0, N_FLOAT), np.float32)
-        self.image_hw = group["image_hw"][:] if n else np.zeros((0, 2), np.int32)
-        self.view_crc = group["view_crc32c"][:] if n and "view_crc32c" in group else None  # older units: none
-        self.host_rows = frozenset(d["row"] for d in self.marker.get("decoded_on_host", ()))
+        n = int(marker["num_samples"])
+        self.keys: list[str] = [str(k) for k in values(group, "keys")] if n else []
+        self.valid: np.ndarray = values(group, "valid") if n else np.zeros(0, bool)
+        self.view_int: np.ndarray = values(group, "view_int") if n else np.zeros((0, 0, N_INT), np.int32)
+        self.view_float: np.ndarray = values(group, "view_float") if n else np.zeros((0, 0, N_FLOAT), np.float32)
+        self.image_hw: np.ndarray = values(group, "image_hw") if n else np.zeros((0, 2), np.int32)
+        self.view_crc: np.ndarray | None = values(group, "view_crc32c") if n and "view_crc32c" in group else None
+        """crc32c of each view's stored bytes (units written before they were recorded: None)."""
+        self.host_rows = frozenset(d["row"] for d in marker.get("decoded_on_host", ()))
         """Rows whose image Pillow decoded, where the store's decoder is a device decoder."""
 
     def __len__(self) -> int:
@@ -47,10 +54,11 @@ class UnitReader:
     def read_stored(self, row: int, view: int, check: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """One view as stored: (float16 [1 + T, D], None) or (int8 [1 + T, D], float32 scales [1 + T]).
         check: compare its crc32c with the one written (units made before checksums per view: no check)."""
-        latents = self._fast.read(row, view) if self._fast is not None else self.latents[row, view]
+        latents = self._fast.read(row, view) if self._fast is not None else np.asarray(self.latents[row, view])
         scales = None
         if self.scales is not None:
-            scales = self._fast_scales.read(row, view) if self._fast_scales is not None else self.scales[row, view]
+            scales = self._fast_scales.read(row, view) if self._fast_scales is not None \
+                else np.asarray(self.scales[row, view])
         if check and self.view_crc is not None and view_checksum(latents, scales) != self.view_crc[row, view]:
             raise CorruptTarget(f"target store unit {self.group.path.rsplit('/', 1)[-1]} row {row} (key "
                                 f"{self.keys[row]}) view {view}: the cached latents differ from the ones written "
@@ -68,11 +76,12 @@ class UnitReader:
     def blocks(self):
         """(first row, latents [rows, K, 1 + T, D], scales [rows, K, 1 + T] or None) for each block of
         the unit, in row order, as stored."""
-        step = self.latents.shards[0]
+        step = (self.latents.shards or self.latents.chunks)[0]
         for block, start in enumerate(range(0, len(self), step)):
-            latents = self._fast.read_block(block) if self._fast is not None else self.latents[start:start + step]
+            latents = self._fast.read_block(block) if self._fast is not None \
+                else np.asarray(self.latents[start:start + step])
             scales = None
             if self.scales is not None:
                 scales = self._fast_scales.read_block(block) if self._fast_scales is not None \
-                    else self.scales[start:start + step]
+                    else np.asarray(self.scales[start:start + step])
             yield start, latents, scales

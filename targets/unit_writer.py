@@ -74,8 +74,9 @@ class UnitWriter:
             raise ValueError(f"rows {start}:{stop} are not the next whole block")
         if (scales is None) != (self.scales is None):
             raise ValueError("int8 latents are written with their scales, float16 latents without")
-        parts = [(self.latents, self._direct, np.ascontiguousarray(latents, dtype=self.latents.dtype))]
-        if scales is not None:
+        parts: list[tuple[zarr.Array, BlockFileWriter | None, np.ndarray]] = [
+            (self.latents, self._direct, np.ascontiguousarray(latents, dtype=self.latents.dtype))]
+        if scales is not None and self.scales is not None:
             parts.append((self.scales, self._direct_scales, np.ascontiguousarray(scales, dtype="<f4")))
         for r in range(len(latents)):
             for v in range(latents.shape[1]):
@@ -104,7 +105,7 @@ class UnitWriter:
         g.create_array("keys", shape=(n,), dtype=str)[:] = np.array(self.keys, dtype=str) if n else np.array([], str)
         for name, data in (("valid", self.valid), ("view_int", self.view_int), ("view_float", self.view_float),
                            ("image_hw", self.image_hw), ("view_crc32c", self.view_crc)):
-            arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if n else None)
+            arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if n else "auto")
             if n:
                 arr[...] = data
         marker = {

@@ -20,7 +20,7 @@ import hashlib
 import io
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ class ViewSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> ViewSettings:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        fields: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fields)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +105,7 @@ class ViewParams:
         i = [int(v) for v in ints]
         f = [float(v) for v in np.asarray(floats, dtype=np.float32)]
         mean = i[9] if len(i) > 9 and i[9] >= 0 else None
-        return cls(order=tuple(i[:4]), flip=bool(i[4]), top=i[5], left=i[6], height=i[7], width=i[8],
+        return cls(order=(i[0], i[1], i[2], i[3]), flip=bool(i[4]), top=i[5], left=i[6], height=i[7], width=i[8],
                    brightness=f[0], contrast=f[1], saturation=f[2], hue=f[3], contrast_mean=mean)
 
     def check(self, image_hw: tuple[int, int], settings: ViewSettings) -> list[str]:
@@ -167,7 +168,8 @@ def sample_view(settings: ViewSettings, seed: int, key: str, index: int, image_h
     """Parameters of view `index` of image `key` (size H x W), in the official order:
     jitter factors and order -> flip -> crop box in the flipped frame."""
     rng = view_rng(seed, key, index)
-    order = tuple(int(i) for i in rng.permutation(4))
+    o = [int(i) for i in rng.permutation(4)]
+    order = (o[0], o[1], o[2], o[3])
 
     def factor(strength: float) -> float:
         return _f32(rng.uniform(max(0.0, 1 - strength), 1 + strength)) if strength > 0 else 1.0
@@ -240,7 +242,8 @@ def _jitter(x: Image.Image, p: ViewParams, contrast_mean: int, ops: tuple[int, .
             continue
         if table is not None:
             x, table = x.point(table.tolist() * 3), None
-        x = TF1.adjust_saturation(x, p.saturation) if op == SATURATION else TF1.adjust_hue(x, p.hue)
+        adjust: Any = TF1.adjust_saturation if op == SATURATION else TF1.adjust_hue  # torchvision's PIL path
+        x = adjust(x, p.saturation if op == SATURATION else p.hue)
     return x if table is None else x.point(table.tolist() * 3)
 
 
