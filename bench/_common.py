@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from cae2.masking import create_mask_generator
-from pipelines.shards import expand_shards, image_bytes, iter_shard, make_shards
+from pipelines.shards import expand_shards, iter_shard, make_shards, required_image_bytes
 from targets.store import TargetStore
 from targets.store_meta import StoreMeta
 from targets.views import ViewSettings, decode_image, measure_view, sample_view
@@ -127,7 +127,7 @@ def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int 
         writer = store.begin_unit(shard.name, shard.url, [s["__key__"] for s in samples])
         lat = rng.standard_normal((len(samples), k, tokens, dim)).astype(np.float16)
         for row, s in enumerate(samples):
-            img = decode_image(image_bytes(s))
+            img = decode_image(required_image_bytes(s))
             hw = (img.height, img.width)
             for v in range(k):
                 p = measure_view(sample_view(settings, seed, s["__key__"], v, hw), img)

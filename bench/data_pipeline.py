@@ -17,7 +17,7 @@ import torch
 import cae2
 from bench._common import fake_store, make_sample_shards, publish, table
 from pipelines.pretrain.data import StreamConfig, index_shards, make_loader, sample_rng, view_index
-from pipelines.shards import expand_shards, image_bytes, iter_shard
+from pipelines.shards import expand_shards, iter_shard, required_image_bytes
 from targets.device_views import PackedImages, crop_record
 from targets.store import TargetStore
 from targets.views import ViewParams, apply_view, decode_image
@@ -48,7 +48,7 @@ def components(store: TargetStore, shards: Path) -> tuple[dict[str, float], list
     units = {sh.name: store.unit(sh.name) for sh, _, _ in samples}
     masker = cae2.create_mask_generator(cae2.resolve_model_config(STUDENT))
     ms = {}
-    ms["decode"], images = _timed(lambda x: decode_image(image_bytes(x[2])), samples)
+    ms["decode"], images = _timed(lambda x: decode_image(required_image_bytes(x[2])), samples)
     params, records = [], []
     for sh, row, _ in samples:
         u = units[sh.name]

@@ -21,7 +21,7 @@ from bench._common import make_sample_shards, publish, rate, table
 from bench.speedup import flops_per_sample
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
-from pipelines.shards import image_bytes, iter_shard
+from pipelines.shards import iter_shard, required_image_bytes
 from targets.store import TargetStore
 from targets.teacher import Teacher, TeacherSpec
 from targets.views import ViewParams, apply_view, decode_image
@@ -90,7 +90,7 @@ def main() -> None:
             ]))
     modes = args.teacher_modes or ("fp16,fp16-weights,fp16-weights+compile" if device == "cuda" else "")
     if modes:
-        body += "\n\n" + teacher_modes(spec, device, modes.split(","), store, args.batch_size)
+        body += "\n\n" + teacher_modes(spec, device, [str(m) for m in modes.split(",")], store, args.batch_size)
     publish("extract", body)
 
 
@@ -100,11 +100,11 @@ def teacher_modes(spec, device: str, modes: list[str], store: Path, batch_size: 
     ts = TargetStore.open(store)
     name = ts.unit_names()[0]
     unit = ts.unit(name)
-    url = ts.group[f"units/{name}"].attrs["source"]
+    url = str(ts.group[f"units/{name}"].attrs["source"])
     real = []
     for row, sample in enumerate(iter_shard(url)):
         if unit.valid[row] and len(real) < batch_size:
-            img = decode_image(image_bytes(sample))
+            img = decode_image(required_image_bytes(sample))
             real += [apply_view(img, ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k]),
                                 ts.meta.input_size, ts.meta.interpolation) for k in range(unit.view_int.shape[1])]
     real = torch.stack(real[:batch_size])

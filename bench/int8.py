@@ -63,7 +63,7 @@ def read_back(a: TargetStore, b: TargetStore, views: int) -> tuple[torch.Tensor,
     cos = []
     for name in a.unit_names():
         ua, ub = a.unit(name), b.unit(name)
-        for row in np.flatnonzero(ua.valid):
+        for row in map(int, np.flatnonzero(ua.valid)):
             for k in range(views):
                 cos.append(torch.nn.functional.cosine_similarity(torch.from_numpy(ua.read(row, k)).float(),
                                                                  torch.from_numpy(ub.read(row, k)), dim=-1))

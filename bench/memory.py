@@ -28,7 +28,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, float]:
         meter.sample()
         time.sleep(0.05)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:] if proc.stderr else ''}")
     return meter.peak / 2**20, time.perf_counter() - t0
 
 

@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+
+def rgb(values) -> tuple[float, float, float]:
+    """Three per-channel values (a mean, a std) as a typed triple."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the student's input normalisation (the official code's)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -106,7 +106,9 @@ def read_state(ckpt: Path) -> dict:
 def rng_states() -> dict:
     """This process's random generators as tensors, lists and numbers (loadable with weights_only=True)."""
     version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # the legacy form: (name, keys, pos, has_gauss, cached)
+    name, keys, pos, has_gauss, cached = numpy_state
     out = {"python": [version, list(words), gauss], "torch": torch.get_rng_state(),
            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
@@ -126,9 +128,9 @@ def set_rng_states(states: dict) -> None:
 
 def save_parts(accelerator: Accelerator, ckpt: Path, parts: CheckpointParts) -> None:
     """Every process: the main one writes the model, optimizer and further parts, each its generators."""
-    weights = accelerator.get_state_dict(parts.model)  # every rank: a collective where the model is sharded
+    state = accelerator.get_state_dict(parts.model)  # every rank: a collective where the model is sharded
     if accelerator.is_main_process:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        weights = {k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in state.items()}
         write_bytes(ckpt / "model.safetensors", safetensors.torch.save(weights, metadata={"format": "pt"}))
         save_torch(parts.optimizer.state_dict(), ckpt / "optimizer.bin")
         for name, part in parts.extra.items():

@@ -234,7 +234,7 @@ def _pretrain(cfg: TrainConfig) -> None:
 
     Example: accelerate launch -m pipelines.cli pretrain --shards shards/ --targets t.zarr --out runs/base
     """
-    evaluator = KnnMonitor(cfg.eval_data) if cfg.eval_every else None
+    evaluator = KnnMonitor(cfg.eval_data) if cfg.eval_every and cfg.eval_data else None
     loop = train(cfg, evaluator=evaluator)
     if loop.status == "finished" and process_state().is_main_process:
         typer.echo(loop.status_line())
@@ -309,7 +309,7 @@ def _launch(ctx: typer.Context) -> None:
 
     Example: cae2 launch --multi_gpu --num_processes 8 extract-targets --shards shards/ --out t.zarr
     """
-    names = [c.name for c in app.registered_commands if c.name != "launch"] + ["evaluate"]
+    names = [c.name for c in app.registered_commands if c.name and c.name != "launch"] + ["evaluate"]
     if not ctx.args or ctx.args[0] in ("--help", "-h"):
         typer.echo(ctx.get_help())
         return

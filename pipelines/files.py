@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -37,7 +38,7 @@ def save_torch(obj: object, path: str | os.PathLike) -> None:
     with naming(path), open(path, "wb") as f:
         sink = _KeepsWriteError(f)
         try:
-            torch.save(obj, sink)
+            torch.save(obj, cast(Any, sink))  # a file-like object (torch's FileLike): torch writes through it
         except RuntimeError:
             if sink.error is None:
                 raise

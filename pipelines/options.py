@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 import yaml
@@ -62,7 +62,8 @@ def field_docs(cls) -> dict[str, str]:
     classes' included."""
     docs = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cast(type, klass)))).body[0]
+        body = tree.body if isinstance(tree, ast.ClassDef) else []
         for node, after in zip(body, body[1:], strict=False):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):

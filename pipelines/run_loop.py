@@ -20,6 +20,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +41,11 @@ def start_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: in
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                        gradient_accumulation_steps=grad_accum, log_with="tensorboard",
                        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+
+
+def reduce(accelerator: Accelerator, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """`accelerator.reduce` of one tensor over the ranks (Accelerate types it for nested structures)."""
+    return cast(torch.Tensor, accelerator.reduce(tensor, reduction=reduction))
 
 
 def restore(checkpointer: Checkpointer, accelerator: Accelerator, resume: str | None,

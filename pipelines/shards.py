@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Annotated
 
 import google_crc32c
-import webdataset as wds
 from braceexpand import braceexpand
+from webdataset.tariterators import tarfile_samples
 
 from cae2.errors import UserError, naming
 from cae2.fields import Argument, PathKind, Range
@@ -90,7 +90,7 @@ def iter_shard(url: str) -> Iterator[dict]:
         raise UserError(f"shard {url} cannot be read ({type(e).__name__}: {message}); check or rewrite the shard "
                         "(cae2 make-shards)") from None
 
-    yield from wds.tarfile_samples([{"url": url}], handler=reraise)
+    yield from tarfile_samples([{"url": url}], handler=reraise)
 
 
 def shard_identity(url: str) -> dict | None:
@@ -120,7 +120,7 @@ def shard_changed(recorded: dict | None, url: str, read: bool = True) -> str | N
     if st.st_size != recorded["size"]:
         return f"it has {st.st_size} bytes, the unit was made from {recorded['size']}"
     if read and st.st_mtime_ns != recorded["mtime_ns"]:
-        crc = shard_identity(url)["crc32c"]
+        crc = (shard_identity(url) or {}).get("crc32c")
         if crc != recorded["crc32c"]:
             return f"its crc32c is {crc}, the unit was made from {recorded['crc32c']}"
     return None
@@ -131,6 +131,15 @@ def image_bytes(sample: dict) -> bytes | None:
         if f in sample:
             return sample[f]
     return None
+
+
+def required_image_bytes(sample: dict) -> bytes:
+    """The image of a sample that must have one (stage 1 found it valid)."""
+    data = image_bytes(sample)
+    if data is None:
+        raise UserError(f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')} has no image field "
+                        f"({', '.join(IMAGE_FIELDS)}): the shard differs from the one the store was made from")
+    return data
 
 
 # --- make-shards -----------------------------------------------------------------------------

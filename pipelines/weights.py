@@ -27,7 +27,8 @@ def find_checkpoint(path: Path) -> Path:
 
 def model_config_of(ckpt: Path) -> ModelConfig:
     raw = dict(read_state(ckpt)["model_config"])
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    fields: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return ModelConfig(**fields)
 
 
 def model_state_dict(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ and filters other than bicubic and bilinear are refused: they stay on the Pillow
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -142,7 +143,7 @@ class PackedImages:
     """int64 [m, 2]: the image sizes, on the host (what the batch's plan is made from)."""
 
     @classmethod
-    def pack(cls, images: list[torch.Tensor | np.ndarray], pin: bool = False,
+    def pack(cls, images: Sequence[torch.Tensor | np.ndarray], pin: bool = False,
              buffer: torch.Tensor | None = None) -> PackedImages:
         """One copy of each image into one buffer: `buffer` when it is large enough, else a new (pinned) one."""
         hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
@@ -194,7 +195,7 @@ class Packer:
         self.copied: list[torch.cuda.Event | None] = [None] * slots
         self.turn = 0
 
-    def to_device(self, images: list[torch.Tensor | np.ndarray]) -> PackedImages:
+    def to_device(self, images: Sequence[torch.Tensor | np.ndarray]) -> PackedImages:
         """The images packed on the device: host images copied through a buffer, images already on a GPU
         (decoded there) joined with them in order on the device."""
         there = [isinstance(im, torch.Tensor) and im.device.type != "cpu" for im in images]
@@ -205,7 +206,7 @@ class Packer:
         joined = [torch.as_tensor(im) if d else next(host) for im, d in zip(images, there, strict=True)]
         return PackedImages.join(joined, self.device)
 
-    def _copy(self, images: list[torch.Tensor | np.ndarray]) -> PackedImages:
+    def _copy(self, images: Sequence[torch.Tensor | np.ndarray]) -> PackedImages:
         slot, self.turn = self.turn % len(self.buffers), self.turn + 1
         copied = self.copied[slot]
         if copied is not None:

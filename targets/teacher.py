@@ -25,6 +25,7 @@ from huggingface_hub import hf_hub_download
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained, list_pretrained_tags_by_model
 from torch import nn
 
+from cae2.config import rgb
 from cae2.errors import UserError
 from cae2.fields import Range, check_fields
 from targets.views import normalize
@@ -215,8 +216,8 @@ class Teacher(nn.Module):
         if self.precision.endswith("-weights"):  # OpenAI CLIP's own fp16 mode: weights cast, no autocast
             self.visual.to(_DTYPES[self.precision.removesuffix("-weights")])
         pp = visual.preprocess_cfg
-        self.mean: tuple[float, float, float] = _rgb(pp["mean"])
-        self.std: tuple[float, float, float] = _rgb(pp["std"])
+        self.mean: tuple[float, float, float] = rgb(pp["mean"])
+        self.std: tuple[float, float, float] = rgb(pp["std"])
         self.interpolation = str(pp.get("interpolation", "bicubic"))
         self.image_size = int(visual.image_size[0])
         self.patch_size = int(visual.patch_size[0])
@@ -316,8 +317,3 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision.startswith("fp16") and device.type == "cpu":
         raise UserError(f"--precision {precision} needs a GPU; use fp32 or bf16 on CPU")
     return precision
-
-
-def _rgb(values) -> tuple[float, float, float]:
-    r, g, b = (float(v) for v in values)
-    return r, g, b

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.shards import expand_shards, image_bytes, iter_shard
+from pipelines.shards import expand_shards, iter_shard, required_image_bytes
 from targets.store import TargetStore
 from targets.views import ViewParams, apply_view, decode_image, normalize
 
@@ -24,7 +24,7 @@ def alignment_cosine(model: cae2.CAEv2, store: TargetStore, shards: str, limit: 
             if not unit.valid[row]:
                 continue
             p = ViewParams.from_record(unit.view_int[row, 0], unit.view_float[row, 0])
-            image = normalize(apply_view(decode_image(image_bytes(sample)), p, size, "bicubic"), IMAGENET_MEAN,
+            image = normalize(apply_view(decode_image(required_image_bytes(sample)), p, size, "bicubic"), IMAGENET_MEAN,
                               IMAGENET_STD)
             visible = torch.zeros(1, model.cfg.num_patches, dtype=torch.bool)
             pred = model.project(model.encoder_to_regressor(model.encode_visible(image[None], visible)))[0]

@@ -11,15 +11,18 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
+import torchvision.transforms.functional as tvf
 from torch.utils.data import Dataset
 
 from cae2.errors import UserError, naming
 from pipelines.shards import IMAGE_FIELDS, IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
 from targets.views import decode_image, random_resized_crop
+
+TF: Any = tvf  # torchvision types these for tensors; they take PIL images too
 
 
 @dataclass
@@ -46,6 +49,7 @@ class LabelledImages:
             path, offset, size = self.members[i]
             with naming(path), open(path, "rb") as f:
                 return os.pread(f.fileno(), size, offset)
+        assert self.blobs is not None, "labelled images without paths, members or blobs"
         return self.blobs[i]
 
     @functools.cached_property
@@ -129,8 +133,9 @@ def _index_tar(path: str):
                     continue
                 key, _, ext = m.name.partition(".")
                 entry = samples.setdefault(key, {})
-                if ext == "cls":
-                    entry["cls"] = int(tar.extractfile(m).read())
+                file = tar.extractfile(m) if ext == "cls" else None
+                if file is not None:
+                    entry["cls"] = int(file.read())
                 elif ext in IMAGE_FIELDS and "image" not in entry:
                     entry["image"] = (path, m.offset_data, m.size)
     except (tarfile.TarError, ValueError) as e:

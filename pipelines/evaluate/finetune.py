@@ -39,7 +39,7 @@ from pipelines.evaluate.finetune_data import AugmentedImages, EvalImages, Finetu
 from pipelines.evaluate.finetune_model import FinetuneNet, SourceViT, build, load_source
 from pipelines.evaluate.report import publish
 from pipelines.files import follow_umask
-from pipelines.run_loop import RunLoop, restore, start_accelerator
+from pipelines.run_loop import RunLoop, reduce, restore, start_accelerator
 from pipelines.runs import RunLock, init_worker
 from pipelines.weights import beit_metadata
 
@@ -205,10 +205,10 @@ def train_epoch(ft: Finetune, loop: RunLoop) -> bool:
         record = None
         if ft.step % cfg.log_every == 0 or ft.step == ft.total:
             rate = cfg.log_every * cfg.global_batch / (time.perf_counter() - t0)
-            record = {"step": ft.step, "epoch": ft.epoch, "loss": float(acc.reduce(loss, reduction="mean")),
+            record = {"step": ft.step, "epoch": ft.epoch, "loss": float(reduce(acc, loss)),
                       "lr": max(g["lr"] for g in ft.optimizer.param_groups), "samples_per_s": rate}
             t0 = time.perf_counter()
-        loop.step_done(ft.step, record, record and f"loss {record['loss']:.4f}")
+        loop.step_done(ft.step, record, f"loss {record['loss']:.4f}" if record else None)
         if ft.position == plan.steps_per_epoch * plan.grad_accum:
             ft.epoch, ft.position = ft.epoch + 1, 0
             _validate_epoch(ft, loop)
@@ -249,7 +249,7 @@ def train_step(ft: Finetune, batches) -> torch.Tensor:
 
 
 def _validate_epoch(ft: Finetune, loop: RunLoop) -> None:
-    record = {"step": ft.step, "epoch": ft.epoch}
+    record: dict[str, float] = {"step": ft.step, "epoch": ft.epoch}
     record["val_top1"], record["val_top5"] = validate(ft.acc, ft.model, ft.val, ft.cfg)
     if ft.ema is not None:
         record["ema_top1"], record["ema_top5"] = validate(ft.acc, ft.ema.module, ft.val, ft.cfg)
@@ -273,7 +273,8 @@ def validate(acc: Accelerator, model: nn.Module, val: EvalImages, cfg: FinetuneC
         correct = top == labels.to(acc.device).unsqueeze(1)
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()]).float()
     model.train(was_training)
-    return tuple((100.0 * acc.reduce(hits, reduction="sum") / len(val)).tolist())
+    top1, top5 = (100.0 * reduce(acc, hits, "sum") / len(val)).tolist()
+    return top1, top5
 
 
 def result_record(ft: Finetune, seconds: float) -> dict:

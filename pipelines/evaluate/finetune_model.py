@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed import resample_abs_pos_embed
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cae2.config import IMAGENET_MEAN, IMAGENET_STD
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD, rgb
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.pos_embed import sincos_pos_embed_2d
@@ -89,13 +90,13 @@ def _timm_vit(spec: str, seed: int) -> SourceViT:
     net = timm_model(spec, seed)
     if not isinstance(net, VisionTransformer) or net.num_prefix_tokens != 1:
         raise UserError(f"--model {spec}: not a ViT with one class token; fine-tuning takes ViTs")
-    block = net.blocks[0]
+    block: Any = net.blocks[0]  # timm's Block
     kwargs = {"img_size": net.patch_embed.img_size[0], "patch_size": net.patch_embed.patch_size[0],
               "embed_dim": net.embed_dim, "depth": len(net.blocks), "num_heads": block.attn.num_heads,
               "mlp_ratio": block.mlp.fc1.out_features / net.embed_dim,
               "init_values": 1.0 if isinstance(block.ls1, nn.Module) and hasattr(block.ls1, "gamma") else None}
-    cfg = net.pretrained_cfg or {}
-    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    cfg: dict = getattr(net, "pretrained_cfg", None) or {}
+    mean, std = rgb(cfg.get("mean", IMAGENET_MEAN)), rgb(cfg.get("std", IMAGENET_STD))
     return SourceViT(kwargs, net.state_dict(), mean, std, False)
 
 
@@ -115,7 +116,7 @@ def build(source: SourceViT, seed: int, num_classes: int, input_size: int, drop_
     if unexpected or set(missing) - new:
         raise UserError(f"--model: its weights do not fit a ViT fine-tuning network (missing "
                         f"{sorted(set(missing) - new)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    if sincos:
+    if sincos and net.pos_embed is not None:
         net.pos_embed.requires_grad_(False)
     return FinetuneNet(net, kwargs, source)
 
@@ -130,7 +131,8 @@ def beit_state(vit: dict, grid: tuple[int, int], sincos: bool, dim: int) -> dict
             continue
         k = k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
         out["fc_norm." + k.removeprefix("norm.") if k.startswith("norm.") else k] = v
-    out.pop("head.weight", None), out.pop("head.bias", None)
+    out.pop("head.weight", None)
+    out.pop("head.bias", None)
     if sincos:
         out["pos_embed"] = sincos_pos_embed_2d(dim, grid, cls_token=True)
     else:

@@ -32,7 +32,7 @@ from pipelines.checkpoint import Checkpointer, CheckpointParts
 from pipelines.evaluate.config import LinearConfig
 from pipelines.evaluate.data import AugmentedImages, CenterCropImages, LabelledImages, load_labelled
 from pipelines.evaluate.models import FeatureModel, load_feature_model, state_sha256
-from pipelines.run_loop import RunLoop, restore, start_accelerator
+from pipelines.run_loop import RunLoop, reduce, restore, start_accelerator
 from pipelines.runs import RunLock
 
 logger = logging.getLogger(__name__)
@@ -202,9 +202,10 @@ def _assemble(cfg: LinearConfig, acc: Accelerator, model: FeatureModel, train: L
     model.to(acc.device)
     dim = model.features(torch.zeros(1, 3, model.img_size, model.img_size, dtype=torch.uint8), "cls").shape[1]
     set_seed(cfg.seed)
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, len(train.classes)))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+    linear = nn.Linear(dim, len(train.classes))
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
     head, optimizer = acc.prepare(head, LARS(head.parameters(), lr=peak, weight_decay=0.0))
     layout = {"processes": world, "batch_size": cfg.batch_size, "global_batch": cfg.global_batch, "seed": cfg.seed,
               "train_images": len(train), "model_sha256": model.sha256}
@@ -242,8 +243,8 @@ def _train_epoch(probe: Probe, loop: RunLoop) -> bool:
         probe.step += 1
         record = None
         if probe.step % cfg.log_every == 0 or probe.step == probe.total:
-            record = {"step": probe.step, "epoch": probe.epoch, "train/loss": float(acc.reduce(loss.detach(),
-                      reduction="mean")), "train/lr": probe.optimizer.param_groups[0]["lr"]}
+            record = {"step": probe.step, "epoch": probe.epoch, "train/loss": float(reduce(acc, loss.detach())),
+                      "train/lr": probe.optimizer.param_groups[0]["lr"]}
         loop.step_done(probe.step, record)
         end_of_epoch = probe.position == probe.micro_batches
         if end_of_epoch:
@@ -268,5 +269,5 @@ def _validate(acc, model, head, val, cfg) -> tuple[float, float]:
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top == labels.to(acc.device).unsqueeze(1)
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()]).float()
-    hits = acc.reduce(hits, reduction="sum")
-    return (100.0 * hits / len(val)).tolist()
+    top1, top5 = (100.0 * reduce(acc, hits, "sum") / len(val)).tolist()
+    return top1, top5

@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -25,7 +26,7 @@ from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cae2.config import IMAGENET_MEAN, IMAGENET_STD
+from cae2.config import IMAGENET_MEAN, IMAGENET_STD, rgb
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from pipelines.weights import find_checkpoint, model_config_of, model_state_dict
@@ -35,7 +36,8 @@ from targets.views import normalize
 
 @dataclass
 class FeatureModel:
-    net: nn.Module
+    net: Any
+    """A timm VisionTransformer or a `targets.teacher.Teacher` (by `kind`)."""
     kind: str
     """vit (timm VisionTransformer) or clip (targets.teacher.Teacher)."""
     img_size: int
@@ -125,7 +127,7 @@ def _exported(path: Path, spec: str) -> FeatureModel:
     return _vit(kwargs, load_file(str(path)), spec)
 
 
-def timm_model(spec: str, seed: int) -> nn.Module:
+def timm_model(spec: str, seed: int) -> Any:
     """The headless timm model of a timm:NAME[:random] spec; random weights drawn from `seed`, so that a
     random baseline is the same in every run of one --seed."""
     name, _, mode = spec.removeprefix("timm:").partition(":")
@@ -146,8 +148,8 @@ def _timm(spec: str, seed: int) -> FeatureModel:
     net = timm_model(spec, seed)
     cfg = net.pretrained_cfg or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    return FeatureModel(net.eval(), "vit", size, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                        tuple(cfg.get("std", IMAGENET_STD)), spec, state_sha256(net))
+    return FeatureModel(net.eval(), "vit", size, rgb(cfg.get("mean", IMAGENET_MEAN)), rgb(cfg.get("std", IMAGENET_STD)),
+                        spec, state_sha256(net))
 
 
 def _clip(spec: str, seed: int, quick_gelu: bool | None, download: bool) -> FeatureModel:

@@ -18,8 +18,9 @@ class UnitAssembler:
         self.resolved = np.zeros(n, bool)
         self.rows_per_block = meta.images_per_shard
         rows = min(n, self.rows_per_block)
-        self.shapes = {"latents": (rows, meta.views_per_image, meta.num_tokens, meta.latent_dim)}
-        self.dtypes = {"latents": np.int8 if meta.latent_format == "int8" else np.float16}
+        self.shapes: dict[str, tuple[int, ...]] = {
+            "latents": (rows, meta.views_per_image, meta.num_tokens, meta.latent_dim)}
+        self.dtypes: dict[str, type] = {"latents": np.int8 if meta.latent_format == "int8" else np.float16}
         if meta.latent_format == "int8":
             self.shapes["scales"], self.dtypes["scales"] = (rows, meta.views_per_image, meta.num_tokens), np.float32
         self.blocks: dict[int, dict[str, np.ndarray]] = {}  # block -> its arrays, until handed out

@@ -150,7 +150,7 @@ def _check_reuse(source: TargetStore, target: TargetStore, names: list[str]) -> 
         done = target.marker(name)
         if done is None:
             continue
-        ours, theirs = source.marker(name).get("source_identity"), done.get("source_identity")
+        ours, theirs = (source.marker(name) or {}).get("source_identity"), done.get("source_identity")
         same = ours == theirs if ours and theirs else source.unit(name).keys == target.unit(name).keys
         if not same:
             raise UserError(f"{target.path}: its complete unit {name} was made from another shard than unit {name} of "

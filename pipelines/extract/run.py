@@ -103,7 +103,8 @@ class ExtractStats:
 
 def store_meta(cfg: ExtractConfig, teacher: Teacher, view_path: str) -> StoreMeta:
     return StoreMeta(teacher=teacher.identity().to_json(), views=cfg.views.to_dict(), seed=cfg.seed,
-                     views_per_image=cfg.views_per_image, input_size=teacher.image_size, grid=teacher.grid_size,
+                     views_per_image=cfg.views_per_image, input_size=teacher.image_size,
+                     grid=(teacher.grid_size[0], teacher.grid_size[1]),
                      num_tokens=teacher.num_tokens, latent_dim=teacher.dim, mean=teacher.mean, std=teacher.std,
                      interpolation=teacher.interpolation, images_per_shard=cfg.images_per_shard,
                      latent_format=cfg.latent_format, view_path=view_path, cae2_version=cae2.__version__,
@@ -156,7 +157,8 @@ def leave_cores_to_workers(device: torch.device, workers: int) -> None:
 def run_extract(cfg: ExtractConfig) -> ExtractStats:
     state = process_state()
     shards = expand_shards(cfg.shards)
-    teacher = Teacher(cfg.teacher, device=state.device, precision=cfg.precision, allow_download=cfg.allow_download,
+    teacher = Teacher(cfg.teacher, device=state.device or "cpu", precision=cfg.precision,
+                      allow_download=cfg.allow_download,
                       compile=cfg.compile_teacher)
     view_path = resolve_view_path(cfg.view_path, teacher.device, teacher.interpolation, cfg.views)
     if cfg.decoder == "device":
@@ -290,6 +292,7 @@ class Extraction:
                 self.uncut = [item for item in self.uncut if id(item) not in gone]
                 for item, reason in unreadable:
                     self.on_skip(Skip(item.unit, item.row, self.units[item.unit].writer.keys[item.row], reason))
+            assert self.device_views is not None  # only the device view path leaves views uncut
             cut_views(self.uncut, self.device_views, self.packer)
             for item in self.uncut:
                 self.queue.put(item)

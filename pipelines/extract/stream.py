@@ -96,7 +96,8 @@ class UnitViewStream(IterableDataset):
     def __init__(self, shards: list[Shard], recipe: ViewRecipe, store: str | None = None,
                  holder: Holder | None = None, claim_timeout: float = STALE_AFTER):
         self.shards, self.recipe = shards, recipe
-        self.store, self.holder, self.claim_timeout = store, holder, claim_timeout
+        self.store, self.claim_timeout = store, claim_timeout
+        self.holder = holder or Holder.me()
 
     def __iter__(self):
         info = get_worker_info()
@@ -142,9 +143,14 @@ class UnitViewStream(IterableDataset):
                 image = decode_image(data)
             except DecodeError as e:
                 return Skip(unit, row, key, str(e))
-        hw = (image.height, image.width) if image is not None else (info.height, info.width)
+        if image is not None:
+            hw = (image.height, image.width)
+        else:
+            assert info is not None  # decoded later on the device: its size comes from the header
+            hw = (info.height, info.width)
         params = [sample_view(r.settings, r.seed, key, k, hw) for k in range(r.k)]
         if not r.device_views:  # the device path measures the contrast means itself
+            assert image is not None  # the Pillow view path decodes every image here
             params = [measure_view(p, image) for p in params]
         view_int, view_float = _records(params)
         if image is None:  # a device decoder takes it: only its header was read here

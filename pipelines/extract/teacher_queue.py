@@ -30,6 +30,7 @@ class TeacherQueue:
         self.in_flight: deque[tuple[dict[str, torch.Tensor], torch.cuda.Event | None]] = deque()
 
     def put(self, item: ImageViews) -> None:
+        assert item.views is not None, "an image whose views are not cut yet"
         self.views.append(item.views)
         self.queued += len(item.views)
         self.waiting.append(item)
@@ -90,16 +91,17 @@ class TeacherQueue:
 def decode_jpegs(items: list[ImageViews], device: torch.device) -> list[tuple[ImageViews, str]]:
     """Device decoder: the items' JPEG files decoded on `device` in one batch (into `item.image`). A file it
     fails on is decoded by Pillow instead (recorded); -> (item, reason) of those Pillow cannot read either."""
-    jpegs = [item for item in items if item.jpeg is not None]
+    jpegs = [(item, item.jpeg) for item in items if item.jpeg is not None]
     unreadable = []
-    for item, image in zip(jpegs, decode_all([item.jpeg for item in jpegs], device), strict=True):
-        if isinstance(image, str):  # rare: a file whose header the device decoder took, but not its data
-            item.host_reason = image
+    for (item, jpeg), decoded in zip(jpegs, decode_all([jpeg for _, jpeg in jpegs], device), strict=True):
+        if isinstance(decoded, str):  # rare: a file whose header the device decoder took, but not its data
+            item.host_reason = decoded
             try:
-                image = torch.from_numpy(np.asarray(decode_image(item.jpeg.numpy().tobytes())))
+                decoded = torch.from_numpy(np.asarray(decode_image(jpeg.numpy().tobytes())))
             except DecodeError as e:
                 unreadable.append((item, str(e)))
-        item.image, item.jpeg = image, None
+                continue
+        item.image, item.jpeg = decoded, None
     return unreadable
 
 
@@ -107,7 +109,8 @@ def cut_views(items: list[ImageViews], views: DeviceViews, packer: Packer) -> No
     """Device view path: the images of these items packed into one buffer and copied to the teacher's
     device (or decoded there), their views' contrast means measured and their views cut there, in one batch.
     The means come back to the host with the batch (pinned, without waiting) for the records."""
-    images = packer.to_device([item.image for item in items])
+    images = packer.to_device([item.image for item in items if item.image is not None])
+    assert len(images.hw) == len(items), "every item's image is decoded before its views are cut"
     counts = [len(item.view_int) for item in items]
     owner = np.repeat(np.arange(len(items)), counts)
     ints, floats = np.concatenate([i.view_int for i in items]), np.concatenate([i.view_float for i in items])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cae2.errors import UserError
 from cae2.fields import Argument, PathKind, Range
-from pipelines.shards import expand_shards, image_bytes, iter_shard
+from pipelines.shards import expand_shards, iter_shard, required_image_bytes
 from targets.block_files import LatentsChecksum, view_checksum
 from targets.decoders import decode_on_device
 from targets.store import DamagedUnit, IncompleteUnit, TargetStore
@@ -177,7 +177,7 @@ def _check_latents(name: str, unit, report: VerifyReport) -> None:
 def _check_view_params(name: str, unit, meta, settings: ViewSettings, report: VerifyReport) -> None:
     """Every valid view's parameters fit its image and equal the ones (seed, key, view) regenerate."""
     for row in np.flatnonzero(unit.valid):
-        hw = tuple(int(v) for v in unit.image_hw[row])
+        hw = (int(unit.image_hw[row, 0]), int(unit.image_hw[row, 1]))
         for k in range(meta.views_per_image):
             p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
             issues = p.check(hw, settings)
@@ -212,7 +212,7 @@ def _recompute(store: TargetStore, shard_list, count: int, pretrained, min_cosin
             if row not in wanted:
                 continue
             k = int(rng.integers(meta.views_per_image))
-            image, exact = _decode_like_store(image_bytes(sample), row, unit, meta.decoder, report)
+            image, exact = _decode_like_store(required_image_bytes(sample), row, unit, meta.decoder, report)
             p = ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k])
             measured = measure_view(replace(p, contrast_mean=None), image).contrast_mean
             if p.contrast_mean is not None and p.contrast_mean != measured and exact:

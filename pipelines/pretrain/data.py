@@ -35,13 +35,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cae2.errors import UserError
 from cae2.masking import create_mask_generator
 from pipelines.runs import init_worker
-from pipelines.shards import Shard, image_bytes, iter_shard, shard_changed
+from pipelines.shards import Shard, iter_shard, required_image_bytes, shard_changed
 from targets.decoders import device_decodable
 from targets.device_views import PackedImages, crop_record
 from targets.store import DamagedUnit, TargetStore
 from targets.store_meta import N_INT, StoreMeta
 from targets.unit_reader import CorruptTarget
 from targets.views import ViewParams, apply_view, decode_image, measure_view
+from targets.zarr_nodes import values
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,14 @@ def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
         raise UserError(f"--targets {store.path}: {what}; run `cae2 extract-targets` with these --shards first")
     out = []
     for s in shards:
-        changed = shard_changed(markers[s.name].get("source_identity"), s.url, read=False)
+        marker = markers[s.name]
+        assert marker is not None  # missing units were refused above
+        changed = shard_changed(marker.get("source_identity"), s.url, read=False)
         if changed:
             raise UserError(f"--shards: {s.url} is not the shard unit {s.name} of {store.path} was made from "
                             f"({changed}); pass the shards the store was extracted from")
-        n = markers[s.name]["num_samples"]
-        valid = store.group[f"units/{s.name}/valid"][:] if n else np.zeros(0, bool)
+        n = int(marker["num_samples"])
+        valid = values(store.group, f"units/{s.name}/valid") if n else np.zeros(0, bool)
         out.append(ShardIndex(s, np.flatnonzero(valid), n))
     if not any(len(i.rows) for i in out):
         raise UserError("--shards: no valid samples in these shards")
@@ -235,7 +238,7 @@ class TrainStream(IterableDataset):
                 if stored is None:
                     continue
                 targets.append(stored)
-            data = image_bytes(sample)
+            data = required_image_bytes(sample)
             if not (cfg.device_decode and row not in unit.host_rows and views.add_jpeg(data, unit.view_int[row, k],
                                                                                         unit.view_float[row, k])):
                 views.add(decode_image(data), unit.view_int[row, k], unit.view_float[row, k])

@@ -55,8 +55,8 @@ def _epochs(run: Run, loop: RunLoop) -> None:
             if step % cfg.log_every == 0 or step == total:
                 record = window.record(acc, stats, step, epoch, run.schedule.global_batch)
                 window = LogWindow()
-            loop.step_done(step, record, record and f"loss {record['loss']:.4f}, "
-                                                    f"{record['samples_per_s']:.1f} samples/s")
+            loop.step_done(step, record, f"loss {record['loss']:.4f}, {record['samples_per_s']:.1f} samples/s"
+                           if record else None)
             if run.evaluator is not None and step % cfg.eval_every == 0:
                 loop.log({"step": step, "epoch": epoch, **run.evaluator(run.parts.model, acc)})
             position = (epoch + 1, 0) if batch_in_epoch >= usable else (epoch, batch_in_epoch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -15,6 +16,7 @@ import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD, TrainDefaults
 from cae2.errors import UserError
 from pipelines.pretrain.schedule import Schedule
+from pipelines.run_loop import reduce
 from targets.decoders import decode_all
 from targets.device_views import DeviceViews, PackedImages
 from targets.quantize import dequantize
@@ -53,7 +55,7 @@ class LogWindow:
 
     def record(self, accelerator: Accelerator, stats: StepStats, step: int, epoch: int, global_batch: int) -> dict:
         """The metrics record of the last step (losses averaged over processes) and the window's rates."""
-        reduced = accelerator.reduce(stats.losses, reduction="mean").tolist()
+        reduced = reduce(accelerator, stats.losses).tolist()
         elapsed = time.perf_counter() - self.t0
         return {"step": step, "epoch": epoch, "loss": reduced[0], "loss_v": reduced[1], "loss_z": reduced[2],
                 "lr": stats.lr, "grad_norm": float(stats.grad_norm),
@@ -66,8 +68,8 @@ class StepParts:
 
     accelerator: Accelerator
     model: torch.nn.Module
-    forward: torch.nn.Module
-    """The model, or its torch.compile wrapper."""
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """The model, or its torch.compile wrapper: (images, mask) -> predictions."""
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     n_visible: int
@@ -94,7 +96,7 @@ class StepParts:
         """The teacher's view of each sample (--teacher-online): the student's when sizes match."""
         if "teacher_images" in batch:
             return batch["teacher_images"]
-        if "teacher_from_pack" in batch:
+        if "teacher_from_pack" in batch and self.teacher_views is not None:
             return self._device_views(batch, self.teacher_views)
         return student
 
@@ -118,7 +120,7 @@ def _device_pack(batch: dict, device: torch.device) -> PackedImages:
         if isinstance(image, str):
             raise UserError(f"--decoder device: sample {batch['keys'][i]}: {image}; stage 1 decoded it with another "
                             "decoder: pass --decoder host")
-    crops, jpegs = iter(pack.images()), iter(decoded)
+    crops, jpegs = iter(pack.images()), iter(image for image in decoded if not isinstance(image, str))
     jpeg_places = set(at)
     return PackedImages.join([next(jpegs) if i in jpeg_places else next(crops) for i in range(len(batch["view_ints"]))],
                              device)
@@ -149,7 +151,7 @@ def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
         keys += batch["keys"]
         if parts.keys_file:
             parts.keys_file.write("".join(f"{step} {epoch} {k}\n" for k in batch["keys"]))
-    grad_norm = acc.clip_grad_norm_(parts.model.parameters(), parts.schedule.clip_grad)
+    grad_norm = torch.as_tensor(acc.clip_grad_norm_(parts.model.parameters(), parts.schedule.clip_grad))
     if not torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced); nothing is applied
         raise UserError(f"step {step + 1}: the loss or a gradient is not finite (loss {float(losses[0]):.4g}, "
                         f"gradient norm {float(grad_norm):.4g}); this rank's samples of the step: "
