@@ -18,7 +18,6 @@ from typing import Annotated
 import torch
 import typer
 from accelerate.utils import gather_object
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer bundles click; no public name
 
 import cae2
 from cae2.errors import UserError
@@ -46,7 +45,6 @@ logger = logging.getLogger(__name__)
 app = typer.Typer(
     name="cae2",
     help="CAE v2 distillation of CLIP into ViTs, with an offline CLIP target cache.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -59,8 +57,16 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+def _help_without_a_command(ctx: typer.Context) -> None:
+    """`cae2` or `cae2 evaluate` alone: the help (status 0)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
@@ -73,6 +79,7 @@ def _root(
     if quiet and verbose:
         raise UserError("--quiet and --verbose ask for opposite things; pass one of them")
     logs.setup(logging.WARNING if quiet else logging.DEBUG if verbose else None)
+    _help_without_a_command(ctx)
 
 
 # --- cae2 models --------------------------------------------------------------------------------------
@@ -256,7 +263,7 @@ def _export(cfg: ExportConfig) -> None:
 # --- evaluation -------------------------------------------------------------------------------------
 
 evaluate_app = typer.Typer(help="Measure an encoder: k-NN, linear probes, fine-tuning (docs/evaluation.md).",
-                           no_args_is_help=True)
+                           callback=_help_without_a_command, invoke_without_command=True)
 app.add_typer(evaluate_app, name="evaluate")
 
 
@@ -334,11 +341,9 @@ def run(args: list[str] | None = None) -> int:
     try:
         status = app(args=args, prog_name="cae2", standalone_mode=False)
         status = status if isinstance(status, int) else 0
-    except NoArgsIsHelpError as e:  # `cae2` or `cae2 evaluate` alone: the help
-        typer.echo(e.format_message())
-        return 0
-    except UsageError as e:
-        command = e.ctx.command_path if e.ctx else "cae2"
+    except typer.TyperException as e:  # click's usage errors (typer bundles click)
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "cae2"
         return _error(f"{' '.join(e.format_message().split())} (see `{command} --help`)")
     except UserError as e:
         if _state["debug"]:

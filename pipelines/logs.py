@@ -18,6 +18,8 @@ import time
 
 from tqdm import tqdm
 
+from cae2.errors import UserError
+
 LEVEL_VARIABLE = "CAE2_LOG_LEVEL"
 PROGRESS_VARIABLE = "CAE2_PROGRESS_SECONDS"
 PACKAGES = ("cae2", "targets", "pipelines", "bench")
@@ -75,7 +77,7 @@ _handler.addFilter(_MainProcessOnly())
 def level_from_environment() -> int:
     name = os.environ.get(LEVEL_VARIABLE, "INFO").strip().upper() or "INFO"
     if name not in LEVELS:
-        raise ValueError(f"{LEVEL_VARIABLE}={name!r}: use one of {', '.join(LEVELS)}")
+        raise UserError(f"{LEVEL_VARIABLE}={name!r} is not a log level; set one of {', '.join(LEVELS)} (or unset it)")
     return getattr(logging, name)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from pipelines import cli as cae2_cli
+from pipelines import logs
 from pipelines.demo import synthetic_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,7 @@ def cli(*args: object) -> Ran:
                 code = 1
     finally:
         torch.set_num_threads(threads)
+        logs.setup(logging.INFO)  # the next command in this process starts as a new process would
     return Ran(code, out.getvalue(), err.getvalue())
 
 

@@ -146,6 +146,24 @@ def test_cli_knn_and_linear_write_every_number_and_setting(labelled, tmp_path):
     assert json.loads((tmp_path / "shuffled.json").read_text())["results"]["20"]["top1"] <= 55  # labels carry nothing
 
 
+def test_official_protocol_in_one_process_records_its_run(labelled, tmp_path):
+    out = tmp_path / "probe.json"
+    res = cli("evaluate", "linear", "--protocol", "official", "--model", TEACHER, "--train", labelled / "train",
+              "--val", labelled / "val", "--out", out, "--workers", "0", "--epochs", "3", "--warmup-epochs", "1",
+              "--batch-size", "8", "--global-batch", "16", "--save-every", "2", "--log-every", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())["results"]
+    assert result["steps"] == 6 and result["grad_accum"] == 2 and 0 <= result["top1"] <= 100
+    run = tmp_path / "probe-run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 7)) and "val/top1" in records[-1]
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000004", "step_00000006"]
+    again = cli("evaluate", "linear", "--protocol", "official", "--model", TEACHER, "--train", labelled / "train",
+                "--val", labelled / "val", "--out", tmp_path / "again.json", "--run-dir", run, "--workers", "0",
+                "--epochs", "3", "--batch-size", "8", "--global-batch", "16")
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
 def _official(labelled, out, *extra):
     return [*ACCELERATE_2CPU, "-m", "pipelines.cli", "evaluate", "linear", "--protocol", "official", "--model", TEACHER,
             "--train", str(labelled / "train"), "--val", str(labelled / "val"), "--out", str(out), "--workers", "0",

@@ -216,3 +216,10 @@ def test_sibling_read_errors_left_by_zarr_are_not_printed_after_the_error_line(e
         asyncio_log.removeFilter(cli_module._sibling_os_error)
     said = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert any("exception was never retrieved" in m for m in said) == shown, said
+
+
+def test_cae2_launch_without_a_command_or_with_bad_options_is_one_line():
+    res = cli("launch", "--num_processes", "2")
+    assert res.returncode == 2 and res.stderr.startswith("error: cae2 launch: name the command to launch")
+    res = cli("launch", "--num_processes", "two", "models")
+    assert res.returncode == 2 and "accelerate's options above do not parse" in res.stderr
