@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/ruff check .
-.venv/bin/pyright
+.venv/bin/pyright --project pyproject.toml
 .venv/bin/python -m pytest -q -m "not slow" "$@"
 .venv/bin/python -m pytest -q -m slow "$@"
