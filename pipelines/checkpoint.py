@@ -34,6 +34,8 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from cae2.errors import UserError, naming
 from pipelines.files import fsync_dir, save_torch, write_atomically, write_bytes
+from pipelines.run_dirs import RunDir
+from targets.storage import Location
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -163,18 +165,46 @@ def load_parts(accelerator: Accelerator, ckpt: Path, parts: CheckpointParts) -> 
 # --- a run's checkpoints ------------------------------------------------------------------------------
 
 class Checkpointer:
-    """A run's checkpoints: which one a run resumes from, when to save, saving with retention, loading."""
+    """A run's checkpoints: which one a run resumes from, when to save, saving with retention, loading. In an
+    object store (`RunDir`) they are saved in the staging folder, then uploaded, the marker last; a resume
+    fetches the one it starts from."""
 
-    def __init__(self, run_dir: Path, save_every: int, keep_last: int):
-        self.run_dir, self.save_every, self.keep_last = Path(run_dir), save_every, keep_last
+    def __init__(self, run: RunDir | Path, save_every: int, keep_last: int):
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.run_dir, self.save_every, self.keep_last = self.run.local, save_every, keep_last
+
+    def complete(self) -> list[str]:
+        """The names of the run's complete checkpoints, oldest first (the bucket's for an object-store run)."""
+        if self.run.remote:
+            return self.run.remote_checkpoints()
+        return [p.name for p in complete_checkpoints(self.run_dir)]
+
+    def local(self, name: str) -> Path:
+        """A complete checkpoint of the run as a local folder (fetched from the bucket when the run is there)."""
+        return self.run.pull_checkpoint(name) if self.run.remote else self.run_dir / "checkpoints" / name
+
+    def _resolve(self, resume: str | None) -> Path | None:
+        if self.run.remote and resume == "latest":
+            names = self.complete()
+            return self.local(names[-1]) if names else None
+        if resume and Location.of(resume).remote:
+            where = Location.of(resume)
+            inside = RunDir(where.parent.parent)
+            if where.parent.name != "checkpoints" or where.name not in inside.remote_checkpoints():
+                raise UserError(f"--resume {resume}: not a complete checkpoint (RUN/checkpoints/step_N with its "
+                                f"{MARKER} marker); pass one, or --resume latest")
+            return inside.pull_checkpoint(where.name)
+        return resolve_resume(resume, self.run_dir)
 
     def find(self, resume: str | None) -> tuple[Path | None, dict | None]:
         """(checkpoint, its trainer state) to resume from, or (None, None) for a fresh run; a fresh run
         into a directory that holds checkpoints is refused."""
-        ckpt = resolve_resume(resume, self.run_dir)
+        ckpt = self._resolve(resume)
         root = self.run_dir / "checkpoints"
-        if ckpt is None and resume != "latest" and root.is_dir() and any(root.iterdir()):
-            raise UserError(f"--out {self.run_dir} already holds checkpoints; pass --resume latest to continue, or "
+        holds = bool((self.run.location / "checkpoints").children()) if self.run.remote else \
+            root.is_dir() and any(root.iterdir())
+        if ckpt is None and resume != "latest" and holds:
+            raise UserError(f"--out {self.run} already holds checkpoints; pass --resume latest to continue, or "
                             "a new --out")
         if ckpt is None:
             return None, None
@@ -214,7 +244,9 @@ class Checkpointer:
             fsync_dir(ckpt)
             write_bytes(ckpt / MARKER, f"step {step}\n".encode())
             fsync_dir(ckpt)
-            prune(self.run_dir, self.keep_last)
+            self.run.push_checkpoint(ckpt.name)  # an object-store run: uploaded, its marker last
+            self.run.push()
+            self._prune()
         accelerator.wait_for_everyone()
         return ckpt
 
@@ -235,11 +267,12 @@ class Checkpointer:
         """Load `ckpt` (found by `find`) after check(ckpt, state). With --resume latest, a checkpoint
         whose files cannot be read gives way to the next older complete one, and the log says so; an
         explicitly named one that cannot be read is refused."""
-        candidates = [ckpt]
+        candidates: list[Path | str] = [ckpt]
         if resume == "latest":
-            candidates += [c for c in reversed(complete_checkpoints(self.run_dir)) if c != ckpt]
+            candidates += [name for name in reversed(self.complete()) if name != ckpt.name]
         first = None
-        for i, candidate in enumerate(candidates):
+        for i, choice in enumerate(candidates):
+            candidate = choice if isinstance(choice, Path) else self.local(choice)
             try:
                 cand_state = state if i == 0 and state else read_state(candidate)
                 check(candidate, cand_state)
@@ -251,10 +284,24 @@ class Checkpointer:
                 first = first or e
                 if i + 1 < len(candidates):
                     logger.warning(f"checkpoint {e.ckpt} is corrupt ({e.reason}); resuming from the previous "
-                                   f"complete checkpoint {candidates[i + 1]} instead")
+                                   f"complete checkpoint {checkpoint_dir(self.run_dir, _step(candidates[i + 1]))} "
+                                   "instead")
         assert first is not None
         raise UserError(f"--resume latest: checkpoint {first.ckpt} is corrupt ({first.reason}), and no older complete "
                         f"checkpoint of {self.run_dir} can be read; start a new --out")
+
+
+    def _prune(self) -> None:
+        """Retention here, and in the bucket for an object-store run."""
+        prune(self.run_dir, self.keep_last)
+        if self.run.remote:
+            names = self.run.remote_checkpoints()
+            for name in names[: max(len(names) - max(self.keep_last, 1), 0)]:
+                self.run.delete_checkpoint(name)
+
+
+def _step(checkpoint: Path | str) -> int:
+    return int((checkpoint.name if isinstance(checkpoint, Path) else checkpoint).removeprefix("step_"))
 
 
 def prune(run_dir: Path, keep: int) -> None:

@@ -38,7 +38,7 @@ from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.export import ExportConfig, export_encoder
 from pipelines.pretrain.loop import train
 from pipelines.runs import end_ranks, process_state
-from pipelines.shards import MakeShardsConfig, make_shards
+from pipelines.shards import MakeShardsConfig, make_shards, shard_name
 from targets.views import ViewSettings
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ def _make_shards(cfg: MakeShardsConfig) -> None:
 
     Example: cae2 make-shards /data/imagenet/train shards/ --samples-per-shard 1000
     """
-    paths = make_shards(cfg.source, cfg.out_dir, cfg.samples_per_shard, cfg.prefix)
-    typer.echo(f"wrote {len(paths)} shard(s) to {cfg.out_dir}: {paths[0].name} .. {paths[-1].name}")
+    urls = make_shards(cfg.source, cfg.out_dir, cfg.samples_per_shard, cfg.prefix)
+    typer.echo(f"wrote {len(urls)} shard(s) to {cfg.out_dir}: {shard_name(urls[0])} .. {shard_name(urls[-1])}")
 
 
 options.command(app, "make-shards", MakeShardsConfig, _make_shards, config_file=False)

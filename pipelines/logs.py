@@ -83,6 +83,9 @@ def level_from_environment() -> int:
 
 def setup(level: int | None = None) -> None:
     """Send the project's loggers to stderr at `level` (default: CAE2_LOG_LEVEL, else INFO). Idempotent."""
+    root = logging.getLogger()
+    if not root.handlers:  # else a library's logging.info() runs basicConfig, and every line shows twice
+        root.addHandler(logging.NullHandler())
     for name in PACKAGES:
         logger = logging.getLogger(name)
         if _handler not in logger.handlers:

@@ -28,6 +28,7 @@ import yaml
 
 from cae2.errors import UserError
 from cae2.fields import Argument, PathKind, Range, Switch, constraints
+from targets.storage_settings import StorageSettings
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ def field_docs(cls) -> dict[str, str]:
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+def _repeatable(tp) -> bool:
+    """tuple[str, ...]: a flag given any number of times."""
+    return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, Ellipsis)
 
 
 def _strip_none(tp):
@@ -119,6 +125,10 @@ def _convert(opt: Option, value, where: str):
     if isinstance(tp, type) and issubclass(tp, Enum):
         choices = [m.value for m in tp]
         return tp(value) if value in choices else refuse(f"one of {', '.join(map(str, choices))}")
+    if _repeatable(tp):
+        items = [value] if isinstance(value, str) else value
+        ok = isinstance(items, list | tuple) and all(isinstance(v, str) for v in items)
+        return tuple(items) if ok else refuse("a string or a list of strings")
     if typing.get_origin(tp) is tuple:
         n = len(typing.get_args(tp))
         ok = isinstance(value, list | tuple) and len(value) == n and \
@@ -196,6 +206,9 @@ def _parameter(opt: Option, default_help: Callable[[Option], str | None] | None,
     for check in opt.checks:
         if isinstance(check, Range) and not (check.open_min or check.open_max):
             kwargs |= {k: v for k, v in (("min", check.min), ("max", check.max)) if v is not None}
+    if _repeatable(opt.type):
+        annotation = Annotated[list[str] | None, typer.Option(decl, **kwargs)]
+        return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
     annotation = Annotated[opt.type | None, typer.Option(decl, **kwargs)]
     return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -221,7 +234,8 @@ def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str,
             raise UserError(f"--config {config}: unknown option(s) {', '.join(unknown)} (known: "
                             f"{', '.join(o.flag[2:] for o in opts)})")
         values = {by_key[str(k)].path: _convert(by_key[str(k)], v, f"--config {config}") for k, v in from_file.items()}
-        values |= {opt.path: given[opt.param] for opt in opts if given[opt.param] is not None}
+        values |= {opt.path: tuple(given[opt.param]) if _repeatable(opt.type) else given[opt.param]
+                   for opt in opts if given[opt.param] not in (None, [])}
         missing = [o.flag for o in opts if o.default is dataclasses.MISSING and o.path not in values]
         if missing:
             raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (on the command "
@@ -235,6 +249,8 @@ def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str,
             if isinstance(e, UserError):
                 raise
             raise UserError(f"{name}: {e}") from None
+        if isinstance(cfg, StorageSettings):
+            cfg.apply_storage()
         return run(cfg)
 
     params = [_parameter(o, default_help, config_file) for o in opts]

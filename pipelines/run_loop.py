@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from cae2.errors import UserError
 from pipelines.checkpoint import Checkpointer, CheckpointParts
 from pipelines.logs import Progress
 from pipelines.runs import MetricsLog, Preemption, RunLock
@@ -57,6 +58,8 @@ def restore(checkpointer: Checkpointer, accelerator: Accelerator, resume: str | 
     if ckpt is None:
         return None
     ckpt, state = checkpointer.restore(accelerator, resume, ckpt, state or {}, check, parts)
+    if accelerator.is_main_process:
+        checkpointer.run.pull()  # an object-store run: its metrics and TensorBoard files, to go on from
     where = ", ".join(f"{k.replace('_', ' ')} {state[k]}" for k in ("epoch", "batch_in_epoch", "position")
                       if k in state)
     logger.info(f"resumed from {ckpt} at step {state['step']} ({where})")
@@ -68,9 +71,10 @@ class RunLoop:
     Ctrl-C: save and stop after the step), progress, checkpoints when due, and the run lock, released at
     the end however the loop ends."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, checkpointer: Checkpointer, parts: CheckpointParts,
+    def __init__(self, accelerator: Accelerator, checkpointer: Checkpointer, parts: CheckpointParts,
                  *, step: int, total: int, name: str, progress: bool = True, lock: RunLock | None = None):
-        self.acc, self.run_dir, self.checkpointer, self.parts = accelerator, Path(run_dir), checkpointer, parts
+        self.acc, self.checkpointer, self.parts = accelerator, checkpointer, parts
+        self.run_dir = checkpointer.run_dir
         self.step, self.total, self.name, self.show_progress, self.lock = step, total, name, progress, lock
         self.status = "finished"
 
@@ -89,9 +93,13 @@ class RunLoop:
         try:
             if exc is None:
                 self.metrics.close()
+                if self.acc.is_main_process:
+                    self.checkpointer.run.push()  # an object-store run: its metrics as they end
             else:
-                with contextlib.suppress(OSError):  # the error in flight is the one to report
+                with contextlib.suppress(OSError, UserError):  # the error in flight is the one to report
                     self.metrics.close()
+                    if self.acc.is_main_process:
+                        self.checkpointer.run.push()
         finally:
             self.preemption.restore()
             self.progress.close()
@@ -133,5 +141,5 @@ class RunLoop:
     def status_line(self) -> str:
         """What the command says at the end (stdout)."""
         if self.status == "finished":
-            return f"finished {self.step} steps; run dir: {self.run_dir}"
+            return f"finished {self.step} steps; run dir: {self.checkpointer.run}"
         return f"{self.status} at step {self.step}: checkpoint saved; rerun with --resume latest"

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 
 from cae2.errors import UserError, naming
-from targets.claims import Heartbeat, Holder, claim_beside, release, try_claim
+from pipelines.run_dirs import RunDir
+from targets.claims import Claim, Heartbeat, Holder, claim_beside, release, try_claim
 
 
 def process_state() -> PartialState:
@@ -71,12 +72,12 @@ class RunLock:
     """One training process (job) per run directory: the main process claims `.<RUN_DIR>.train.claim`
     beside it (targets.claims; a dead or silent holder's claim is taken over), and every rank agrees."""
 
-    def __init__(self, path: Path | None, holder: Holder | None, heartbeat: Heartbeat | None):
+    def __init__(self, path: Claim | None, holder: Holder | None, heartbeat: Heartbeat | None):
         self.path, self.holder, self.heartbeat = path, holder, heartbeat
 
     @classmethod
-    def take(cls, run_dir: Path, accelerator: Accelerator) -> RunLock:
-        path = claim_beside(run_dir, "train")
+    def take(cls, run_dir: RunDir, accelerator: Accelerator) -> RunLock:
+        path = claim_beside(run_dir.location, "train")
         holder, other = Holder.me(), None
         if accelerator.is_main_process:
             ok, other = try_claim(path, holder)

@@ -6,12 +6,16 @@ one place serves copies of them elsewhere (object store vs local disk).
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,9 @@ from webdataset.tariterators import tarfile_samples
 
 from cae2.errors import UserError, naming
 from cae2.fields import Argument, PathKind, Range
+from targets.local_copies import fetch
+from targets.storage import Location, is_remote
+from targets.storage_settings import StorageSettings
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -43,33 +50,12 @@ def _is_remote(url: str) -> bool:
 
 
 def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
-    """A brace pattern, a directory, a glob, or a text file listing one shard URL per line."""
+    """A brace pattern, a directory, a glob, or a text file listing one shard URL per line; on an object store
+    (s3://...) a brace pattern, a glob or a folder, checked with one listing per folder."""
     spec = spec.strip()
     if not spec:
         raise UserError(f"{option} is empty; pass a directory, a brace pattern, a glob or a list file")
-    if os.path.isdir(spec):
-        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
-        if not urls:
-            raise UserError(f"{option}: directory {spec} has no .tar shards")
-    elif os.path.isfile(spec) and not spec.endswith(".tar"):
-        with open(spec) as f:
-            urls = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        if not urls:
-            raise UserError(f"{option}: list file {spec} names no shards")
-    else:
-        urls = []
-        for part in braceexpand(spec):
-            if not _is_remote(part) and any(c in part for c in "*?["):
-                matches = sorted(glob.glob(part))
-                if not matches:
-                    raise UserError(f"{option}: glob {part} matches no files")
-                urls += matches
-            else:
-                urls.append(part)
-    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"{option}: shard {missing[0]} does not exist{more}; check the path or pattern")
+    urls = _remote_urls(spec, option) if is_remote(spec) else _local_urls(spec, option)
     shards = [Shard(u, shard_name(u)) for u in urls]
     seen: dict[str, str] = {}
     for s in shards:
@@ -80,8 +66,62 @@ def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
     return shards
 
 
+def _local_urls(spec: str, option: str) -> list[str]:
+    if os.path.isdir(spec):
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        if not urls:
+            raise UserError(f"{option}: directory {spec} has no .tar shards")
+        return urls
+    if os.path.isfile(spec) and not spec.endswith(".tar"):
+        with open(spec) as f:
+            urls = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not urls:
+            raise UserError(f"{option}: list file {spec} names no shards")
+        return urls
+    urls = []
+    for part in braceexpand(spec):
+        if not _is_remote(part) and any(c in part for c in "*?["):
+            matches = sorted(glob.glob(part))
+            if not matches:
+                raise UserError(f"{option}: glob {part} matches no files")
+            urls += matches
+        else:
+            urls.append(part)
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{option}: shard {missing[0]} does not exist{more}; check the path or pattern")
+    return urls
+
+
+def _remote_urls(spec: str, option: str) -> list[str]:
+    """Shards in an object store: every name checked against one listing of its folder (no request per shard)."""
+    parts = list(braceexpand(spec))
+    if len(parts) == 1 and not parts[0].endswith(".tar") and not any(c in parts[0] for c in "*?["):
+        folder = Location.of(parts[0])
+        urls = [str(folder / m.name) for m in folder.list() if m.name.endswith(".tar") and "/" not in m.name]
+        if not urls:
+            raise UserError(f"{option}: {folder} holds no .tar shards")
+        return urls
+    listings: dict[str, set[str]] = {}
+    urls = []
+    for part in parts:
+        where = Location.of(part)
+        folder = str(where.parent)
+        if folder not in listings:
+            listings[folder] = {m.name for m in where.parent.list() if "/" not in m.name}
+        matches = sorted(fnmatch.filter(listings[folder], where.name))
+        if not matches:
+            what = "matches no objects" if any(c in where.name for c in "*?[") else "does not exist"
+            raise UserError(f"{option}: shard {where} {what}; check the URL or pattern (and the credentials' "
+                            "access to the bucket)")
+        urls += [f"{folder}/{m}" for m in matches]
+    return urls
+
+
 def iter_shard(url: str) -> Iterator[dict]:
-    """Samples of one shard in file order, streamed with WebDataset (dict: __key__, fields as bytes)."""
+    """Samples of one shard in file order, streamed with WebDataset (dict: __key__, fields as bytes). A shard
+    in an object store is read from its local copy (`targets.local_copies`: fetched whole once)."""
     def reraise(e: Exception) -> bool:
         # webdataset appends " @ <stream>" to the message and hands the error to each of its stages' handlers
         message = str(e.args[0]).split(" @ ")[0] if e.args else str(e)
@@ -90,12 +130,24 @@ def iter_shard(url: str) -> Iterator[dict]:
         raise UserError(f"shard {url} cannot be read ({type(e).__name__}: {message}); check or rewrite the shard "
                         "(cae2 make-shards)") from None
 
-    yield from tarfile_samples([{"url": url}], handler=reraise)
+    source = str(local_copy(url)) if is_remote(url) else url
+    yield from tarfile_samples([{"url": source}], handler=reraise)
+
+
+def local_copy(url: str) -> Path:
+    """The local copy of a shard in an object store (named in the error when it is gone)."""
+    try:
+        return fetch(Location.of(url))
+    except FileNotFoundError:
+        raise UserError(f"shard {url} does not exist (any more); pass the shards the store was made from") from None
 
 
 def shard_identity(url: str) -> dict | None:
     """What a completion marker records of the shard a unit was made from: its size, modification time
-    and crc32c (None for a remote shard)."""
+    and crc32c; for a shard in an object store its size and etag."""
+    if is_remote(url):
+        meta = Location.of(url).head()
+        return {"size": meta.size, "etag": meta.etag} if meta is not None else None
     if _is_remote(url):
         return None
     crc = 0
@@ -108,10 +160,20 @@ def shard_identity(url: str) -> dict | None:
 
 def shard_changed(recorded: dict | None, url: str, read: bool = True) -> str | None:
     """How the shard at `url` differs from the one a unit was made from, or None when it is the same (or
-    cannot be told: a remote shard, a unit written before identities were recorded). The size decides at
-    once; the crc32c is read only when the modification time differs (a copy of the same bytes) and
-    `read` allows it (stage 2 checks sizes here and every sample's key as it streams)."""
-    if not recorded or _is_remote(url):
+    cannot be told: a pipe, a unit written before identities were recorded, or from a shard elsewhere).
+    The size decides at once; the crc32c is read only when the modification time differs (a copy of the
+    same bytes) and `read` allows it (stage 2 checks sizes here and every sample's key as it streams); an
+    object's etag where both have one."""
+    if not recorded or (_is_remote(url) and not is_remote(url)):
+        return None
+    if is_remote(url):
+        now = shard_identity(url)
+        if now is None:
+            return None  # a missing shard is reported where it is read
+        if now["size"] != recorded["size"]:
+            return f"it has {now['size']} bytes, the unit was made from {recorded['size']}"
+        if "etag" in recorded and now["etag"] != recorded["etag"]:
+            return f"its etag is {now['etag']}, the unit was made from {recorded['etag']}"
         return None
     try:
         st = os.stat(url)
@@ -119,7 +181,7 @@ def shard_changed(recorded: dict | None, url: str, read: bool = True) -> str | N
         return None  # a missing shard is reported where it is read
     if st.st_size != recorded["size"]:
         return f"it has {st.st_size} bytes, the unit was made from {recorded['size']}"
-    if read and st.st_mtime_ns != recorded["mtime_ns"]:
+    if read and "mtime_ns" in recorded and st.st_mtime_ns != recorded["mtime_ns"]:
         crc = (shard_identity(url) or {}).get("crc32c")
         if crc != recorded["crc32c"]:
             return f"its crc32c is {crc}, the unit was made from {recorded['crc32c']}"
@@ -145,13 +207,13 @@ def required_image_bytes(sample: dict) -> bytes:
 # --- make-shards -----------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class MakeShardsConfig:
+class MakeShardsConfig(StorageSettings):
     """Every option of `cae2 make-shards`."""
 
     source: Annotated[Path, Argument()]
     """Image folder (class sub-folders = labels) or a file of paths."""
-    out_dir: Annotated[Path, Argument(), PathKind("out_dir")]
-    """Directory for the .tar shards."""
+    out_dir: Annotated[str, Argument(), PathKind("out_dir")]
+    """Directory (or s3://... folder) for the .tar shards; rerun the same command to finish an interrupted run."""
     samples_per_shard: Annotated[int, Range(min=1)] = 1000
     """Images per shard."""
     prefix: str = "shard"
@@ -184,8 +246,14 @@ def _collect(source: Path) -> list[tuple[Path, int, str]]:
     return items
 
 
-def make_shards(source: Path, out_dir: Path, samples_per_shard: int = 1000, prefix: str = "shard") -> list[Path]:
-    """Image folder (class sub-folders -> labels, flat -> -1) or list file -> WebDataset tar shards.
+PLAN = "make-shards.json"
+"""OUT_DIR's record of what its shards are made of (the input, the split); `complete` once every shard is."""
+
+
+def make_shards(source: Path, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard") -> list[str]:
+    """Image folder (class sub-folders -> labels, flat -> -1) or list file -> WebDataset tar shards, in a
+    local folder or an object store (each tar written locally, then uploaded whole). A rerun of the same
+    command keeps the complete shards and writes the rest; OUT_DIR holding shards of another input is refused.
 
     Each sample: `jpg` = the original file bytes, `cls` = label, `json` = source path and class.
     Keys are `<index>_<file stem>` with anything but letters, digits, '_' and '-' replaced, so they
@@ -194,21 +262,71 @@ def make_shards(source: Path, out_dir: Path, samples_per_shard: int = 1000, pref
     if samples_per_shard < 1:
         raise UserError("--samples-per-shard must be >= 1")
     items = _collect(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob(f"{prefix}-*.tar")):
-        raise UserError(f"OUT_DIR {out_dir} already holds {prefix}-*.tar shards; choose an empty directory")
-    paths = []
-    for start in range(0, len(items), samples_per_shard):
-        path = out_dir / f"{prefix}-{start // samples_per_shard:06d}.tar"
-        tmp = path.with_suffix(".tar.partial")
+    out = Location.of(out_dir)
+    names = [f"{prefix}-{i:06d}.tar" for i in range(-(-len(items) // samples_per_shard))]
+    plan = {"source": str(source), "samples_per_shard": samples_per_shard, "prefix": prefix, "shards": names,
+            "items_sha256": hashlib.sha256("\n".join(f"{p}\t{label}" for p, label, _ in items).encode()).hexdigest()}
+    done = _begin_plan(out, plan, prefix)
+    for i, name in enumerate(names):
+        if name not in done:
+            _write_shard(out / name, items[i * samples_per_shard:(i + 1) * samples_per_shard], i * samples_per_shard)
+    _write_text(out / PLAN, json.dumps(plan | {"complete": True}, indent=1))
+    return [str(out / name) for name in names]
+
+
+def _begin_plan(out: Location, plan: dict, prefix: str) -> set[str]:
+    """Record the plan in OUT_DIR (or check it against the one there) -> the names of its complete shards."""
+    if out.remote:
+        present = {m.name for m in out.list() if "/" not in m.name}
+    else:
+        out.path.mkdir(parents=True, exist_ok=True)
+        for partial in out.path.glob("*.tar.partial"):
+            partial.unlink()  # a shard an interrupted run was writing
+        present = {p.name for p in out.path.iterdir()}
+    shards = {n for n in present if fnmatch.fnmatch(n, f"{prefix}-*.tar")}
+    if shards:
+        try:
+            recorded = json.loads(_read_text(out / PLAN))
+        except (FileNotFoundError, ValueError):
+            recorded = None
+        same = recorded is not None and {k: v for k, v in recorded.items() if k != "complete"} == plan
+        if not same:
+            raise UserError(f"OUT_DIR {out} already holds {prefix}-*.tar shards of another input or split; choose "
+                            "an empty directory (a rerun of the same command finishes an interrupted one)")
+    _write_text(out / PLAN, json.dumps(plan | {"complete": False}, indent=1))
+    return shards
+
+
+def _read_text(where: Location) -> str:
+    return where.get().decode() if where.remote else where.path.read_text()
+
+
+def _write_text(where: Location, text: str) -> None:
+    if where.remote:
+        where.put(text.encode())
+    else:
+        tmp = where.path.with_name(where.path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, where.path)
+
+
+def _write_shard(where: Location, items: list[tuple[Path, int, str]], first: int) -> None:
+    """One tar, written under a temporary name and renamed (local) or uploaded whole (object store)."""
+    staging = Path(tempfile.mkdtemp(prefix="cae2-shard-")) if where.remote else None
+    tmp = (staging / where.name) if staging else where.path.with_suffix(".tar.partial")
+    try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index, (img, label, cls) in enumerate(items[start:start + samples_per_shard], start):
+            for index, (img, label, cls) in enumerate(items, first):
                 key = f"{index:08d}_{_UNSAFE.sub('_', img.stem)}"[:90]
                 meta = json.dumps({"path": str(img), "label": label, "class": cls}).encode()
                 for ext, data in (("jpg", img.read_bytes()), ("cls", str(label).encode()), ("json", meta)):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+        if staging:
+            where.upload(tmp)
+        else:
+            os.replace(tmp, where.path)
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)

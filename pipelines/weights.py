@@ -13,16 +13,43 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from cae2.config import ModelConfig
 from cae2.errors import UserError
 from pipelines.checkpoint import MARKER, WRAPPER_PREFIXES, latest_checkpoint, read_state
+from pipelines.run_dirs import RunDir
+from targets.local_copies import fetch
+from targets.storage import Location
 
 
-def find_checkpoint(path: Path) -> Path:
-    """A complete checkpoint dir itself, or a run dir's newest complete one."""
+def find_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint dir itself, or a run dir's newest complete one; one in an object store is fetched
+    (its local copy)."""
+    where = Location.of(path)
+    if where.remote:
+        if (where / MARKER).exists():
+            return RunDir(where.parent.parent).pull_checkpoint(where.name)
+        names = RunDir(where).remote_checkpoints()
+        if not names:
+            raise UserError(f"{where} is neither a complete checkpoint nor a run dir with one")
+        return RunDir(where).pull_checkpoint(names[-1])
+    path = where.path
     if (path / MARKER).is_file():
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
         raise UserError(f"{path} is neither a complete checkpoint nor a run dir with one")
     return ckpt
+
+
+def local_source(spec: str) -> Path:
+    """A --model path as a local one: an exported .safetensors in an object store is copied, a run or checkpoint
+    dir there gets its newest complete checkpoint fetched."""
+    where = Location.of(spec)
+    if not where.remote:
+        return where.path
+    if spec.endswith(".safetensors"):
+        try:
+            return fetch(where)
+        except FileNotFoundError:
+            raise UserError(f"--model {spec}: no such object") from None
+    return find_checkpoint(spec)
 
 
 def model_config_of(ckpt: Path) -> ModelConfig:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,7 @@ import zarr
 from cae2.errors import UserError, naming
 from targets.block_files import BlockFileWriter
 from targets.claims import (
+    Claim,
     Holder,
     claim_beside,
     claim_within,
@@ -44,15 +46,13 @@ from targets.claims import (
     release,
     try_claim,
 )
+from targets.local_copies import copy_path, fetch
+from targets.storage import Location, Meta
 from targets.store_meta import READABLE_SCHEMAS, ROOT_ATTR, StoreMeta
 from targets.unit_files import files_problem
 from targets.unit_reader import MARKER_ATTR, UnitReader
 from targets.unit_writer import UnitWriter
 from targets.zarr_nodes import subgroup
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path
 
 
 def _unfinished_creation(path: Path) -> bool:
@@ -65,28 +65,67 @@ def _unfinished_creation(path: Path) -> bool:
     return ROOT_ATTR not in attrs and not any((path / "units").glob("*/zarr.json"))
 
 
-def require_local_out(path: str) -> None:
-    if not _is_local(path):
-        raise UserError(f"--out {path}: target stores are written to a local or mounted file system path "
-                        "(the writer relies on atomic renames); copy the finished store elsewhere afterwards")
+def _meta_of(path: str, raw: object) -> StoreMeta:
+    """The store description in a root zarr.json's attributes, or a clear error."""
+    damaged = f"target store {path}: {path}/zarr.json is damaged"
+    if not raw:
+        raise UserError(f"{path} is a Zarr group but not a cae2 target store (no '{ROOT_ATTR}' attribute)")
+    if not isinstance(raw, dict):
+        raise UserError(f"{damaged}: its '{ROOT_ATTR}' attribute is {raw!r}, not a store description; restore it "
+                        "from a copy, or extract into a new --out")
+    if raw.get("schema_version") not in READABLE_SCHEMAS:
+        raise UserError(f"target store {path} has schema version {raw.get('schema_version')}, this cae2 "
+                        f"reads {', '.join(map(str, READABLE_SCHEMAS))}; use the cae2 version that wrote "
+                        f"it ({raw.get('cae2_version') or 'unknown'}) or rebuild it with this one")
+    try:
+        return StoreMeta.from_json(raw)
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(f"{damaged}: its store description does not read ({e}); restore it from a copy, or "
+                        "extract into a new --out") from None
+
+
+def _remote_meta(where: Location) -> StoreMeta | None:
+    """The description in an object-store store's root zarr.json; None when there is none."""
+    try:
+        data = json.loads((where / "zarr.json").get())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise UserError(f"target store {where}: {where}/zarr.json is damaged; restore it from a copy, or extract "
+                        "into a new --out") from None
+    return _meta_of(str(where), data.get("attributes", {}).get(ROOT_ATTR) if isinstance(data, dict) else None)
 
 
 class TargetStore:
-    """A target store opened for reading (`open`) or for extraction (`create_or_validate`)."""
+    """A target store opened for reading (`open`) or for extraction (`create_or_validate`), on a local path
+    or in an object store. In an object store, zarr reads and writes the store's local mirror
+    (`targets.local_copies`): a unit is written there whole, then uploaded, its zarr.json (with the
+    completion marker) last, so an object-store unit is complete exactly when its zarr.json exists; a unit
+    is read from its copies, fetched whole."""
 
     def __init__(self, path: str | Path, group: zarr.Group, meta: StoreMeta):
         self.path = str(path)
+        self.location = Location.of(path)
+        self.local = copy_path(self.location) if self.location.remote else Path(self.path)
+        """Where zarr reads and writes: the store itself, or its local mirror."""
         self.group = group
         self.meta = meta
+        self._listing: dict[str, dict[str, Meta]] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.location.remote
 
     # --- opening ------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> TargetStore:
         path = str(path)
-        if _is_local(path) and not (Path(path) / "zarr.json").is_file():
+        where = Location.of(path)
+        if where.remote:
+            return cls._open_remote(where, mode)
+        if not (Path(path) / "zarr.json").is_file():
             raise UserError(f"target store {path} does not exist (no zarr.json); run `cae2 extract-targets` first")
-        damaged = f"target store {path}: {path}/zarr.json is damaged"
         try:
             with naming(Path(path) / "zarr.json"):
                 group = zarr.open_group(path, mode=mode)
@@ -94,31 +133,41 @@ class TargetStore:
         except OSError:
             raise
         except Exception as e:  # noqa: BLE001 - zarr reports unreadable metadata in many types
-            raise UserError(f"{damaged} ({type(e).__name__}: {str(e)[:160]}); restore it from a copy, or extract "
-                            "into a new --out") from None
-        if not raw:
-            raise UserError(f"{path} is a Zarr group but not a cae2 target store (no '{ROOT_ATTR}' attribute)")
-        if not isinstance(raw, dict):
-            raise UserError(f"{damaged}: its '{ROOT_ATTR}' attribute is {raw!r}, not a store description; restore it "
-                            "from a copy, or extract into a new --out")
-        if raw.get("schema_version") not in READABLE_SCHEMAS:
-            raise UserError(f"target store {path} has schema version {raw.get('schema_version')}, this cae2 "
-                            f"reads {', '.join(map(str, READABLE_SCHEMAS))}; use the cae2 version that wrote "
-                            f"it ({raw.get('cae2_version') or 'unknown'}) or rebuild it with this one")
-        try:
-            meta = StoreMeta.from_json(raw)
-        except (TypeError, KeyError, ValueError) as e:
-            raise UserError(f"{damaged}: its store description does not read ({e}); restore it from a copy, or "
-                            "extract into a new --out") from None
-        return cls(path, group, meta)
+            raise UserError(f"target store {path}: {path}/zarr.json is damaged ({type(e).__name__}: {str(e)[:160]}); "
+                            "restore it from a copy, or extract into a new --out") from None
+        return cls(path, group, _meta_of(path, raw))
+
+    @classmethod
+    def _open_remote(cls, where: Location, mode: Literal["r", "r+"]) -> TargetStore:
+        """The store's root metadata copied into its mirror (fresh on every open), the mirror opened."""
+        meta = _remote_meta(where)
+        if meta is None:
+            raise UserError(f"target store {where} does not exist (no zarr.json); run `cae2 extract-targets` first")
+        local = copy_path(where)
+        local.mkdir(parents=True, exist_ok=True)
+        where_root = (where / "zarr.json").get()
+        (local / "zarr.json").write_bytes(where_root)
+        (local / "units").mkdir(exist_ok=True)
+        (local / "units" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                              "attributes": {}}))
+        return cls(str(where), zarr.open_group(str(local), mode=mode), meta)
 
     @classmethod
     def check_settings(cls, path: str | Path, meta: StoreMeta) -> None:
-        """Read-only: raise the error `create_or_validate` would raise for this path (not a local path,
-        a store built with other settings, a directory that is not a store). Every rank calls this
-        before anyone writes."""
+        """Read-only: raise the error `create_or_validate` would raise for this path (a store built with
+        other settings, a directory that is not a store). Every rank calls this before anyone writes."""
         path = str(path)
-        require_local_out(path)
+        where = Location.of(path)
+        if where.remote:
+            found = _remote_meta(where)
+            if found is None and where.children():
+                raise UserError(f"--out {path} holds objects but is not a cae2 target store; choose an empty or new "
+                                "prefix")
+            diffs = found.differences(meta) if found is not None else []
+            if diffs:
+                raise UserError(f"target store {path} was built with other settings ({'; '.join(diffs)}); use a new "
+                                "--out, or rerun with the store's settings")
+            return
         if not Path(path).exists():
             return
         creator, age = read_claim(claim_beside(path, "create"))
@@ -137,8 +186,25 @@ class TargetStore:
     def create_or_validate(cls, path: str | Path, meta: StoreMeta) -> TargetStore:
         """Create the store, or open an existing one whose settings equal `meta` (else a clear error).
         Processes that call this at once (independent jobs on one --out) take turns: one creates, the
-        others then validate what it made."""
+        others then validate what it made (in an object store: a conditional create of its zarr.json)."""
         path = str(path)
+        where = Location.of(path)
+        if where.remote:
+            cls.check_settings(path, meta)
+            if _remote_meta(where) is None:
+                local = copy_path(where)
+                shutil.rmtree(local, ignore_errors=True)
+                group = zarr.open_group(str(local), mode="w")
+                group.require_group("units")
+                group.attrs[ROOT_ATTR] = meta.to_json()
+                (where / "units" / "zarr.json").put((local / "units" / "zarr.json").read_bytes())
+                (where / "zarr.json").put((local / "zarr.json").read_bytes(), create=True)  # one job creates it
+            store = cls.open(path, mode="r+")
+            diffs = store.meta.differences(meta)
+            if diffs:
+                raise UserError(f"target store {path} was built with other settings ({'; '.join(diffs)}); use a new "
+                                "--out, or rerun with the store's settings")
+            return store
         lock = claim_beside(path, "create")
         me = Holder.me()
         deadline = time.monotonic() + 300
@@ -169,13 +235,16 @@ class TargetStore:
         `<name>.<uuid>.partial`, then renames it). Creating a unit also (re)writes the metadata of the
         store and of `units/`, so those two folders can hold some; an incomplete unit is removed whole
         when it is redone. While another live process holds a claim on a unit of the store, only files
-        older than five minutes go (a live writer's temp file lives for milliseconds)."""
+        older than five minutes go (a live writer's temp file lives for milliseconds). Object stores have
+        no partial objects: nothing to do."""
+        if self.remote:
+            return 0
         others = any(holder is not None and holder_alive(holder, age)
                      for holder, age in map(read_claim, claims_within(self.path)))
         older_than = 300.0 if others else -1.0
         now = time.time()
         stale = []
-        for p in [*Path(self.path).glob("*.partial"), *(Path(self.path) / "units").glob("*.partial")]:
+        for p in [*self.local.glob("*.partial"), *(self.local / "units").glob("*.partial")]:
             try:
                 if now - p.stat().st_mtime > older_than:
                     p.unlink()
@@ -186,12 +255,44 @@ class TargetStore:
 
     # --- units --------------------------------------------------------------------------------
 
+    def listing(self, refresh: bool = False) -> dict[str, dict[str, Meta]]:
+        """Object stores: {unit: {file relative to the unit: its size, time, etag}}, from one recursive listing
+        of units/ (a LIST request per 1,000 objects), kept until refreshed."""
+        if self._listing is None or refresh:
+            units: dict[str, dict[str, Meta]] = {}
+            for m in (self.location / "units").list():
+                unit, _, name = m.name.partition("/")
+                if name:
+                    units.setdefault(unit, {})[name] = m
+            self._listing = units
+        return self._listing
+
     def unit_names(self) -> list[str]:
         """Every unit folder (complete, incomplete or damaged: `unit_state` tells which)."""
-        if _is_local(self.path):  # a listing, so that one unreadable unit's metadata hides no other unit
-            folder = Path(self.path) / "units"
-            return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
-        return sorted(subgroup(self.group, "units").group_keys()) if "units" in self.group else []
+        if self.remote:
+            return sorted(self.listing())
+        folder = self.local / "units"  # a listing, so that one unreadable unit's metadata hides no other unit
+        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
+
+    def complete_names(self) -> set[str]:
+        """Object stores: the units whose zarr.json (uploaded last) is there, from the listing alone."""
+        return {u for u, files in self.listing().items() if "zarr.json" in files}
+
+    def prefetch_markers(self, units: list[str]) -> None:
+        """Object stores: the zarr.json (the marker) of these complete units copied side by side (32 requests in
+        flight), so that reading their states costs no round trip each."""
+        if not self.remote:
+            return
+        listing = self.listing()
+        wanted = [(u, listing[u]["zarr.json"]) for u in units if "zarr.json" in listing.get(u, {})]
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(lambda um: fetch(self.location / "units" / um[0] / "zarr.json", um[1]), wanted))
+
+    def is_complete(self, unit: str) -> bool:
+        """Whether the unit is complete now (an object store: its zarr.json is there; one request)."""
+        if self.remote:
+            return (self.location / "units" / unit / "zarr.json").exists()
+        return self.marker(unit) is not None
 
     def marker(self, unit: str) -> dict | None:
         """The unit's completion marker, or None when the unit is missing, incomplete or damaged (its
@@ -202,30 +303,38 @@ class TargetStore:
         """(marker, None) for a complete unit whose marker holds; (None, None) for a missing or incomplete
         one; (None, why) for a damaged one: its metadata cannot be read, or a file the marker lists is
         missing or has another size. A rerun of the command that wrote the unit redoes both."""
-        folder = Path(self.path) / "units" / unit
+        folder = self.local / "units" / unit
+        remote_files = None
+        if self.remote:
+            remote_files = self.listing().get(unit, {})
+            if "zarr.json" not in remote_files:
+                return None, None
+            fetch(self.location / "units" / unit / "zarr.json", remote_files["zarr.json"])
         if not (folder / "zarr.json").is_file():
             return None, None
         try:
             with naming(folder / "zarr.json"):  # a failing disk is reported as such, not as a damaged unit
-                marker = self.group[f"units/{unit}"].attrs.get(MARKER_ATTR)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
+                marker = subgroup(self.group, f"units/{unit}").attrs.get(MARKER_ATTR)
+        except (KeyError, ValueError, TypeError, AttributeError, UserError) as e:
             return None, f"its zarr.json cannot be read ({type(e).__name__}: {str(e)[:120]})"
         if marker is None:
             return None, None
         if not isinstance(marker, dict) or not isinstance(marker.get("num_samples"), int):
             return None, "its completion marker is not a marker cae2 writes"
-        problem = files_problem(folder, marker, self.meta.latent_format)
-        return (None, problem) if problem else (marker, None)
+        sizes = {name: m.size for name, m in remote_files.items()} if remote_files is not None else None
+        problem = files_problem(folder, marker, self.meta.latent_format, sizes, str(self.location / "units" / unit))
+        return (None, problem) if problem else (dict(marker), None)
 
-    def claim_path(self, unit: str) -> Path:
-        """The claim file of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""
-        return claim_within(self.path, unit)
+    def claim_path(self, unit: str) -> Claim:
+        """The claim of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""
+        return claim_within(self.location if self.remote else self.path, unit)
 
     def begin_unit(self, unit: str, source: str, keys: list[str], view_path: str = "pillow",
                    source_identity: dict | None = None) -> UnitWriter:
         """Start (or restart) a unit: an incomplete leftover is removed first. `source`: the shard's URL;
-        `source_identity`: what tells that shard apart from another of the same name (its marker keeps it)."""
-        with naming(Path(self.path) / "units" / unit):
+        `source_identity`: what tells that shard apart from another of the same name (its marker keeps it).
+        In an object store the unit is written into the mirror; `publish_unit` uploads it."""
+        with naming(self.local / "units" / unit):
             return self._begin_unit(unit, source, keys, view_path, source_identity)
 
     def _begin_unit(self, unit: str, source: str, keys: list[str], view_path: str,
@@ -245,14 +354,26 @@ class TargetStore:
         int8 = m.latent_format == "int8"
         latents = per_view("latents", "int8" if int8 else "float16", (m.num_tokens, m.latent_dim))
         scales = per_view("scales", "float32", (m.num_tokens,)) if int8 else None
-        direct = BlockFileWriter.for_array(latents, self.path, f"units/{unit}/latents")
-        direct_scales = BlockFileWriter.for_array(scales, self.path, f"units/{unit}/scales") \
+        local = str(self.local)
+        direct = BlockFileWriter.for_array(latents, local, f"units/{unit}/latents")
+        direct_scales = BlockFileWriter.for_array(scales, local, f"units/{unit}/scales") \
             if scales is not None else None
-        return UnitWriter(ug, Path(self.path) / "units" / unit, latents, keys, m.views_per_image, m.images_per_shard,
+        return UnitWriter(ug, self.local / "units" / unit, latents, keys, m.views_per_image, m.images_per_shard,
                           view_path, direct, scales, direct_scales, source_identity)
 
+    def publish_unit(self, unit: str) -> None:
+        """Object stores: upload a finished unit from the mirror, its zarr.json (the marker) last."""
+        if not self.remote:
+            return
+        folder, target = self.local / "units" / unit, self.location / "units" / unit
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        for p in [p for p in files if p != folder / "zarr.json"] + [folder / "zarr.json"]:
+            target_file = target / str(p.relative_to(folder))
+            with naming(p):
+                target_file.upload(p)
+
     def _remove_unit(self, unit: str) -> None:
-        folder = Path(self.path) / "units" / unit  # stores are written on local paths only
+        folder = self.local / "units" / unit
         if folder.exists():
             shutil.rmtree(folder)
 
@@ -263,8 +384,12 @@ class TargetStore:
         if marker is None:
             raise IncompleteUnit(f"target store {self.path}: unit {unit} is missing or incomplete; rerun "
                                  "`cae2 extract-targets` with the same options to finish it")
-        with naming(Path(self.path) / "units" / unit):
-            return UnitReader(subgroup(self.group, f"units/{unit}"), self.path)
+        if self.remote:  # its files copied whole, side by side (a copy already made is kept)
+            files = self.listing()[unit].items()
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda f: fetch(self.location / "units" / unit / f[0], f[1]), files))
+        with naming(self.local / "units" / unit):
+            return UnitReader(subgroup(self.group, f"units/{unit}"), str(self.local))
 
 
 class IncompleteUnit(UserError):

@@ -17,18 +17,26 @@ def unit_files(folder: Path) -> dict[str, int | None]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p != own}
 
 
-def files_problem(folder: Path, marker: dict, latent_format: str) -> str | None:
-    """Why the files of a unit do not hold what its marker promises, or None. Markers written before
-    they listed files promise the arrays' metadata."""
+def files_problem(folder: Path, marker: dict, latent_format: str, sizes: dict[str, int] | None = None,
+                  where: str | None = None) -> str | None:
+    """Why the files of a unit do not hold what its marker promises, or None: checked in `folder`, or (an
+    object-store unit) against `sizes` from a listing of `where`. Markers written before they listed files
+    promise the arrays' metadata."""
     files = marker.get("files")
     if files is None:
         arrays = REQUIRED_ARRAYS + (("scales",) if latent_format == "int8" else ())
         files = {f"{a}/zarr.json": None for a in arrays if marker["num_samples"] or a == "latents"}
+    place = where or str(folder)
     for name, size in files.items():
-        try:
-            actual = (folder / name).stat().st_size
-        except FileNotFoundError:
-            return f"{folder / name} is missing"
+        if sizes is not None:
+            actual = sizes.get(name)
+        else:
+            try:
+                actual = (folder / name).stat().st_size
+            except FileNotFoundError:
+                actual = None
+        if actual is None:
+            return f"{place}/{name} is missing"
         if size is not None and actual != size:
-            return f"{folder / name} has {actual} bytes, its completion marker says {size}"
+            return f"{place}/{name} has {actual} bytes, its completion marker says {size}"
     return None

@@ -204,16 +204,20 @@ def test_bad_inputs_give_one_clear_line(case, shards, tmp_path):
         "missing_weights": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "c.zarr")],
         "bad_tag": ["extract-targets", "--shards", str(shards[0]), "--out", str(tmp_path / "d.zarr"),
                     "--pretrained", "no-such-tag"],
-        "remote_out": extract_args(shards[0], "s3://bucket/targets.zarr"),
+        "remote_out": [*extract_args(shards[0], "s3://bucket/targets.zarr"), "--storage-option",
+                       "endpoint=http://127.0.0.1:9", "--retry-seconds", "2"],
     }[case]
     t0 = time.time()
-    res = cli(*args)
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+            env.delenv(name, raising=False)
+        res = cli(*args)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1, res.stderr
     expected = {"missing_shard": "nope-000.tar does not exist", "unknown_teacher": "unknown open_clip model",
                 "missing_weights": "--pretrained /path/to/weights", "bad_tag": "no pretrained tag",
-                "remote_out": "local or mounted file system path"}[case]
+                "remote_out": "no credentials: set AWS_ACCESS_KEY_ID"}[case]
     assert expected in err[0]
     assert time.time() - t0 < 60
     assert not (tmp_path / "a.zarr").exists()

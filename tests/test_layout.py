@@ -23,7 +23,7 @@ ALLOWED = {
     "bench": {"cae2", "targets", "pipelines", "pipelines.extract", "pipelines.pretrain", "pipelines.evaluate", "bench"},
 }
 SHARED = {"pipelines.checkpoint", "pipelines.files", "pipelines.logs", "pipelines.options", "pipelines.run_loop",
-          "pipelines.runs", "pipelines.shards", "pipelines.weights"}
+          "pipelines.run_dirs", "pipelines.runs", "pipelines.shards", "pipelines.weights"}
 
 
 def _modules() -> list[tuple[str, Path, ast.Module]]:

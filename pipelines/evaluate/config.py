@@ -9,6 +9,7 @@ from typing import Annotated
 
 from cae2.errors import UserError
 from cae2.fields import OneOf, PathKind, Range, check_fields
+from targets.storage_settings import StorageSettings
 
 KS = (10, 20, 100, 200)
 POOLS = ("cls", "avg", "cls+avg")
@@ -17,7 +18,7 @@ TEMPERATURE = 0.07
 
 
 @dataclass(kw_only=True)
-class EvalSource:
+class EvalSource(StorageSettings):
     """What every evaluation command reads: the model and the labelled splits."""
 
     model: str

@@ -39,6 +39,7 @@ from pipelines.evaluate.finetune_data import AugmentedImages, EvalImages, Finetu
 from pipelines.evaluate.finetune_model import FinetuneNet, SourceViT, build, load_source
 from pipelines.evaluate.report import publish
 from pipelines.files import follow_umask
+from pipelines.run_dirs import RunDir
 from pipelines.run_loop import RunLoop, reduce, restore, start_accelerator
 from pipelines.runs import RunLock, init_worker
 from pipelines.weights import beit_metadata
@@ -79,7 +80,8 @@ class Finetune:
 
     @property
     def dir(self) -> Path:
-        return Path(self.cfg.out)
+        """Where the run works (an object-store run's staging folder)."""
+        return self.checkpointer.run_dir
 
     def parts(self) -> CheckpointParts:
         return CheckpointParts(model=self.model, optimizer=self.optimizer,
@@ -114,9 +116,10 @@ class Inputs:
 def setup(cfg: FinetuneConfig) -> Finetune:
     """Every check, then Accelerate, the network, optimizer, schedule and data; RUN_DIR written last."""
     inputs = Inputs.of(cfg)
-    checkpointer = Checkpointer(Path(cfg.out), cfg.save_every, cfg.keep_last)
-    acc = start_accelerator(Path(cfg.out), cfg.mixed_precision)
-    lock = RunLock.take(Path(cfg.out), acc)
+    run = RunDir(cfg.out)
+    checkpointer = Checkpointer(run, cfg.save_every, cfg.keep_last)
+    acc = start_accelerator(run.local, cfg.mixed_precision)
+    lock = RunLock.take(run, acc)
     try:
         found = checkpointer.find(cfg.resume)
         ft = _assemble(cfg, acc, inputs, checkpointer, lock)
@@ -295,7 +298,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     process. SIGTERM or Ctrl-C saves and stops (status 'preempted' or 'interrupted')."""
     ft = setup(cfg)
     t0 = time.perf_counter()
-    loop = RunLoop(ft.acc, ft.dir, ft.checkpointer, ft.parts(), step=ft.step, total=ft.total, name="finetune",
+    loop = RunLoop(ft.acc, ft.checkpointer, ft.parts(), step=ft.step, total=ft.total, name="finetune",
                    progress=cfg.progress, lock=ft.lock)
     with loop:
         while ft.step < ft.total and not train_epoch(ft, loop):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.pos_embed import sincos_pos_embed_2d
 from pipelines.evaluate.models import timm_model
-from pipelines.weights import find_checkpoint, model_config_of, model_state_dict
+from pipelines.weights import find_checkpoint, local_source, model_config_of, model_state_dict
 
 VIT_ARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -72,7 +71,7 @@ def load_source(spec: str, seed: int) -> SourceViT:
                         "timm:NAME[:random]; a CLIP tower is the teacher, measured with knn or linear")
     if spec.startswith("timm:"):
         return _timm_vit(spec, seed)
-    path = Path(spec)
+    path = local_source(spec)
     if path.suffix == ".safetensors" and path.is_file():
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

@@ -32,6 +32,7 @@ from pipelines.checkpoint import Checkpointer, CheckpointParts
 from pipelines.evaluate.config import LinearConfig
 from pipelines.evaluate.data import AugmentedImages, CenterCropImages, LabelledImages, load_labelled
 from pipelines.evaluate.models import FeatureModel, load_feature_model, state_sha256
+from pipelines.run_dirs import RunDir
 from pipelines.run_loop import RunLoop, reduce, restore, start_accelerator
 from pipelines.runs import RunLock
 
@@ -138,7 +139,7 @@ def run_official(cfg: LinearConfig) -> dict:
     interrupted (Ctrl-C) after a checkpoint."""
     probe = _setup(cfg)
     t0 = time.perf_counter()
-    loop = RunLoop(probe.acc, probe.run_dir, probe.checkpointer, probe.parts(), step=probe.step, total=probe.total,
+    loop = RunLoop(probe.acc, probe.checkpointer, probe.parts(), step=probe.step, total=probe.total,
                    name="linear probe", progress=cfg.progress, lock=probe.lock)
     with loop:
         probe.head.train()
@@ -157,15 +158,22 @@ def run_official(cfg: LinearConfig) -> dict:
             "run_dir": str(probe.run_dir), "head_sha256": state_sha256(head), "seconds": time.perf_counter() - t0}
 
 
+def _beside(out: str, suffix: str) -> str:
+    """OUT without its extension, then `suffix` (a local path or a URL)."""
+    stem, dot, ext = out.rpartition(".")
+    return (stem if dot and "/" not in ext else out) + suffix
+
+
 def _setup(cfg: LinearConfig) -> Probe:
     """Model, splits, plan, head and LARS under Accelerate; the checkpoint to resume from, restored."""
-    run_dir = Path(cfg.run_dir or Path(cfg.out).with_suffix("").as_posix() + "-run")
+    run = RunDir(cfg.run_dir or _beside(cfg.out, "-run"))
+    run_dir = run.local
     model = load_feature_model(cfg.model, cfg.seed, cfg.quick_gelu, cfg.download)
     train = load_labelled(cfg.train, "--train")
     val = load_labelled(cfg.val, "--val", classes=train.classes)
-    checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
+    checkpointer = Checkpointer(run, cfg.save_every, cfg.keep_last)
     acc = start_accelerator(run_dir, cfg.mixed_precision)
-    lock = RunLock.take(run_dir, acc)
+    lock = RunLock.take(run, acc)
     try:
         found = checkpointer.find(cfg.resume)
         probe = _assemble(cfg, acc, model, train, val, checkpointer, run_dir, lock)

@@ -29,7 +29,7 @@ from torch import nn
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD, rgb
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
-from pipelines.weights import find_checkpoint, model_config_of, model_state_dict
+from pipelines.weights import find_checkpoint, local_source, model_config_of, model_state_dict
 from targets.teacher import MissingWeights, Teacher, TeacherSpec
 from targets.views import normalize
 
@@ -102,7 +102,7 @@ def load_feature_model(spec: str, seed: int = 0, quick_gelu: bool | None = None,
         return _timm(spec, seed)
     if spec.startswith("clip:"):
         return _clip(spec, seed, quick_gelu, download)
-    path = Path(spec)
+    path = local_source(spec)
     if path.suffix == ".safetensors":
         return _exported(path, spec)
     if path.is_dir():

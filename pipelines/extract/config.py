@@ -9,14 +9,14 @@ from cae2.fields import OneOf, PathKind, Range, check_fields
 from targets.claims import STALE_AFTER
 from targets.decoders import DECODER_CHOICES
 from targets.quantize import LATENT_FORMATS
-from targets.store import require_local_out
+from targets.storage_settings import StorageSettings
 from targets.teacher import PRECISIONS, TeacherSpec
 from targets.view_paths import VIEW_PATHS
 from targets.views import ViewSettings
 
 
 @dataclass(kw_only=True)
-class ExtractConfig:
+class ExtractConfig(StorageSettings):
     """Every option of `cae2 extract-targets` (the command line is generated from these fields)."""
 
     shards: str
@@ -60,4 +60,3 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        require_local_out(self.out)  # before the teacher is loaded

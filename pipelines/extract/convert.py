@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -24,12 +23,14 @@ from pipelines.logs import Progress
 from pipelines.runs import process_state
 from targets.claims import Heartbeat, Holder, release, try_claim
 from targets.quantize import QuantStats, quantize, token_errors
-from targets.store import TargetStore, require_local_out
+from targets.storage import same_place
+from targets.storage_settings import StorageSettings
+from targets.store import TargetStore
 
 logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
-class ConvertConfig:
+class ConvertConfig(StorageSettings):
     """Every option of `cae2 convert-targets`."""
 
     src: Annotated[str, Argument(), PathKind("dir")]
@@ -131,12 +132,11 @@ def _claim_and_convert(source: TargetStore, target: TargetStore, name: str, min_
 
 
 def _open_stores(cfg: ConvertConfig) -> tuple[TargetStore, TargetStore]:
-    require_local_out(cfg.dst)
     source = TargetStore.open(cfg.src)
     if source.meta.latent_format != "fp16":
         raise UserError(f"{cfg.src} already holds {source.meta.latent_format} latents; convert-targets reads fp16 "
                         "stores")
-    if Path(cfg.src).resolve() == Path(cfg.dst).resolve():
+    if same_place(cfg.src, cfg.dst):
         raise UserError("convert-targets writes a new store: DST must differ from SRC (the source stays untouched)")
     meta = replace(source.meta, latent_format="int8", cae2_version=cae2.__version__)
     target = TargetStore.create_or_validate(cfg.dst, meta)  # concurrent converts take turns creating it
@@ -182,5 +182,6 @@ def _convert_unit(source: TargetStore, target: TargetStore, name: str, min_cosin
         return
     writer.finish(marker["source"], quant.record() | {"against": "source float16 latents"},
                   writer={"host": holder.host, "pid": holder.pid, "job": holder.job})
+    target.publish_unit(name)  # object stores: uploaded now, the marker last
     stats.units_done += 1
     stats.quant.merge(quant)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,7 @@ from targets.claims import Heartbeat, Holder, claims_within, release
 from targets.decoders import device_decoder_name, require_device_view_path
 from targets.device_views import DeviceViews, Packer
 from targets.quantize import QuantStats
+from targets.storage import worker_context
 from targets.store import TargetStore
 from targets.store_meta import StoreMeta
 from targets.teacher import Teacher
@@ -125,11 +127,23 @@ def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStor
     return store
 
 
+CHECKED_IN_OBJECT_STORES = 16
+"""Complete units of an object-store store whose markers a rerun reads before any work (chosen at random)."""
+
+
 def units_to_do(store: TargetStore, shards: list[Shard]) -> list[Shard]:
     """The shards whose units are not complete (damaged ones are redone, and said so); a complete unit made
-    from another shard of the same name is refused before any work."""
+    from another shard of the same name is refused before any work. In an object store the listing tells
+    the complete units (a few LIST requests) and the markers of a random few are read: a rerun with other
+    shards is refused all the same; `verify-targets` reads them all."""
+    checked = shards
     todo = []
-    for shard in shards:
+    if store.remote:
+        complete = store.complete_names()
+        todo = [s for s in shards if s.name not in complete]
+        done = [s for s in shards if s.name in complete]
+        checked = random.Random(0).sample(done, min(CHECKED_IN_OBJECT_STORES, len(done)))
+    for shard in checked:
         marker, damage = store.unit_state(shard.name)
         if marker is None:
             if damage:
@@ -220,8 +234,10 @@ class Extraction:
         leave_cores_to_workers(self.teacher.device, workers)
         # Views and images go to the device in whole batches (the device path packs a batch's images into one
         # pinned buffer): nothing is pinned per item.
+        context = worker_context(self.store.path, *(s.url for s in todo)) if workers else None
         loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=init_worker,
-                            prefetch_factor=8 if workers else None, persistent_workers=False)
+                            prefetch_factor=8 if workers else None, persistent_workers=False,
+                            multiprocessing_context=context)
         self.bar = Progress(len(todo), unit="unit", enabled=self.show_progress, name="extract-targets")
         self.t0 = time.perf_counter()
         try:
@@ -344,4 +360,9 @@ class Extraction:
         asm.writer.finish(asm.source, quantization, writer={"host": h.host, "pid": h.pid, "job": h.job})
         claim = self.store.claim_path(unit)
         self.heartbeat.discard(claim)
+        if not self.heartbeat.holds(claim):  # taken over meanwhile (we looked dead): its taker writes it
+            logger.warning(f"unit {unit}: another process took its claim over while this one wrote it; that "
+                           "process writes it (the same values)")
+            return
+        self.store.publish_unit(unit)  # object stores: uploaded now, the marker last
         release(claim, h)

@@ -125,7 +125,7 @@ class UnitViewStream(IterableDataset):
         got, other = try_claim(claim, self.holder, self.claim_timeout)
         if not got:
             return NotMine(shard, other)
-        if store.marker(shard.name) is not None:
+        if store.is_complete(shard.name):
             release(claim, self.holder)
             return NotMine(shard, None)
         return None

@@ -16,6 +16,7 @@ from cae2.fields import Argument, PathKind, Range
 from pipelines.shards import expand_shards, iter_shard, required_image_bytes
 from targets.block_files import LatentsChecksum, view_checksum
 from targets.decoders import decode_on_device
+from targets.storage_settings import StorageSettings
 from targets.store import DamagedUnit, IncompleteUnit, TargetStore
 from targets.teacher import teacher_for_store
 from targets.views import ViewParams, ViewSettings, apply_view, decode_image, measure_view, sample_view
@@ -27,7 +28,7 @@ DELETE_AND_RERUN = ("delete its folder (units/{unit}) and rerun the command that
 
 
 @dataclass(kw_only=True)
-class VerifyConfig:
+class VerifyConfig(StorageSettings):
     """Every option of `cae2 verify-targets`."""
 
     store: Annotated[str, Argument(), PathKind("dir")]

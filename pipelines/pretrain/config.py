@@ -9,6 +9,7 @@ from cae2.config import LossCombine, LossKind, MaskStrategy
 from cae2.errors import UserError
 from cae2.fields import OneOf, PathKind, Range, check_fields
 from targets.decoders import STAGE2_DECODERS
+from targets.storage_settings import StorageSettings
 from targets.view_paths import VIEW_PATHS
 
 POSITIVE = Range(min=0, open_min=True)
@@ -19,7 +20,7 @@ step is launch-bound on a large GPU); max-autotune searches kernel configuration
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(StorageSettings):
     """Every option of `cae2 pretrain` (the command line is generated from these fields). None means:
     the --model preset's default."""
 

@@ -38,11 +38,11 @@ from pipelines.runs import init_worker
 from pipelines.shards import Shard, iter_shard, required_image_bytes, shard_changed
 from targets.decoders import device_decodable
 from targets.device_views import PackedImages, crop_record
+from targets.storage import worker_context
 from targets.store import DamagedUnit, TargetStore
 from targets.store_meta import N_INT, StoreMeta
 from targets.unit_reader import CorruptTarget
 from targets.views import ViewParams, apply_view, decode_image, measure_view
-from targets.zarr_nodes import values
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ def _stable_int(*parts) -> int:
 
 
 def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
-    """Check the store covers every shard completely, and list each shard's valid rows."""
+    """Check the store covers every shard completely, and list each shard's valid rows (from the markers:
+    every row but the skipped ones; in an object store the markers are fetched side by side)."""
+    store.prefetch_markers([s.name for s in shards])
     states = {s.name: store.unit_state(s.name) for s in shards}
     damaged = [(name, why) for name, (_, why) in states.items() if why]
     if damaged:
@@ -114,7 +116,8 @@ def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
             raise UserError(f"--shards: {s.url} is not the shard unit {s.name} of {store.path} was made from "
                             f"({changed}); pass the shards the store was extracted from")
         n = int(marker["num_samples"])
-        valid = values(store.group, f"units/{s.name}/valid") if n else np.zeros(0, bool)
+        valid = np.ones(n, bool)
+        valid[[int(d["row"]) for d in marker["skipped"]]] = False
         out.append(ShardIndex(s, np.flatnonzero(valid), n))
     if not any(len(i.rows) for i in out):
         raise UserError("--shards: no valid samples in these shards")
@@ -371,7 +374,8 @@ def make_loader(store_path: str, meta: StoreMeta, index: list[ShardIndex], cfg: 
     # Its own generator: creating the iterator must not consume the global RNG that drop path uses,
     # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
     generator = torch.Generator().manual_seed(_stable_int(LOADER_SALT, cfg.seed, epoch, cfg.rank))
+    context = worker_context(store_path, *(i.shard.url for i in index)) if cfg.workers else None
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=init_worker,
                         pin_memory=pin_memory, prefetch_factor=4 if cfg.workers else None,
-                        persistent_workers=False, generator=generator)
+                        persistent_workers=False, generator=generator, multiprocessing_context=context)
     return loader, plan

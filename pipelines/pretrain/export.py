@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -18,16 +20,18 @@ from cae2.fields import Argument, PathKind
 from pipelines.checkpoint import read_state
 from pipelines.files import follow_umask
 from pipelines.weights import beit_metadata, find_checkpoint, model_config_of, model_state_dict
+from targets.storage import Location
+from targets.storage_settings import StorageSettings
 
 
 @dataclass(kw_only=True)
-class ExportConfig:
+class ExportConfig(StorageSettings):
     """Every option of `cae2 export`."""
 
-    checkpoint: Annotated[Path, Argument(), PathKind("dir")]
-    """A checkpoint dir, or a run dir (its newest checkpoint)."""
-    out: Annotated[Path, PathKind("new_file")] = Path("encoder.safetensors")
-    """Output .safetensors file."""
+    checkpoint: Annotated[str, Argument(), PathKind("dir")]
+    """A checkpoint dir, or a run dir (its newest checkpoint); local or s3://...."""
+    out: Annotated[str, PathKind("new_file")] = "encoder.safetensors"
+    """Output .safetensors file (local or s3://...)."""
 
 
 TIMM_NAMES = {(192, 12): "vit_tiny_patch16_224", (384, 12): "vit_small_patch16_224",
@@ -48,7 +52,7 @@ def timm_call(cfg: ModelConfig, file: str) -> str:
             f'model.load_state_dict(safetensors.torch.load_file("{file}"), strict=True)')
 
 
-def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
+def export_encoder(src: str | Path, out: str | Path) -> tuple[Path, str]:
     """The encoder of a pretraining run, or the whole network of a fine-tuning run (`cae2 evaluate
     finetune`), as timm weights in one .safetensors -> (checkpoint, the Python that loads it)."""
     ckpt = find_checkpoint(src)
@@ -66,20 +70,29 @@ def export_encoder(src: Path, out: Path) -> tuple[Path, str]:
     return ckpt, call
 
 
-def _write(state: dict, meta: dict, out: Path) -> None:
-    tmp = out.with_name(out.name + ".partial")
+def _write(state: dict, meta: dict, out: str | Path) -> None:
+    """The .safetensors file, whole: through a temporary name beside it, or uploaded (an object store)."""
+    where = Location.of(out)
+    staging = Path(tempfile.mkdtemp(prefix="cae2-export-")) if where.remote else None
+    target = staging / where.name if staging else where.path
+    tmp = target.with_name(target.name + ".partial")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tmp), metadata=meta)
         follow_umask([tmp])
-        tmp.replace(out)
+        tmp.replace(target)
+        if staging:
+            where.upload(target)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"--out {out} cannot be written ({getattr(e, 'strerror', None) or e}); pass a file path in "
                         "a writable folder") from None
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(src: Path) -> cae2.CAEv2:
+def load_model(src: str | Path) -> cae2.CAEv2:
     """The whole student (encoder, regressor, head) of a checkpoint or a run dir's newest one."""
     ckpt = find_checkpoint(src)
     model = cae2.CAEv2(model_config_of(ckpt))

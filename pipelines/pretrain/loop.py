@@ -24,7 +24,7 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> RunLoop:
     if cfg.eval_every and evaluator is None:
         raise ValueError("--eval-every needs an evaluator (pipelines.evaluate.monitor.KnnMonitor)")
     run = start_run(cfg, evaluator)
-    loop = RunLoop(run.accelerator, run.dir, run.checkpointer, run.checkpoint_parts(), step=run.step,
+    loop = RunLoop(run.accelerator, run.checkpointer, run.checkpoint_parts(), step=run.step,
                    total=run.schedule.total_steps, name="pretrain", progress=cfg.progress, lock=run.lock)
     try:
         with loop:

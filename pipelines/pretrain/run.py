@@ -32,11 +32,13 @@ from pipelines.pretrain.data import (
 )
 from pipelines.pretrain.schedule import Schedule
 from pipelines.pretrain.step import StepParts, make_optimizer
+from pipelines.run_dirs import RunDir
 from pipelines.run_loop import restore, start_accelerator
 from pipelines.runs import RunLock, git_sha
 from pipelines.shards import expand_shards
 from targets.decoders import DECODERS, DecoderUse, resolve_decoder
 from targets.device_views import DeviceViews
+from targets.storage import inside
 from targets.store import TargetStore
 from targets.store_meta import StoreMeta
 from targets.teacher import teacher_for_store
@@ -113,7 +115,7 @@ def preflight(cfg: TrainConfig) -> tuple[TargetStore, list, ModelConfig]:
     if meta.teacher.get("random_init") and not cfg.allow_random_teacher:
         raise UserError(f"--targets {cfg.targets} was made with a RANDOMLY INITIALISED teacher; pass "
                         "--allow-random-teacher if that is intended (tests, demos)")
-    _check_run_dir(Path(cfg.out), Path(cfg.targets))
+    _check_run_dir(RunDir(cfg.out), cfg.targets)
     index = index_shards(store, shards)
     return store, index, model_cfg
 
@@ -121,25 +123,23 @@ def preflight(cfg: TrainConfig) -> tuple[TargetStore, list, ModelConfig]:
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "tensorboard", "keys"}
 
 
-def _check_run_dir(out: Path, store: Path) -> None:
+def _check_run_dir(out: RunDir, store: str) -> None:
     """--out is a new, empty or earlier cae2 run directory: never the store, never a folder of other files."""
-    a, b = out.resolve(), store.resolve()
-    if a == b or b in a.parents or a in b.parents:
+    if inside(out.location.url, store):
         raise UserError(f"--out {out} and --targets {store} overlap; write the run outside the target store")
-    if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
-        if others:
-            raise UserError(f"--out {out} holds files that are not a cae2 run (e.g. {others[0]}); choose a new or "
-                            "empty directory")
+    others = out.holds_other_files(RUN_FILES)
+    if others:
+        raise UserError(f"--out {out} holds files that are not a cae2 run (e.g. {others[0]}); choose a new or "
+                        "empty directory")
 
 
 def start_run(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Run:
     """Preflight, Accelerate, the schedule, the model and optimizer, the resume; RUN_DIR is written only
     after every check has passed."""
-    run_dir = Path(cfg.out)
+    run_dir = RunDir(cfg.out)
     store, index, model_cfg = preflight(cfg)
     checkpointer = Checkpointer(run_dir, cfg.save_every, cfg.keep_last)
-    accelerator = start_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
+    accelerator = start_accelerator(run_dir.local, cfg.mixed_precision, cfg.grad_accum)
     lock = RunLock.take(run_dir, accelerator)
     try:
         found = checkpointer.find(cfg.resume)  # before anything is logged: a refusal comes first
@@ -158,7 +158,7 @@ class Setup:
     """What preflight and Accelerate gave, before the model exists."""
 
     cfg: TrainConfig
-    run_dir: Path
+    run_dir: RunDir
     store: TargetStore
     index: list[ShardIndex]
     model_cfg: ModelConfig
@@ -192,7 +192,7 @@ def _assemble(setup: Setup) -> Run:
     if view_path == "device":
         parts.student_views = DeviceViews(model_cfg.img_size, stream_cfg.student_interpolation, accelerator.device)
         parts.teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
-    return Run(cfg=cfg, dir=setup.run_dir, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
+    return Run(cfg=cfg, dir=setup.run_dir.local, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
                stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=setup.checkpointer,
                resolved=_resolved(cfg, model_cfg, schedule, store), data_layout=_data_layout(cfg, world, index))
 
@@ -237,6 +237,7 @@ def _open_run_dir(run: Run) -> None:
     if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "config.json").write_text(json.dumps(run.resolved, indent=1, default=str))
+        run.checkpointer.run.push()  # an object-store run: config.json there from the start
         accelerator.init_trackers("tensorboard", config=run.resolved["derived"])
     if cfg.log_keys:
         (run.dir / "keys").mkdir(parents=True, exist_ok=True)

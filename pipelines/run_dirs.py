@@ -1,0 +1,118 @@
+"""A run directory (pretrain, finetune, the official probe) on local disk or in an object store.
+
+In an object store the run works in a local staging folder (CACHE/runs/<scheme>/<bucket>/<key>, never
+evicted) and the bucket gets what it needs to go on elsewhere: config.json when the run starts, each
+checkpoint once it is saved (its COMPLETE marker last), metrics.jsonl and the TensorBoard files with every
+checkpoint and at the end; old checkpoints are deleted there too. A resume (on any machine) fetches the
+newest complete checkpoint and the metrics from the bucket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cae2.errors import naming
+from targets.local_copies import cache_root
+from targets.storage import Location, Meta
+
+MARKER = "COMPLETE"
+SYNCED = ("config.json", "metrics.jsonl", "tensorboard", "result.json", "model.safetensors")
+"""What a run dir holds besides its checkpoints, pushed to the bucket with each checkpoint and at the end."""
+
+
+class RunDir:
+    """Where a run lives (`location`) and where it works (`local`: the run dir itself, or its staging folder)."""
+
+    def __init__(self, where: str | Path | Location):
+        self.location = Location.of(where)
+        if self.location.remote:
+            scheme, rest = self.location.url.split("://", 1)
+            self.local = cache_root() / "runs" / scheme / rest
+        else:
+            self.local = self.location.path
+
+    @property
+    def remote(self) -> bool:
+        return self.location.remote
+
+    def __str__(self) -> str:
+        return self.location.url
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+
+    def _checkpoint_objects(self) -> dict[str, dict[str, Meta]]:
+        out: dict[str, dict[str, Meta]] = {}
+        for m in (self.location / "checkpoints").list():
+            name, _, file = m.name.partition("/")
+            if file:
+                out.setdefault(name, {})[file] = m
+        return out
+
+    def remote_checkpoints(self) -> list[str]:
+        """Object stores: the names of the complete checkpoints there, oldest first (one listing)."""
+        return sorted(name for name, files in self._checkpoint_objects().items() if MARKER in files)
+
+    def pull_checkpoint(self, name: str) -> Path:
+        """Object stores: a complete checkpoint's files into the staging folder (those it has already kept)."""
+        files = self._checkpoint_objects().get(name, {})
+        local = self.local / "checkpoints" / name
+        for file, meta in sorted(files.items(), key=lambda f: f[0] == MARKER):  # its marker last
+            target = local / file
+            where = self.location / "checkpoints" / name / file
+            if not _same(target, meta):
+                where.download(target)
+        return local
+
+    def push_checkpoint(self, name: str) -> None:
+        """Object stores: a saved checkpoint's files, its COMPLETE marker last."""
+        if not self.remote:
+            return
+        local = self.local / "checkpoints" / name
+        files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == MARKER)
+        for p in files:
+            with naming(p):
+                (self.location / "checkpoints" / name / str(p.relative_to(local))).upload(p)
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Object stores: a checkpoint retention let go, its marker first (so it never looks complete half gone)."""
+        if self.remote:
+            (self.location / "checkpoints" / name / MARKER).delete()
+            (self.location / "checkpoints" / name).delete_tree()
+
+    # --- the rest of the run dir ---------------------------------------------------------------------------
+
+    def pull(self) -> None:
+        """Object stores: the run's files besides its checkpoints into the staging folder (a resume)."""
+        if not self.remote:
+            return
+        for m in self.location.list():
+            if m.name.split("/", 1)[0] in SYNCED and not _same(self.local / m.name, m):
+                (self.location / m.name).download(self.local / m.name)
+
+    def push(self) -> None:
+        """Object stores: the run's files besides its checkpoints, as they are now."""
+        if not self.remote:
+            return
+        for name in SYNCED:
+            path = self.local / name
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) \
+                if path.is_dir() else []
+            for p in files:
+                with naming(p):
+                    (self.location / str(p.relative_to(self.local))).upload(p)
+
+    def holds_other_files(self, known: set[str]) -> list[str]:
+        """The names at the top of the run dir that are not a run's."""
+        if self.remote:
+            return sorted(n for n in self.location.children() if n not in known)
+        if not self.local.is_dir():
+            return []
+        return sorted(p.name for p in self.local.iterdir() if p.name not in known)
+
+
+def _same(path: Path, meta: Meta) -> bool:
+    try:
+        return path.stat().st_size == meta.size
+    except OSError:
+        return False
+
