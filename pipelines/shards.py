@@ -28,7 +28,7 @@ from webdataset.tariterators import tarfile_samples
 from cae2.errors import UserError, naming
 from cae2.fields import Argument, PathKind, Range
 from targets.local_copies import fetch
-from targets.storage import Location, is_remote
+from targets.storage import Location, Meta, is_remote
 from targets.storage_settings import StorageSettings
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
@@ -94,12 +94,22 @@ def _local_urls(spec: str, option: str) -> list[str]:
     return urls
 
 
+_LISTED: dict[str, Meta] = {}
+"""Shards in object stores as their folder's listing described them (their identity without a request each)."""
+
+
+def _listing(folder: Location) -> dict[str, Meta]:
+    metas = {m.name: m for m in folder.list() if "/" not in m.name}
+    _LISTED.update({str(folder / name): m for name, m in metas.items()})
+    return metas
+
+
 def _remote_urls(spec: str, option: str) -> list[str]:
     """Shards in an object store: every name checked against one listing of its folder (no request per shard)."""
     parts = list(braceexpand(spec))
     if len(parts) == 1 and not parts[0].endswith(".tar") and not any(c in parts[0] for c in "*?["):
         folder = Location.of(parts[0])
-        urls = [str(folder / m.name) for m in folder.list() if m.name.endswith(".tar") and "/" not in m.name]
+        urls = [str(folder / name) for name in _listing(folder) if name.endswith(".tar")]
         if not urls:
             raise UserError(f"{option}: {folder} holds no .tar shards")
         return urls
@@ -109,7 +119,7 @@ def _remote_urls(spec: str, option: str) -> list[str]:
         where = Location.of(part)
         folder = str(where.parent)
         if folder not in listings:
-            listings[folder] = {m.name for m in where.parent.list() if "/" not in m.name}
+            listings[folder] = set(_listing(where.parent))
         matches = sorted(fnmatch.filter(listings[folder], where.name))
         if not matches:
             what = "matches no objects" if any(c in where.name for c in "*?[") else "does not exist"
@@ -137,7 +147,7 @@ def iter_shard(url: str) -> Iterator[dict]:
 def local_copy(url: str) -> Path:
     """The local copy of a shard in an object store (named in the error when it is gone)."""
     try:
-        return fetch(Location.of(url))
+        return fetch(Location.of(url), _LISTED.get(url))
     except FileNotFoundError:
         raise UserError(f"shard {url} does not exist (any more); pass the shards the store was made from") from None
 
@@ -146,7 +156,7 @@ def shard_identity(url: str) -> dict | None:
     """What a completion marker records of the shard a unit was made from: its size, modification time
     and crc32c; for a shard in an object store its size and etag."""
     if is_remote(url):
-        meta = Location.of(url).head()
+        meta = _LISTED.get(url) or Location.of(url).head()
         return {"size": meta.size, "etag": meta.etag} if meta is not None else None
     if _is_remote(url):
         return None

@@ -95,6 +95,7 @@ def fetch(where: Location, meta: Meta | None = None) -> Path:
         _touch(path)
         return path
     where.download(path)
+    logger.debug(f"copied {where} ({meta.size} bytes) into the local cache")
     if meta.etag is not None:
         etag = _etag_path(where)
         etag.parent.mkdir(parents=True, exist_ok=True)

