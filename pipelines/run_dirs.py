@@ -9,6 +9,9 @@ newest complete checkpoint and the metrics from the bucket.
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from pathlib import Path
 
 from cae2.errors import naming
@@ -16,6 +19,9 @@ from targets.local_copies import cache_root
 from targets.storage import Location, Meta
 
 MARKER = "COMPLETE"
+LEDGER = ".etags.json"
+"""In a staging folder: {file: the etag of its object in the bucket} for the files uploaded or fetched, so that
+a resume fetches again every file whose object is not the one this folder holds (size alone could match)."""
 SYNCED = ("config.json", "metrics.jsonl", "tensorboard", "result.json", "model.safetensors")
 """What a run dir holds besides its checkpoints, pushed to the bucket with each checkpoint and at the end."""
 
@@ -30,6 +36,7 @@ class RunDir:
             self.local = cache_root() / "runs" / scheme / rest
         else:
             self.local = self.location.path
+        self._etags: dict[str, str] | None = None
 
     @property
     def remote(self) -> bool:
@@ -59,8 +66,9 @@ class RunDir:
         for file, meta in sorted(files.items(), key=lambda f: f[0] == MARKER):  # its marker last
             target = local / file
             where = self.location / "checkpoints" / name / file
-            if not _same(target, meta):
-                where.download(target)
+            if not self._same(target, meta):
+                self._record(target, where.download(target))
+        self._save_ledger()
         return local
 
     def push_checkpoint(self, name: str) -> None:
@@ -71,7 +79,8 @@ class RunDir:
         files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == MARKER)
         for p in files:
             with naming(p):
-                (self.location / "checkpoints" / name / str(p.relative_to(local))).upload(p)
+                self._record(p, (self.location / "checkpoints" / name / str(p.relative_to(local))).upload(p))
+        self._save_ledger()
 
     def delete_checkpoint(self, name: str) -> None:
         """Object stores: a checkpoint retention let go, its marker first (so it never looks complete half gone)."""
@@ -86,8 +95,9 @@ class RunDir:
         if not self.remote:
             return
         for m in self.location.list():
-            if m.name.split("/", 1)[0] in SYNCED and not _same(self.local / m.name, m):
-                (self.location / m.name).download(self.local / m.name)
+            if m.name.split("/", 1)[0] in SYNCED and not self._same(self.local / m.name, m):
+                self._record(self.local / m.name, (self.location / m.name).download(self.local / m.name))
+        self._save_ledger()
 
     def push(self) -> None:
         """Object stores: the run's files besides its checkpoints, as they are now."""
@@ -99,7 +109,8 @@ class RunDir:
                 if path.is_dir() else []
             for p in files:
                 with naming(p):
-                    (self.location / str(p.relative_to(self.local))).upload(p)
+                    self._record(p, (self.location / str(p.relative_to(self.local))).upload(p))
+        self._save_ledger()
 
     def holds_other_files(self, known: set[str]) -> list[str]:
         """The names at the top of the run dir that are not a run's."""
@@ -110,9 +121,38 @@ class RunDir:
         return sorted(p.name for p in self.local.iterdir() if p.name not in known)
 
 
-def _same(path: Path, meta: Meta) -> bool:
-    try:
-        return path.stat().st_size == meta.size
-    except OSError:
-        return False
+    # --- which staged files are the bucket's -------------------------------------------------------------
+
+    def _ledger(self) -> dict[str, str]:
+        if self._etags is None:
+            try:
+                self._etags = dict(json.loads((self.local / LEDGER).read_text()))
+            except (OSError, ValueError, TypeError):
+                self._etags = {}
+        return self._etags
+
+    def _record(self, path: Path, etag: str | None) -> None:
+        ledger, name = self._ledger(), str(path.relative_to(self.local))
+        if etag:
+            ledger[name] = etag
+        else:
+            ledger.pop(name, None)
+
+    def _save_ledger(self) -> None:
+        if self._etags is None:
+            return
+        tmp = self.local / f"{LEDGER}.{uuid.uuid4().hex}"
+        self.local.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(self._etags, sort_keys=True))
+        os.replace(tmp, self.local / LEDGER)
+
+    def _same(self, path: Path, meta: Meta) -> bool:
+        """Whether the staged file is the object: same size, and the etag recorded when it was uploaded or
+        fetched is the object's (a staging folder left by another run at the same URL is not trusted)."""
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return False
+        recorded = self._ledger().get(str(path.relative_to(self.local)))
+        return size == meta.size and recorded is not None and recorded == meta.etag
 

@@ -23,6 +23,7 @@ import datetime as dt
 import os
 import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ OPTIONS_VARIABLE, RETRY_VARIABLE = "CAE2_STORAGE_OPTIONS", "CAE2_RETRY_SECONDS"
 """How the options reach processes started later (spawned loader workers, launched ranks inherit them)."""
 _clients: dict[tuple, Any] = {}
 _lock = threading.Lock()
+REQUESTS: Counter[str] = Counter()
+"""Requests this process has made, by kind (get, head, put, list, delete, upload): what benchmarks count."""
 
 
 def _parse(options: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -281,6 +284,7 @@ class Location:
 
     def get(self) -> bytes:
         """The whole object; FileNotFoundError when there is none."""
+        REQUESTS["get"] += 1
         try:
             return bytes(obstore.get(self._client, self.key).bytes())
         except FileNotFoundError as e:
@@ -290,6 +294,7 @@ class Location:
 
     def get_with_etag(self) -> tuple[bytes, str | None, dt.datetime]:
         """(bytes, etag, last modified by the server's clock); FileNotFoundError when there is none."""
+        REQUESTS["get"] += 1
         try:
             result = obstore.get(self._client, self.key)
             meta = result.meta
@@ -301,6 +306,7 @@ class Location:
 
     def head(self) -> Meta | None:
         """The object's size, time and etag; None when there is none."""
+        REQUESTS["head"] += 1
         try:
             m = obstore.head(self._client, self.key)
         except FileNotFoundError as e:
@@ -315,6 +321,7 @@ class Location:
 
     def list(self) -> list[Meta]:
         """Every object under this location (a prefix), names relative to it; paginated by obstore."""
+        REQUESTS["list"] += 1
         prefix = self.key.rstrip("/") + "/" if self.key else ""
         try:
             out = []
@@ -331,6 +338,7 @@ class Location:
 
     def children(self) -> list[str]:
         """The names one level below this location (objects and 'folders'), from one delimited listing."""
+        REQUESTS["list"] += 1
         prefix = self.key.rstrip("/") + "/" if self.key else ""
         try:
             result = obstore.list_with_delimiter(self._client, prefix)
@@ -343,8 +351,10 @@ class Location:
         names += [o["path"][len(prefix):] for o in result["objects"]]
         return sorted(set(names))
 
-    def download(self, path: Path) -> None:
-        """The object into `path`, whole, through a temporary file beside it (renamed when complete)."""
+    def download(self, path: Path) -> str | None:
+        """The object into `path`, whole, through a temporary file beside it (renamed when complete) -> the etag
+        of what was copied."""
+        REQUESTS["get"] += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         try:
@@ -353,6 +363,7 @@ class Location:
                 for chunk in result.stream(min_chunk_size=8 << 20):
                     f.write(chunk)
             os.replace(tmp, path)
+            return result.meta.get("e_tag")
         except FileNotFoundError as e:
             tmp.unlink(missing_ok=True)
             if e.filename:  # a local file system error
@@ -370,6 +381,7 @@ class Location:
     def put(self, data: bytes, *, create: bool = False, if_match: str | None = None) -> str | None:
         """Write the whole object -> its etag; with `create`, only if there is none, with `if_match`, only if
         its etag is that one (compare-and-swap): None when the condition does not hold."""
+        REQUESTS["put"] += 1
         mode: Any = "create" if create else {"e_tag": if_match} if if_match else "overwrite"
         try:
             return obstore.put(self._client, self.key, data, mode=mode)["e_tag"]
@@ -378,16 +390,20 @@ class Location:
         except Exception as e:  # noqa: BLE001
             raise _failure(self.url, e, "writing") from None
 
-    def upload(self, path: Path) -> None:
-        """A local file as this object (multipart for large files: atomic, no partial object is seen)."""
+    def upload(self, path: Path) -> str | None:
+        """A local file as this object (multipart for large files: atomic, no partial object is seen) -> its
+        etag."""
+        size, chunk = path.stat().st_size, 16 << 20
+        REQUESTS["put"] += 1 if size <= chunk else 2 + -(-size // chunk)  # multipart: create, parts, complete
         try:
-            obstore.put(self._client, self.key, path, chunk_size=16 << 20, max_concurrency=8)
+            return obstore.put(self._client, self.key, path, chunk_size=chunk, max_concurrency=8).get("e_tag")
         except OSError:
             raise
         except Exception as e:  # noqa: BLE001
             raise _failure(self.url, e, "uploading") from None
 
     def delete(self) -> None:
+        REQUESTS["delete"] += 1
         try:
             obstore.delete(self._client, self.key)
         except FileNotFoundError:
@@ -397,6 +413,7 @@ class Location:
 
     def delete_tree(self) -> None:
         """Every object under this location (a prefix)."""
+        REQUESTS["delete"] += 1
         names = [m.name for m in self.list()]
         for start in range(0, len(names), 1000):
             try:

@@ -15,13 +15,13 @@ import uuid
 import pytest
 import torch
 
+from bench.s3_server import BUCKET, S3Server, weed_binary
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.pretrain.export import export_encoder
 from pipelines.shards import make_shards
 from targets.teacher import TeacherSpec
 from tests.fixtures import TINY_TEACHER, cli, colour_classes, write_bad_images, write_good_images
-from tests.s3_server import BUCKET, S3Server, weed_binary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Two cores: one intra-op thread per test process when pytest-xdist runs two of them side by side.

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from zarr.storage import ObjectStore
 
+from pipelines.run_dirs import RunDir
 from pipelines.shards import make_shards
 from targets.storage import Location
 from targets.store import TargetStore
@@ -258,3 +259,20 @@ def test_a_warm_epoch_reads_nothing_twice_from_the_bucket(images, bucket, tmp_pa
     again = cli("--verbose", *_pretrain(shards, store, f"{bucket}/b", "--steps", "14"))  # two epochs, warm
     assert again.returncode == 0, again.stderr[-2000:]
     assert not [line for line in again.stderr.splitlines() if "into the local cache" in line]
+
+
+def test_a_staged_checkpoint_is_fetched_again_when_its_object_changed_at_the_same_size(bucket, tmp_path):
+    """A staging folder left by another run at the same URL (same file sizes, other bytes) is not trusted."""
+    run = RunDir(f"{bucket}/run")
+    step = run.local / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"A" * 1000)
+    (step / "COMPLETE").write_text("{}")
+    run.push_checkpoint("step_00000002")
+    assert RunDir(f"{bucket}/run").pull_checkpoint("step_00000002") == step  # unchanged: nothing fetched
+    assert (step / "model.safetensors").read_bytes() == b"A" * 1000
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"B" * 1000)  # another run wrote the same checkpoint name, same size
+    Location.of(f"{bucket}/run/checkpoints/step_00000002/model.safetensors").upload(other)
+    RunDir(f"{bucket}/run").pull_checkpoint("step_00000002")
+    assert (step / "model.safetensors").read_bytes() == b"B" * 1000

