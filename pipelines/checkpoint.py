@@ -34,8 +34,8 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from cae2.errors import UserError, naming
 from pipelines.files import fsync_dir, save_torch, write_atomically, write_bytes
-from pipelines.run_dirs import RunDir
-from targets.storage import Location
+from pipelines.run_dirs import RunDir, shown
+from targets.storage import Location, StorageError
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -221,12 +221,28 @@ class Checkpointer:
     def save(self, accelerator: Accelerator, step: int, trainer_state: dict, parts: CheckpointParts) -> Path:
         try:
             return self._save(accelerator, step, trainer_state, parts)
+        except StorageError as e:  # the upload of a checkpoint saved in the staging folder
+            raise UserError(f"uploading checkpoint {self.run.location / 'checkpoints' / f'step_{step:08d}'} failed "
+                            f"({e}); {self._kept_in_bucket()}; fix the storage and rerun with --resume "
+                            "latest") from None
         except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk in their own types
             kept = latest_checkpoint(self.run_dir)
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
             kept = f"the newest complete checkpoint {kept} is kept" if kept else "no checkpoint is complete yet"
+            if self.run.remote:
+                kept = self._kept_in_bucket()
             raise UserError(f"writing checkpoint {checkpoint_dir(self.run_dir, step)} failed ({reason}); {kept}; fix "
                             "the file system (free space, permissions) and rerun with --resume latest") from None
+
+    def _kept_in_bucket(self) -> str:
+        """What a failed save leaves in the bucket, as far as a listing can tell now."""
+        try:
+            names = self.run.remote_checkpoints()
+        except StorageError:
+            return f"the complete checkpoints in {self.run.location / 'checkpoints'} are kept"
+        where = self.run.location / "checkpoints"
+        return f"the newest complete checkpoint {where / names[-1]} is kept" if names else \
+            "no checkpoint is complete yet"
 
     def _save(self, accelerator: Accelerator, step: int, trainer_state: dict, parts: CheckpointParts) -> Path:
         """Every process saves its parts; the main process writes the marker last, then prunes."""
@@ -283,12 +299,12 @@ class Checkpointer:
                     raise
                 first = first or e
                 if i + 1 < len(candidates):
-                    logger.warning(f"checkpoint {e.ckpt} is corrupt ({e.reason}); resuming from the previous "
-                                   f"complete checkpoint {checkpoint_dir(self.run_dir, _step(candidates[i + 1]))} "
-                                   "instead")
+                    older = shown(checkpoint_dir(self.run_dir, _step(candidates[i + 1])))
+                    logger.warning(f"checkpoint {shown(e.ckpt)} is corrupt ({e.reason}); resuming from the previous "
+                                   f"complete checkpoint {older} instead")
         assert first is not None
-        raise UserError(f"--resume latest: checkpoint {first.ckpt} is corrupt ({first.reason}), and no older complete "
-                        f"checkpoint of {self.run_dir} can be read; start a new --out")
+        raise UserError(f"--resume latest: checkpoint {shown(first.ckpt)} is corrupt ({first.reason}), and no older "
+                        f"complete checkpoint of {self.run} can be read; start a new --out")
 
 
     def _prune(self) -> None:

@@ -37,6 +37,7 @@ from pipelines.launch import launch
 from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.export import ExportConfig, export_encoder
 from pipelines.pretrain.loop import train
+from pipelines.run_dirs import shown
 from pipelines.runs import end_ranks, process_state
 from pipelines.shards import MakeShardsConfig, make_shards, shard_name
 from targets.views import ViewSettings
@@ -257,7 +258,7 @@ def _export(cfg: ExportConfig) -> None:
     Example: cae2 export runs/base --out vit_base_cae2.safetensors
     """
     ckpt, call = export_encoder(cfg.checkpoint, cfg.out)
-    typer.echo(f"exported the encoder of {ckpt} to {cfg.out}; load it with:\n{call}")
+    typer.echo(f"exported the encoder of {shown(ckpt)} to {cfg.out}; load it with:\n{call}")
 
 
 # --- evaluation -------------------------------------------------------------------------------------

@@ -26,6 +26,16 @@ SYNCED = ("config.json", "metrics.jsonl", "tensorboard", "result.json", "model.s
 """What a run dir holds besides its checkpoints, pushed to the bucket with each checkpoint and at the end."""
 
 
+def shown(path: str | Path) -> str:
+    """A path as users know it: a file in a run's staging folder is named by its object-store URL."""
+    runs = cache_root() / "runs"
+    path = Path(path)
+    if not path.is_relative_to(runs) or len(path.relative_to(runs).parts) < 2:
+        return str(path)
+    scheme, *rest = path.relative_to(runs).parts
+    return f"{scheme}://{'/'.join(rest)}"
+
+
 class RunDir:
     """Where a run lives (`location`) and where it works (`local`: the run dir itself, or its staging folder)."""
 

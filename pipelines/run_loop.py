@@ -29,6 +29,7 @@ from accelerate.utils import ProjectConfiguration
 from cae2.errors import UserError
 from pipelines.checkpoint import Checkpointer, CheckpointParts
 from pipelines.logs import Progress
+from pipelines.run_dirs import shown
 from pipelines.runs import MetricsLog, Preemption, RunLock
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def restore(checkpointer: Checkpointer, accelerator: Accelerator, resume: str | 
         checkpointer.run.pull()  # an object-store run: its metrics and TensorBoard files, to go on from
     where = ", ".join(f"{k.replace('_', ' ')} {state[k]}" for k in ("epoch", "batch_in_epoch", "position")
                       if k in state)
-    logger.info(f"resumed from {ckpt} at step {state['step']} ({where})")
+    logger.info(f"resumed from {shown(ckpt)} at step {state['step']} ({where})")
     return state
 
 

@@ -96,6 +96,18 @@ def _remote_meta(where: Location) -> StoreMeta | None:
     return _meta_of(str(where), data.get("attributes", {}).get(ROOT_ATTR) if isinstance(data, dict) else None)
 
 
+def _marker_in(path: Path) -> object:
+    """The completion marker in a unit's zarr.json, read as plain JSON (zarr's group open costs ~0.5 ms more a
+    unit: seconds when a store of thousands of units is opened)."""
+    data = json.loads(path.read_bytes())
+    if not isinstance(data, dict) or data.get("zarr_format") != 3 or data.get("node_type") != "group":
+        raise ValueError("not the metadata of a Zarr v3 group")
+    attributes = data.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise ValueError("its attributes are not an object")
+    return attributes.get(MARKER_ATTR)
+
+
 class TargetStore:
     """A target store opened for reading (`open`) or for extraction (`create_or_validate`), on a local path
     or in an object store. In an object store, zarr reads and writes the store's local mirror
@@ -256,11 +268,13 @@ class TargetStore:
     # --- units --------------------------------------------------------------------------------
 
     def listing(self, refresh: bool = False) -> dict[str, dict[str, Meta]]:
-        """Object stores: {unit: {file relative to the unit: its size, time, etag}}, from one recursive listing
-        of units/ (a LIST request per 1,000 objects), kept until refreshed."""
+        """Object stores: {unit: {file relative to the unit: its size, time, etag}}, kept until refreshed: the
+        unit folders from one delimited listing of units/, then their objects in key ranges listed side by
+        side (a LIST request per 1,000 objects; ~25 requests and a second for 1,282 units)."""
         if self._listing is None or refresh:
             units: dict[str, dict[str, Meta]] = {}
-            for m in (self.location / "units").list():
+            folder = self.location / "units"
+            for m in folder.list_folders(folder.children(folders_only=True)):
                 unit, _, name = m.name.partition("/")
                 if name:
                     units.setdefault(unit, {})[name] = m
@@ -314,7 +328,7 @@ class TargetStore:
             return None, None
         try:
             with naming(folder / "zarr.json"):  # a failing disk is reported as such, not as a damaged unit
-                marker = subgroup(self.group, f"units/{unit}").attrs.get(MARKER_ATTR)
+                marker = _marker_in(folder / "zarr.json")
         except (KeyError, ValueError, TypeError, AttributeError, UserError) as e:
             return None, f"its zarr.json cannot be read ({type(e).__name__}: {str(e)[:120]})"
         if marker is None:
@@ -366,11 +380,15 @@ class TargetStore:
         if not self.remote:
             return
         folder, target = self.local / "units" / unit, self.location / "units" / unit
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        for p in [p for p in files if p != folder / "zarr.json"] + [folder / "zarr.json"]:
-            target_file = target / str(p.relative_to(folder))
+
+        def upload(p: Path) -> None:
             with naming(p):
-                target_file.upload(p)
+                (target / str(p.relative_to(folder))).upload(p)
+
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / "zarr.json")
+        with ThreadPoolExecutor(max_workers=8) as pool:  # the arrays side by side, the marker once they are all in
+            list(pool.map(upload, files))
+        upload(folder / "zarr.json")
 
     def _remove_unit(self, unit: str) -> None:
         folder = self.local / "units" / unit

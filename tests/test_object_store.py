@@ -15,18 +15,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorstore as ts
 import zarr
 from obstore.store import S3Store
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
-from zarr.storage import ObjectStore
+from zarr.storage import FsspecStore, ObjectStore
 
+from bench.s3_server import BUCKET
 from pipelines.run_dirs import RunDir
 from pipelines.shards import make_shards
 from targets.storage import Location
 from targets.store import TargetStore
-from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, colour_classes, write_bad_images, write_good_images
+from tests.fixtures import (
+    ACCELERATE_2CPU,
+    ENV,
+    ROOT,
+    TINY_TEACHER,
+    cli,
+    colour_classes,
+    launch_errors,
+    write_bad_images,
+    write_good_images,
+)
 
 pytestmark = pytest.mark.slow
 ARRAYS = ("latents", "scales", "keys", "valid", "view_int", "view_float", "image_hw", "view_crc32c")
@@ -137,8 +149,9 @@ def _complete_units(store: str) -> int:
 
 
 def _start(args, tmp_path: Path, name: str) -> subprocess.Popen:
-    log = open(tmp_path / f"{name}.err", "w")  # noqa: SIM115 - the job's stderr, read after it ends
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+    out = open(tmp_path / f"{name}.out", "w")  # noqa: SIM115 - the job's stdout and stderr, read after it ends
+    log = open(tmp_path / f"{name}.err", "w")  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], stdout=out,
                             stderr=log, env={**ENV, **{k: os.environ[k] for k in os.environ if k.startswith(
                                 ("AWS_", "CAE2_"))}}, cwd=ROOT, start_new_session=True)
 
@@ -242,9 +255,31 @@ def test_the_server_killed_mid_extraction_then_restarted_loses_nothing_complete(
     if proc.returncode != 0:  # the job stopped with one line, bounded by its retry budget
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(lines) == 1 and "cannot be reached" in lines[0], err[-2000:]
+        assert f"{bucket}/" in lines[0], lines[0]
     res = cli(*_extract(images / "shards", store))
     assert res.returncode == 0, res.stderr[-2000:]
     _same(_values(images / "local.zarr"), _values(store))
+
+
+def test_a_shard_deleted_under_a_running_extraction_is_one_line_and_the_rest_is_kept(images, bucket, tmp_path):
+    shards, store = f"{bucket}/shards", f"{bucket}/t.zarr"
+    assert cli("make-shards", images / "images", shards, "--samples-per-shard", "2").returncode == 0
+    names = sorted(m.name for m in Location.of(shards).list() if m.name.endswith(".tar"))
+    last = Location.of(shards) / names[-1]
+    kept = last.get()
+    proc = _start([*_extract(shards, store, "--batch-size", "2"), "--retry-seconds", "4"], tmp_path, "gone")
+    _wait_for(lambda: _complete_units(store) >= 1 or proc.poll() is not None)
+    last.delete()  # the job has listed it and not read it yet
+    proc.wait(timeout=120)
+    out, err = (tmp_path / "gone.out").read_text(), (tmp_path / "gone.err").read_text()
+    failed = [line for line in out.splitlines() if line.startswith("FAILED:")]  # the summary: its unit failed
+    assert proc.returncode == 1 and "Traceback" not in err, out[-1000:] + err[-1000:]
+    assert failed == [f"FAILED: shard {last} does not exist (any more); pass the shards the store was made from"]
+    assert _complete_units(store) == len(names) - 1  # every other unit is written and complete
+    last.put(kept)  # the shard back: the rerun finishes the store, equal to one undisturbed run
+    assert cli(*_extract(shards, store)).returncode == 0
+    assert cli(*_extract(shards, f"{bucket}/straight.zarr")).returncode == 0
+    _same(_values(f"{bucket}/straight.zarr"), _values(store))
 
 
 def test_a_warm_epoch_reads_nothing_twice_from_the_bucket(images, bucket, tmp_path, monkeypatch):
@@ -276,3 +311,106 @@ def test_a_staged_checkpoint_is_fetched_again_when_its_object_changed_at_the_sam
     Location.of(f"{bucket}/run/checkpoints/step_00000002/model.safetensors").upload(other)
     RunDir(f"{bucket}/run").pull_checkpoint("step_00000002")
     assert (step / "model.safetensors").read_bytes() == b"B" * 1000
+
+
+def test_a_two_rank_launch_and_a_plain_job_share_a_bucket_store(images, bucket, tmp_path):
+    store = f"{bucket}/t.zarr"
+    env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith(("AWS_", "CAE2_"))}}
+    launch = subprocess.Popen([*ACCELERATE_2CPU, "-m", "pipelines.cli", *map(str, _extract(images / "shards", store))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    plain = _start(_extract(images / "shards", store), tmp_path, "plain")
+    _, err = launch.communicate(timeout=600)
+    plain.wait(timeout=600)
+    assert launch.returncode == 0, launch_errors(err)
+    assert plain.returncode == 0, (tmp_path / "plain.err").read_text()[-2000:]
+    writers = {n: m["writer"]["pid"] for n, m in _markers(store).items()}
+    assert len(writers) == 5 and plain.pid in writers.values() or len(set(writers.values())) >= 2
+    _same(_values(images / "local.zarr"), _values(store))
+
+
+def _markers(store: str) -> dict[str, dict]:
+    ts = TargetStore.open(store)
+    return {n: m for n in ts.unit_names() if (m := ts.marker(n)) is not None}
+
+
+def test_a_bucket_store_reads_through_s3fs_and_tensorstore(images, bucket):
+    """Other readers of the same objects, no cae2 code: zarr over s3fs (FsspecStore) and tensorstore's zarr3."""
+    store = f"{bucket}/t.zarr"
+    assert cli(*_extract(images / "shards", store)).returncode == 0
+    ours = _values(store)
+    name, prefix = "shard-000002.tar", store.removeprefix("s3://").split("/", 1)[1]
+    fs = FsspecStore.from_url(store, read_only=True, storage_options={
+        "endpoint_url": os.environ["AWS_ENDPOINT_URL"], "key": os.environ["AWS_ACCESS_KEY_ID"],
+        "secret": os.environ["AWS_SECRET_ACCESS_KEY"]})
+    group = zarr.open_group(fs, mode="r")
+    assert group.attrs["cae2"]["views_per_image"] == 2
+    for array in ("latents", "view_int", "valid"):
+        assert np.array_equal(group[f"units/{name}/{array}"][...], ours[name][array]), array
+    spec = {"driver": "zarr3", "kvstore": {"driver": "s3", "bucket": BUCKET, "path": f"{prefix}/units/{name}/latents/",
+                                           "endpoint": os.environ["AWS_ENDPOINT_URL"], "aws_region": "us-east-1",
+                                           "aws_credentials": {"type": "environment"}}}
+    assert np.array_equal(ts.open(spec, read=True).result().read().result(), ours[name]["latents"])
+
+
+def test_sigterm_saves_to_the_bucket_and_the_resume_is_exact(images, bucket, tmp_path):
+    shards, store, run = f"{bucket}/shards", f"{bucket}/t.zarr", f"{bucket}/run"
+    assert cli("make-shards", images / "images", shards, "--samples-per-shard", "6").returncode == 0
+    assert cli(*_extract(shards, store)).returncode == 0
+    proc = _start(_pretrain(shards, store, run, "--steps", "400", "--save-every", "1000"), tmp_path, "term")
+    staged = RunDir(run).local / "metrics.jsonl"  # what the job writes before it pushes it
+    _wait_for(lambda: staged.exists() or proc.poll() is not None)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)  # a scheduler's preemption
+    proc.wait(timeout=120)
+    err = (tmp_path / "term.err").read_text()
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    (step,) = RunDir(run).remote_checkpoints()  # saved to the bucket before the exit, its marker last
+    n = int(step.removeprefix("step_"))
+    assert 0 < n < 400
+    local = tmp_path / "copy"  # the bucket's run dir as saved, copied to disk: the same checkpoint resumed locally
+    for meta in Location.of(run).list():
+        (Location.of(run) / meta.name).download(local / meta.name)
+    res = cli(*_pretrain(shards, store, run, "--steps", str(n + 3), "--resume", "latest"))
+    assert res.returncode == 0 and "resumed from" in res.stderr, res.stderr[-2000:]
+    assert f"finished {n + 3} steps" in res.stdout, res.stdout[-2000:]
+    assert cli(*_pretrain(shards, store, local, "--steps", str(n + 3), "--resume", "latest")).returncode == 0
+    ours = _remote_losses(run)
+    assert [s for s, _ in ours] == list(range(1, n + 4))  # no step lost or repeated across the preemption
+    assert ours == _losses(local)  # the bucket's checkpoint resumes exactly as the same checkpoint on disk
+
+
+def test_a_refused_marker_and_a_server_stopped_mid_upload_lose_no_complete_checkpoint(images, bucket, s3_server,
+                                                                                       tmp_path):
+    shards, store, run = f"{bucket}/shards", f"{bucket}/t.zarr", f"{bucket}/run"
+    assert cli("make-shards", images / "images", shards, "--samples-per-shard", "6").returncode == 0
+    assert cli(*_extract(shards, store)).returncode == 0
+    args = ("--steps", "12", "--save-every", "2", "--keep-last", "10", "--retry-seconds", "4")
+    assert cli(*_pretrain(shards, store, f"{bucket}/straight", *args)).returncode == 0
+    marker = f"{run.split('/', 3)[3]}/checkpoints/step_00000004/COMPLETE"
+    s3_server.deny(BUCKET, [marker])  # a 403 on one object: the fourth step's checkpoint marker
+    try:
+        res = cli(*_pretrain(shards, store, run, *args))
+    finally:
+        s3_server.deny(BUCKET, [])
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(lines) == 1 and "step_00000004/COMPLETE" in lines[0] and \
+        "access" in lines[0].lower() and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert RunDir(run).remote_checkpoints() == ["step_00000002"]  # step 4's files are there, its marker is not
+
+    proc = _start(_pretrain(shards, store, run, *args, "--resume", "latest"), tmp_path, "cut")
+    saved = RunDir(run).local / "checkpoints" / "step_00000006" / "COMPLETE"  # saved here, its upload begins
+    _wait_for(lambda: saved.exists() or proc.poll() is not None)
+    s3_server.stop()
+    try:
+        proc.wait(timeout=120)
+    finally:
+        s3_server.start()
+    err = (tmp_path / "cut.err").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot be reached" in lines[0], err[-2000:]
+    # named by its URL (the checkpoint's upload, or the next read when the upload was through): never the staging
+    assert f"{bucket}/" in lines[0] and str(RunDir(run).local) not in lines[0], lines[0]
+    assert RunDir(run).remote_checkpoints()[-1] in ("step_00000002", "step_00000004", "step_00000006")
+    res = cli(*_pretrain(shards, store, run, *args, "--resume", "latest"))
+    assert res.returncode == 0 and "resumed from" in res.stderr, res.stderr[-2000:]
+    assert _remote_losses(run) == _remote_losses(f"{bucket}/straight")

@@ -215,6 +215,7 @@ class Extraction:
         self.units: dict[str, UnitAssembler] = {}
         self.uncut: list[ImageViews] = []  # device path: images whose views are not cut yet
         self.writes: list[Future] = []
+        self.uploads: list[Future] = []  # object stores: units being uploaded (appended by the writer thread)
         self.show_progress = show_progress
         self.handlers = {NotMine: self.on_not_mine, UnitStart: self.on_unit_start, Skip: self.on_skip,
                          ShardError: self.on_shard_error, ImageViews: self.on_views}
@@ -236,12 +237,15 @@ class Extraction:
         self.bar = Progress(len(todo), unit="unit", enabled=self.show_progress, name="extract-targets")
         self.t0 = time.perf_counter()
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as self.pool:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="uploader") as self.uploader, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as self.pool:
                 for item in loader:
                     self.handlers[type(item)](item)
                 self.feed(final=True)
                 for f in self.writes:
                     f.result()
+            for f in self.uploads:
+                f.result()
         except BaseException:
             self.release_claims()
             raise
@@ -337,6 +341,8 @@ class Extraction:
             self.finish_unit(unit, asm)
         while self.writes and (self.writes[0].done() or len(self.writes) > 16):  # a writer error surfaces at once;
             self.writes.pop(0).result()                                          # queued blocks stay bounded
+        while self.uploads and (self.uploads[0].done() or len(self.uploads) > 2):  # so do upload errors; at most
+            self.uploads.pop(0).result()                                           # two units wait for theirs
 
     def finish_unit(self, unit: str, asm: UnitAssembler) -> None:
         int8 = self.meta.latent_format == "int8"
@@ -354,10 +360,17 @@ class Extraction:
         h = self.holder
         asm.writer.finish(asm.source, quantization, writer={"host": h.host, "pid": h.pid, "job": h.job})
         claim = self.store.claim_path(unit)
-        self.heartbeat.discard(claim)
         if not self.heartbeat.holds(claim):  # taken over meanwhile (we looked dead): its taker writes it
+            self.heartbeat.discard(claim)
             logger.warning(f"unit {unit}: another process took its claim over while this one wrote it; that "
                            "process writes it (the same values)")
             return
-        self.store.publish_unit(unit)  # object stores: uploaded now, the marker last
-        release(claim, h)
+        if self.store.remote:  # uploaded beside the next units' writes, the marker last; the claim beats until then
+            self.uploads.append(self.uploader.submit(self._publish, unit, claim))
+        else:
+            self._publish(unit, claim)
+
+    def _publish(self, unit: str, claim) -> None:
+        self.store.publish_unit(unit)
+        self.heartbeat.discard(claim)
+        release(claim, self.holder)

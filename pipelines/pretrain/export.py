@@ -19,6 +19,7 @@ from cae2.errors import UserError
 from cae2.fields import Argument, PathKind
 from pipelines.checkpoint import read_state
 from pipelines.files import follow_umask
+from pipelines.run_dirs import shown
 from pipelines.weights import beit_metadata, find_checkpoint, model_config_of, model_state_dict
 from targets.storage import Location
 from targets.storage_settings import StorageSettings
@@ -66,7 +67,7 @@ def export_encoder(src: str | Path, out: str | Path) -> tuple[Path, str]:
         cfg = model_config_of(ckpt)
         state, call = model_state_dict(ckpt, "encoder."), timm_call(cfg, str(out))
         meta = {"format": "timm.VisionTransformer", "timm_kwargs": json.dumps(timm_kwargs(cfg))}
-    _write(state, meta | {"source_checkpoint": str(ckpt), "cae2_version": cae2.__version__}, out)
+    _write(state, meta | {"source_checkpoint": shown(ckpt), "cae2_version": cae2.__version__}, out)
     return ckpt, call
 
 
