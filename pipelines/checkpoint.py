@@ -260,8 +260,8 @@ class Checkpointer:
             fsync_dir(ckpt)
             write_bytes(ckpt / MARKER, f"step {step}\n".encode())
             fsync_dir(ckpt)
-            self.run.push_checkpoint(ckpt.name)  # an object-store run: uploaded, its marker last
-            self.run.push()
+            self.run.push()  # an object-store run: the metrics first, so that a complete checkpoint's are there
+            self.run.push_checkpoint(ckpt.name)  # then the checkpoint, its marker last
             self._prune()
         accelerator.wait_for_everyone()
         return ckpt

@@ -1,10 +1,10 @@
 """A run directory (pretrain, finetune, the official probe) on local disk or in an object store.
 
 In an object store the run works in a local staging folder (CACHE/runs/<scheme>/<bucket>/<key>, never
-evicted) and the bucket gets what it needs to go on elsewhere: config.json when the run starts, each
-checkpoint once it is saved (its COMPLETE marker last), metrics.jsonl and the TensorBoard files with every
-checkpoint and at the end; old checkpoints are deleted there too. A resume (on any machine) fetches the
-newest complete checkpoint and the metrics from the bucket.
+evicted) and the bucket gets what it needs to go on elsewhere: config.json when the run starts; with each
+checkpoint, metrics.jsonl and the TensorBoard files first (a complete checkpoint's records are there), then
+the checkpoint's files, its COMPLETE marker last; the same files at the end; old checkpoints are deleted
+there too. A resume (on any machine) fetches the newest complete checkpoint and the metrics from the bucket.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,9 @@ OPTIONS_VARIABLE, RETRY_VARIABLE = "CAE2_STORAGE_OPTIONS", "CAE2_RETRY_SECONDS"
 """How the options reach processes started later (spawned loader workers, launched ranks inherit them)."""
 _clients: dict[tuple, Any] = {}
 _lock = threading.Lock()
+_down: dict[tuple, float] = {}
+"""Clients whose endpoint did not answer for a whole retry budget -> until when (monotonic) their requests fail
+at once: a command that stops on such an error does not wait a budget more for each request on its way out."""
 REQUESTS: Counter[str] = Counter()
 """Requests this process has made, by kind (get, head, put, list, delete, upload): what benchmarks count."""
 
@@ -108,6 +112,7 @@ def configure(options: tuple[str, ...] | list[str] = (), retry_seconds: float = 
     with _lock:
         _settings["options"], _settings["retry_seconds"] = parsed, float(retry_seconds)
         _clients.clear()
+        _down.clear()
     os.environ[OPTIONS_VARIABLE] = "\n".join(f"{k}={v}" for k, v in parsed.items())
     os.environ[RETRY_VARIABLE] = str(float(retry_seconds))
 
@@ -136,6 +141,8 @@ def _client(scheme: str, bucket: str) -> Any:
     """obstore's client for one bucket of this process (created again after a fork: a new pid)."""
     key = (scheme, bucket, os.getpid())
     with _lock:
+        if time.monotonic() < _down.get(key, 0.0):
+            raise _EndpointDown
         client = _clients.get(key)
         if client is not None:
             return client
@@ -186,6 +193,10 @@ class StorageError(UserError):
     """A request that failed for good: the location, what happened, what to do."""
 
 
+class _EndpointDown(Exception):  # noqa: N818 - a state, raised where the client is taken
+    """The endpoint did not answer an earlier request for a whole retry budget (see `_down`)."""
+
+
 def _missing(url: str, error: FileNotFoundError, doing: str) -> FileNotFoundError:
     """A missing object stays FileNotFoundError; a missing bucket is a StorageError (nothing can be there)."""
     if "NoSuchBucket" in str(error):
@@ -204,9 +215,17 @@ def _failure(url: str, error: BaseException, doing: str) -> StorageError:
         why = "access denied (403); check the credentials and the bucket's policy for this key"
     elif "NoSuchBucket" in text:
         why = "the bucket does not exist; create it or fix the URL"
+    elif isinstance(error, _EndpointDown):
+        why = (f"the endpoint cannot be reached (an earlier request had no answer for {_settings['retry_seconds']:.0f}"
+               " s); check AWS_ENDPOINT_URL (or --storage-option endpoint=...) and the network, or raise "
+               "--retry-seconds")
     elif "error sending request" in text or "Connection refused" in text or "connect" in text.lower():
         why = (f"the endpoint cannot be reached after {_settings['retry_seconds']:.0f} s of retries; check "
                "AWS_ENDPOINT_URL (or --storage-option endpoint=...) and the network, or raise --retry-seconds")
+        if is_remote(url):
+            scheme, rest = url.split("://", 1)
+            with _lock:
+                _down[(scheme, rest.split("/", 1)[0], os.getpid())] = time.monotonic() + _settings["retry_seconds"]
     else:
         why = _short(error)
     return StorageError(f"{url}: {doing} failed: {why}")

@@ -257,7 +257,7 @@ class Extraction:
     def release_claims(self) -> None:
         """A run that fails lets go of the units it holds at once (where the file system still allows it), so
         that its rerun, or another job, takes them without waiting for the claims to go stale."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, UserError):  # an object store that cannot be reached: they go stale
             for claim in claims_within(self.store.path):
                 release(claim, self.holder)
 
