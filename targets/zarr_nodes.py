@@ -11,12 +11,17 @@ import zarr
 from cae2.errors import UserError
 
 
-def array(group: zarr.Group, name: str) -> zarr.Array:
+def _member(group: zarr.Group, name: str, kind: type, other: str) -> Any:
     node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise UserError(f"{group.store}: {group.path}/{name} is a group where a cae2 store has an array; the store is "
-                        "damaged: rerun the command that wrote it")
+    if not isinstance(node, kind):
+        raise UserError(f"{group.store}: {group.path}/{name} is {other} where a cae2 store has "
+                        f"{'an array' if kind is zarr.Array else 'a group'}; the store is damaged: rerun the command "
+                        "that wrote it")
     return node
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    return _member(group, name, zarr.Array, "a group")
 
 
 def optional_array(group: zarr.Group, name: str) -> zarr.Array | None:
@@ -24,11 +29,7 @@ def optional_array(group: zarr.Group, name: str) -> zarr.Array | None:
 
 
 def subgroup(group: zarr.Group, name: str) -> zarr.Group:
-    node = group[name]
-    if not isinstance(node, zarr.Group):
-        raise UserError(f"{group.store}: {group.path}/{name} is an array where a cae2 store has a group; the store is "
-                        "damaged: rerun the command that wrote it")
-    return node
+    return _member(group, name, zarr.Group, "an array")
 
 
 def values(group: zarr.Group, name: str) -> np.ndarray:

@@ -21,7 +21,7 @@ from pipelines.extract.run import run_extract
 from pipelines.pretrain.export import export_encoder
 from pipelines.shards import make_shards
 from targets.teacher import TeacherSpec
-from tests.fixtures import TINY_TEACHER, cli, colour_classes, write_bad_images, write_good_images
+from tests.fixtures import TINY_TEACHER, cli, colour_splits, write_bad_images, write_good_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Two cores: one intra-op thread per test process when pytest-xdist runs two of them side by side.
@@ -58,12 +58,7 @@ def tiny_run(corpus):
 
 @pytest.fixture(scope="session")
 def labelled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("labelled")
-    colour_classes(root / "train", 12, seed=1)
-    colour_classes(root / "val", 6, seed=2)
-    colour_classes(root / "shuffled_train", 30, seed=3, shuffle=True)
-    colour_classes(root / "shuffled_val", 20, seed=4, shuffle=True)
-    return root
+    return colour_splits(tmp_path_factory.mktemp("labelled"), 12, 6, 30, 20)
 
 
 @pytest.fixture(scope="session")

@@ -136,3 +136,13 @@ def colour_classes(root: Path, per_class: int, seed: int, shuffle: bool = False)
             h, w = rng.integers(40, 90, 2)
             img = (np.array(colour) + rng.normal(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)
             Image.fromarray(img).save(folder / f"img_{c}_{i:03d}.jpg")
+
+
+def colour_splits(root: Path, train: int, val: int, shuffled_train: int, shuffled_val: int) -> Path:
+    """train/val colour classes per class count, and shuffled_train/shuffled_val with labels that mean nothing."""
+    colour_classes(root / "train", train, seed=1)
+    colour_classes(root / "val", val, seed=2)
+    colour_classes(root / "shuffled_train", shuffled_train, seed=3, shuffle=True)
+    colour_classes(root / "shuffled_val", shuffled_val, seed=4, shuffle=True)
+    return root
+

@@ -20,19 +20,14 @@ from timm.optim import create_optimizer_v2
 from pipelines.cli import run
 from pipelines.evaluate.finetune_config import RECIPES
 from pipelines.evaluate.finetune_model import build, load_source
-from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, cli, colour_classes, launch_errors
+from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, cli, colour_splits, launch_errors
 
 MODEL = "timm:vit_tiny_patch16_224:random"
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    root = tmp_path_factory.mktemp("colours")
-    colour_classes(root / "train", 16, seed=1)
-    colour_classes(root / "val", 8, seed=2)
-    colour_classes(root / "shuffled_train", 16, seed=3, shuffle=True)
-    colour_classes(root / "shuffled_val", 8, seed=4, shuffle=True)
-    return root
+    return colour_splits(tmp_path_factory.mktemp("colours"), 16, 8, 16, 8)
 
 
 def _args(root: Path, out: Path, *extra, split: str = "") -> list[str]:

@@ -162,6 +162,17 @@ def _wait_for(condition, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+def _server_down_until_exit(server, proc: subprocess.Popen) -> float:
+    """Stop the server, wait for the job to end, start the server again (same data) -> seconds the job took."""
+    server.stop()
+    stopped = time.time()
+    try:
+        proc.wait(timeout=120)
+        return time.time() - stopped
+    finally:
+        server.start()
+
+
 def test_kill_9_during_extraction_then_rerun_equals_undisturbed(images, bucket, tmp_path):
     store = f"{bucket}/t.zarr"
     proc = _start(_extract(images / "shards", store, "--batch-size", "2"), tmp_path, "killed")
@@ -246,13 +257,7 @@ def test_the_server_killed_mid_extraction_then_restarted_loses_nothing_complete(
     proc = _start([*_extract(images / "shards", store, "--batch-size", "2"), "--retry-seconds", "4"], tmp_path,
                   "cut")
     _wait_for(lambda: _complete_units(store) >= 1 or proc.poll() is not None)
-    s3_server.stop()
-    stopped = time.time()
-    try:
-        proc.wait(timeout=120)
-        took = time.time() - stopped
-    finally:
-        s3_server.start()
+    took = _server_down_until_exit(s3_server, proc)
     err = (tmp_path / "cut.err").read_text()
     if proc.returncode != 0:  # the job stopped with one line, bounded by its retry budget (not one per request)
         lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -410,13 +415,7 @@ def test_a_refused_marker_and_a_server_stopped_mid_upload_lose_no_complete_check
     proc = _start(_pretrain(shards, store, run, *args, "--resume", "latest"), tmp_path, "cut")
     saved = RunDir(run).local / "checkpoints" / "step_00000006" / "COMPLETE"  # saved here, its upload begins
     _wait_for(lambda: saved.exists() or proc.poll() is not None)
-    s3_server.stop()
-    stopped = time.time()
-    try:
-        proc.wait(timeout=120)
-        took = time.time() - stopped
-    finally:
-        s3_server.start()
+    took = _server_down_until_exit(s3_server, proc)
     assert took < 4 + 8, f"the job took {took:.1f} s to stop with a retry budget of 4 s"
     err = (tmp_path / "cut.err").read_text()
     lines = [line for line in err.splitlines() if line.startswith("error:")]
