@@ -25,7 +25,10 @@ is redone. `targets.unit_reader` reads a complete one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -155,13 +158,10 @@ class TargetStore:
         meta = _remote_meta(where)
         if meta is None:
             raise UserError(f"target store {where} does not exist (no zarr.json); run `cae2 extract-targets` first")
-        local = copy_path(where)
-        local.mkdir(parents=True, exist_ok=True)
-        where_root = (where / "zarr.json").get()
-        (local / "zarr.json").write_bytes(where_root)
-        (local / "units").mkdir(exist_ok=True)
-        (local / "units" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                                              "attributes": {}}))
+        local = copy_path(where)  # shared by the jobs of this host: each file replaced whole
+        _replace(local / "zarr.json", (where / "zarr.json").get())
+        _replace(local / "units" / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+                                                            "attributes": {}}).encode())
         return cls(str(where), zarr.open_group(str(local), mode=mode), meta)
 
     @classmethod
@@ -203,14 +203,13 @@ class TargetStore:
         where = Location.of(path)
         if where.remote:
             cls.check_settings(path, meta)
-            if _remote_meta(where) is None:
-                local = copy_path(where)
-                shutil.rmtree(local, ignore_errors=True)
-                group = zarr.open_group(str(local), mode="w")
-                group.require_group("units")
-                group.attrs[ROOT_ATTR] = meta.to_json()
-                (where / "units" / "zarr.json").put((local / "units" / "zarr.json").read_bytes())
-                (where / "zarr.json").put((local / "zarr.json").read_bytes(), create=True)  # one job creates it
+            if _remote_meta(where) is None:  # its metadata made in a folder of this process (the mirror is shared)
+                with tempfile.TemporaryDirectory(prefix="cae2-store-") as made:
+                    group = zarr.open_group(made, mode="w")
+                    group.require_group("units")
+                    group.attrs[ROOT_ATTR] = meta.to_json()
+                    (where / "units" / "zarr.json").put((Path(made) / "units" / "zarr.json").read_bytes())
+                    (where / "zarr.json").put((Path(made) / "zarr.json").read_bytes(), create=True)  # one job wins
             store = cls.open(path, mode="r+")
             diffs = store.meta.differences(meta)
             if diffs:
@@ -408,6 +407,14 @@ class TargetStore:
                 list(pool.map(lambda f: fetch(self.location / "units" / unit / f[0], f[1]), files))
         with naming(self.local / "units" / unit):
             return UnitReader(subgroup(self.group, f"units/{unit}"), str(self.local))
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write a file whole: through a name of this process beside it, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 class IncompleteUnit(UserError):
