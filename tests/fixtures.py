@@ -6,10 +6,12 @@ import functools
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,31 @@ def cli_process(*args: object, timeout: float = 600, env: dict | None = None) ->
     """`cae2 ARGS` in a new process (`python -m pipelines.cli`), for tests whose subject is the process."""
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env or ENV, cwd=ROOT)
+
+
+def hold_when(proc: subprocess.Popen, condition, timeout: float = 300, slice_s: float = 0.02) -> bool:
+    """Run a job (started with `start_new_session=True`) in slices of `slice_s`, held by SIGSTOP while
+    `condition()` is checked, until it holds: True with the job held there (`signal_job` then acts at that
+    point however slow the check or the machine is), False when the job ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP)
+        if proc.poll() is not None:
+            return False
+        if condition():
+            return True
+        os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(slice_s)
+    signal_job(proc, signal.SIGKILL)
+    raise TimeoutError(f"the job did not reach the wanted point in {timeout:.0f} s")
+
+
+def signal_job(proc: subprocess.Popen, signum: int) -> None:
+    """Send `signum` to a job's whole process group and let it run on (a held job handles it at once)."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+        os.killpg(proc.pid, signal.SIGCONT)
 
 
 def launch_errors(stderr: str, tail: int = 2000) -> str:

@@ -29,7 +29,9 @@ from tests.fixtures import (
     ENV,
     TINY_TEACHER,
     cli,
+    hold_when,
     launch_errors,
+    signal_job,
     write_bad_images,
     write_good_images,
 )
@@ -240,13 +242,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     assert cli(*extract_args(tmp_path / "shards", ref)).returncode == 0
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *extract_args(tmp_path / "shards", out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (out / "zarr.json").exists() and len(list(out.glob("units/*/keys"))) >= 2:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    assert hold_when(proc, lambda: len(list(out.glob("units/*/keys"))) >= 2)
+    signal_job(proc, signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("units/*/keys")))
     assert 0 < done < 16, f"the kill landed with {done} of 16 units complete"

@@ -8,14 +8,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.shards import make_shards
-from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, cli_process, write_good_images
+from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, hold_when, signal_job, write_good_images
 
 KILLS = int(os.environ.get("CAE2_SOAK", "2"))
 
@@ -101,45 +100,47 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(shards
     assert strip[0] == strip[1] and len(strip[0]) == 6
 
 
-@pytest.fixture(scope="module")
-def start_up() -> float:
-    """Seconds a new `cae2` process takes to start (its imports), measured once."""
-    t0 = time.perf_counter()
-    assert cli_process("--version").returncode == 0
-    return time.perf_counter() - t0
-
-
-def _kill_at_random_moments(cmd_of, seed: int, duration: float, signum=signal.SIGKILL) -> int:
-    """KILLS runs, each killed after a seeded random share (30-85%) of an undisturbed process's `duration`
-    (later runs have less left to do, so some end before their kill); returns the kills that landed."""
+def _kill_at_random_moments(command: list[str], progress, total: int, seed: int, signum=signal.SIGKILL) -> int:
+    """KILLS runs of `command`, each signalled at a seeded random point of the work: between the moments
+    `progress()` (units or steps done, of `total`) reaches a random count in the first half of what is left
+    and that count + 1, after a random number of the job's 20 ms slices. The job runs in slices while
+    progress is read, so the point does not depend on the machine's speed. Returns the signals that landed
+    on a running job."""
     rng = random.Random(seed)
     landed = 0
-    for attempt in range(KILLS):
-        proc = subprocess.Popen(cmd_of(attempt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                                cwd=ROOT, start_new_session=True)
-        time.sleep(rng.uniform(0.3, 0.85) * duration)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signum)
-            landed += 1
+    for _ in range(KILLS):
+        done = progress()
+        target = rng.randint(done + 1, done + max(1, (total - done) // 2))
+        left = [rng.randint(1, 41)]  # slices to run once `target` is reached
+
+        def reached(target=target, left=left) -> bool:
+            now = progress()
+            left[0] -= now >= target
+            return now > target or (now == target and left[0] <= 0)
+
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT,
+                                start_new_session=True)
+        landed += hold_when(proc, reached)
+        signal_job(proc, signum)
         proc.wait()
     return landed
 
 
-def timed(start_up: float, *args) -> float:
-    """Seconds an undisturbed process would take: the command's time in this process, plus start-up."""
-    t0 = time.perf_counter()
-    res = cli(*args)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return start_up + time.perf_counter() - t0
+def _complete_units(store: Path) -> int:
+    return sum('"complete"' in p.read_text() for p in store.glob("units/*/zarr.json"))
+
+
+def _steps_logged(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return metrics.read_text().count('"loss"') if metrics.exists() else 0
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_of_stage_1(shards, tmp_path, start_up):
-    duration = timed(start_up, *extract(shards / "shards", tmp_path / "undisturbed.zarr"))
+def test_kill_9_at_random_moments_of_stage_1(shards, tmp_path):
     out = tmp_path / "k.zarr"
     command = [sys.executable, "-m", "pipelines.cli", *extract(shards / "shards", out)]
-    landed = _kill_at_random_moments(lambda _: command, seed=1, duration=duration)
-    assert landed >= 1
+    assert _kill_at_random_moments(command, lambda: _complete_units(out), 16, seed=1) == KILLS
+    assert 0 < _complete_units(out) < 16
     res = cli(*extract(shards / "shards", out))
     assert res.returncode == 0, res.stderr[-2000:]
     same_store(shards / "ref.zarr", out)
@@ -147,7 +148,7 @@ def test_kill_9_at_random_moments_of_stage_1(shards, tmp_path, start_up):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
-def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum, start_up):
+def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum):
     def args(out, resume):
         return ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "ref.zarr"), "--model",
                 "cae2_debug", "--out", str(out), "--batch-size", "4", "--workers", "1", "--allow-random-teacher",
@@ -155,10 +156,9 @@ def test_kill_or_term_at_random_moments_of_stage_2(shards, tmp_path, signum, sta
                 *(["--resume", "latest"] if resume else [])]
 
     ref, run = tmp_path / "ref", tmp_path / "run"
-    duration = timed(start_up, *args(ref, False))
-    landed = _kill_at_random_moments(lambda i: [sys.executable, "-m", "pipelines.cli", *args(run, True)],
-                                     seed=int(signum), duration=duration, signum=signum)
-    assert landed >= 1
+    assert cli(*args(ref, False)).returncode == 0
+    command = [sys.executable, "-m", "pipelines.cli", *args(run, True)]
+    assert _kill_at_random_moments(command, lambda: _steps_logged(run), 40, seed=int(signum), signum=signum) == KILLS
     res = cli(*args(run, True))
     assert res.returncode == 0, res.stderr[-2000:]
 

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from pipelines.cli import run
 from pipelines.evaluate.finetune_config import RECIPES
 from pipelines.evaluate.finetune_model import build, load_source
-from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, cli, colour_splits, launch_errors
+from tests.fixtures import ACCELERATE_2CPU, ENV, ROOT, cli, colour_splits, hold_when, launch_errors, signal_job
 
 MODEL = "timm:vit_tiny_patch16_224:random"
 
@@ -94,11 +93,9 @@ def test_kill_9_after_the_second_checkpoint_then_resume_equals_an_uninterrupted_
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli(*_args(colours, straight, *extra)).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *_args(colours, killed, *extra)], env=ENV,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and len(list(killed.glob("checkpoints/*/COMPLETE"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert hold_when(proc, lambda: len(list(killed.glob("checkpoints/*/COMPLETE"))) >= 2, timeout=600)
+    signal_job(proc, signal.SIGKILL)
     proc.wait()
     assert not (killed / "result.json").exists()
     res = cli(*_args(colours, killed, *extra, "--resume", "latest"))

@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from pipelines.shards import expand_shards, make_shards
 from targets.quantize import QMAX, dequantize, quantize, token_errors
 from targets.store import TargetStore
 from targets.teacher import Teacher, TeacherSpec
-from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, write_bad_images, write_good_images
+from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, hold_when, signal_job, write_bad_images, write_good_images
 
 SPEC = TeacherSpec(name=TINY_TEACHER, pretrained="none")
 
@@ -151,11 +150,10 @@ def test_kill_9_during_conversion_then_rerun_gives_the_same_store(tmp_path):
     assert cli("convert-targets", str(tmp_path / "src.zarr"), str(ref)).returncode == 0
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "convert-targets", str(tmp_path / "src.zarr"),
-                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("units/*/keys"))) < 3:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT,
+                            start_new_session=True)
+    assert hold_when(proc, lambda: len(list(out.glob("units/*/keys"))) >= 3)
+    signal_job(proc, signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("units/*/keys")))
     assert 0 < done < 40, f"the kill landed with {done} of 40 units converted"

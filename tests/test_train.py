@@ -33,7 +33,9 @@ from tests.fixtures import (
     ROOT,
     TINY_TEACHER,
     cli,
+    hold_when,
     launch_errors,
+    signal_job,
     write_good_images,
 )
 
@@ -93,12 +95,11 @@ def test_resume_after_kill_9_reproduces_every_loss(data, tmp_path):
     assert cli(*pretrain_args(data, straight, "--save-every", "10")).returncode == 0
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *pretrain_args(data, killed, "--save-every", "10")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT,
+                            start_new_session=True)
     marker = killed / "checkpoints" / "step_00000010" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    assert hold_when(proc, marker.exists)
+    signal_job(proc, signal.SIGKILL)
     proc.wait()
     assert marker.exists()
     negative = tmp_path / "negative"  # same checkpoint, data position dropped
