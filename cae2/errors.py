@@ -9,6 +9,15 @@ class UserError(Exception):
     the CLI prints it without a traceback (unless --debug) and exits with status 2."""
 
 
+class Stopped(UserError):
+    """A command stopped by a signal before it finished; the message says what is complete and how to go on.
+    The CLI prints it as it is and exits with `status` (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 @contextlib.contextmanager
 def naming(path):
     """Give an OSError raised inside without a file name (a failed read or write of an open file) the

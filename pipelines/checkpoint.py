@@ -53,6 +53,31 @@ class CorruptCheckpoint(UserError):
         self.ckpt, self.reason = ckpt, reason
 
 
+class CheckpointMismatch(UserError):
+    """A complete checkpoint whose weights do not fit the run's model strictly (replaced, or of another model):
+    refused in one line, never passed over for an older one."""
+
+    def __init__(self, ckpt: Path, reason: str):
+        super().__init__(f"checkpoint {shown(ckpt)} does not fit this run's model ({reason}); its model.safetensors "
+                         "was replaced or is of another model: restore it, or pass --resume with an older checkpoint")
+
+
+def fit_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Load `weights` strictly, or raise CheckpointMismatch saying in one line what differs."""
+    have, want = set(weights), set(model.state_dict())
+    if have != want:
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""]
+        raise CheckpointMismatch(ckpt, f"{len(have)} tensors for a model of {len(want)}: "
+                                       f"{', '.join(p for p in parts if p)}")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # a shape differs
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointMismatch(ckpt, detail[:300]) from None
+
+
 @dataclass
 class CheckpointParts:
     """What a checkpoint holds besides the trainer state: the (prepared) model and optimizer and any further
@@ -153,7 +178,7 @@ def load_parts(accelerator: Accelerator, ckpt: Path, parts: CheckpointParts) -> 
         weights = safetensors.torch.load((ckpt / "model.safetensors").read_bytes())
     for prefix in WRAPPER_PREFIXES:
         consume_prefix_in_state_dict_if_present(weights, prefix)
-    accelerator.unwrap_model(parts.model).load_state_dict(weights, strict=True)
+    fit_weights(accelerator.unwrap_model(parts.model), weights, ckpt)
     parts.optimizer.load_state_dict(_load(ckpt / "optimizer.bin"))
     for name, part in parts.extra.items():
         part.load_state_dict(_load(ckpt / f"{name}.bin"))
@@ -275,8 +300,10 @@ class Checkpointer:
                 accelerator.load_state(str(ckpt))
             else:
                 load_parts(accelerator, ckpt, parts)
+        except CheckpointMismatch:
+            raise
         except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint cannot be trusted
-            raise CorruptCheckpoint(ckpt, f"{type(e).__name__}: {e}") from None
+            raise CorruptCheckpoint(ckpt, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
     def restore(self, accelerator: Accelerator, resume: str | None, ckpt: Path, state: dict,
                 check: Callable[[Path, dict], None], parts: CheckpointParts) -> tuple[Path, dict]:

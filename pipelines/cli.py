@@ -20,7 +20,7 @@ import typer
 from accelerate.utils import gather_object
 
 import cae2
-from cae2.errors import UserError
+from cae2.errors import Stopped, UserError
 from cae2.fields import Switch
 from pipelines import logs, options
 from pipelines.demo import DemoConfig, run_demo
@@ -34,6 +34,7 @@ from pipelines.extract.convert import ConvertConfig, ConvertStats, convert_store
 from pipelines.extract.run import ExtractStats, run_extract
 from pipelines.extract.verify import VerifyConfig, verify_store
 from pipelines.launch import launch
+from pipelines.outputs import check_output
 from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.export import ExportConfig, export_encoder
 from pipelines.pretrain.loop import train
@@ -150,6 +151,7 @@ def _make_shards(cfg: MakeShardsConfig) -> None:
 
     Example: cae2 make-shards /data/imagenet/train shards/ --samples-per-shard 1000
     """
+    check_output("OUT_DIR", cfg.out_dir, makes="shard folder")
     urls = make_shards(cfg.source, cfg.out_dir, cfg.samples_per_shard, cfg.prefix)
     typer.echo(f"wrote {len(urls)} shard(s) to {cfg.out_dir}: {shard_name(urls[0])} .. {shard_name(urls[-1])}")
 
@@ -188,6 +190,7 @@ def _convert_targets(cfg: ConvertConfig) -> None:
 
     Example: cae2 convert-targets /out/in1k-b16-k5.zarr /out/in1k-b16-k5-int8.zarr --latent-format int8
     """
+    check_output("DST", cfg.dst, makes="target store", inputs={"SRC": cfg.src})
     stats = convert_store(cfg)
     state = process_state()
     total = ConvertStats.merged(gather_object([stats])) if state.num_processes > 1 else stats
@@ -257,6 +260,7 @@ def _export(cfg: ExportConfig) -> None:
 
     Example: cae2 export runs/base --out vit_base_cae2.safetensors
     """
+    check_output("--out", cfg.out, inputs={"CHECKPOINT": cfg.checkpoint})
     ckpt, call = export_encoder(cfg.checkpoint, cfg.out)
     typer.echo(f"exported the encoder of {shown(ckpt)} to {cfg.out}; load it with:\n{call}")
 
@@ -273,6 +277,7 @@ def _evaluate_knn(cfg: KnnConfig) -> None:
 
     Example: cae2 evaluate knn --model runs/base --train /data/in1k/train --val /data/in1k/val --out knn.json
     """
+    check_output("--out", cfg.out, inputs=_evaluation_inputs(cfg))
     run_knn(cfg)
 
 
@@ -281,6 +286,9 @@ def _evaluate_linear(cfg: LinearConfig) -> None:
 
     Example: accelerate launch -m pipelines.cli evaluate linear --protocol official --model runs/base --train ...
     """
+    check_output("--out", cfg.out, inputs=_evaluation_inputs(cfg))
+    if cfg.protocol == "official" and cfg.run_dir:
+        check_output("--run-dir", cfg.run_dir, makes="run dir", inputs=_evaluation_inputs(cfg))
     result = run_linear(cfg)
     _end_of_run(result.get("status", "finished"), result.get("status_line", ""))
 
@@ -290,8 +298,14 @@ def _evaluate_finetune(cfg: FinetuneConfig) -> None:
 
     Example: cae2 launch --multi_gpu --num_processes 8 evaluate finetune --model runs/base --train ... --out ft/
     """
+    check_output("--out", cfg.out, makes="run dir", inputs=_evaluation_inputs(cfg))
     result = run_finetune(cfg)
     _end_of_run(result["status"], result["status_line"])
+
+
+def _evaluation_inputs(cfg: KnnConfig | LinearConfig | FinetuneConfig) -> dict[str, str | None]:
+    model = None if cfg.model.startswith(("timm:", "clip:")) else cfg.model
+    return {"--model": model, "--train": cfg.train, "--val": cfg.val}
 
 
 def _end_of_run(status: str, line: str) -> None:
@@ -346,6 +360,9 @@ def run(args: list[str] | None = None) -> int:
         ctx = getattr(e, "ctx", None)
         command = ctx.command_path if ctx is not None else "cae2"
         return _error(f"{' '.join(e.format_message().split())} (see `{command} --help`)")
+    except Stopped as e:
+        _say(str(e))
+        return e.status
     except UserError as e:
         if _state["debug"]:
             raise
@@ -393,16 +410,25 @@ def main() -> None:
     """Console-script entry."""
     # zarr's coroutines left pending by an error warn at exit; the error line has said what happened
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-    logging.getLogger("asyncio").addFilter(_sibling_os_error)
+    logging.getLogger("asyncio").addFilter(_said_already)
     threading.excepthook = _thread_failed
-    sys.exit(run())
+    try:
+        status = run()
+    except KeyboardInterrupt:  # between two commands' steps, outside typer's handling
+        _say("interrupted: complete work is kept; rerun the same command to go on")
+        status = 130
+    _state["failed"] = status != 0
+    sys.exit(status)
 
 
-def _sibling_os_error(record: logging.LogRecord) -> bool:
-    """zarr reads a chunk's pieces concurrently and raises the first OSError; asyncio logs the others, with a
-    traceback, when their futures are collected. The first one is the error line already: drop its siblings."""
+def _said_already(record: logging.LogRecord) -> bool:
+    """Drop asyncio's reports of what an error or an interruption left behind; the one line has said what
+    happened. zarr reads a chunk's pieces concurrently and raises the first OSError: asyncio logs the others
+    when their futures are collected; and tasks a Ctrl-C cut short are reported at exit as destroyed."""
     exc = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(exc, OSError) and "exception was never retrieved" in str(record.msg))
+    if isinstance(exc, OSError) and "exception was never retrieved" in str(record.msg):
+        return False
+    return not (_state.get("failed") and "Task was destroyed but it is pending" in str(record.msg))
 
 
 def _thread_failed(args) -> None:

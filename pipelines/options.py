@@ -5,7 +5,8 @@ Nested config dataclasses (the teacher, the view settings) contribute their fiel
 flag names the command gives them. Booleans get `--x/--no-x`, so a value from a config file can be
 turned off on the command line. Every command built here also reads its options from a YAML or TOML
 file (`--config`, keys as flag names or field names); flags override the file, the file overrides
-the dataclass defaults.
+the dataclass defaults. YAML is read as YAML 1.2 (`no` is a string, `5e-4` a number), `~/x` is the home
+folder, and an empty value or one option spelt twice is refused, naming the key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
+import re
 import textwrap
 import tomllib
 import types
@@ -108,13 +111,16 @@ def options(cls, names: dict[str, str | None] | None = None, prefix: tuple[str, 
 
 def _convert(opt: Option, value, where: str):
     """A config-file value -> the field's type; a value of another type is refused (a quoted "false" is a
-    string, not a boolean), naming the option."""
-    if value is None:
-        return None
+    string, not a boolean), naming the option. An empty value (`key:`, `key: ~`) is refused unless the
+    field's default is empty; a path starting with `~` is the user's home, as in a shell."""
     tp = opt.type
 
     def refuse(expected: str):
-        raise UserError(f"{opt.flag[2:]} in {where}: expected {expected}, got {type(value).__name__} {value!r}")
+        got = "an empty value (null)" if value is None else f"{type(value).__name__} {value!r}"
+        raise UserError(f"{opt.flag[2:]} in {where}: expected {expected}, got {got}; give a value or delete the line")
+
+    if value is None:
+        return None if opt.default is None else refuse(_expected(opt))
 
     if tp is bool:
         return value if isinstance(value, bool) else refuse("true or false (unquoted)")
@@ -136,8 +142,43 @@ def _convert(opt: Option, value, where: str):
         return tuple(float(v) for v in value) if ok else refuse(f"a list of {n} numbers")
     if tp in (str, Path):
         ok = isinstance(value, str | int | float) and not isinstance(value, bool)
-        return tp(str(value)) if ok else refuse("a string")
+        text = os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else str(value)
+        return tp(text) if ok else refuse("a string")
     return value
+
+
+def _expected(opt: Option) -> str:
+    tp = opt.type
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return f"one of {', '.join(str(m.value) for m in tp)}"
+    return {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, "a value")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML read as YAML 1.2 reads it: only true/false are booleans (`no`, `off`, `yes` stay strings, so
+    `mixed-precision: no` means "no"), `5e-4` is a number, and a key given twice is refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool",
+                                                                       "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def check(opt: Option, value) -> None:
@@ -171,9 +212,12 @@ def load_config_file(path: Path) -> dict:
         raise UserError(f"--config {path} {what}")
     text = path.read_text()
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_Yaml12Loader) or {}
+    except yaml.MarkedYAMLError as e:
+        line = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise UserError(f"--config {path} cannot be parsed: {e.problem or e.context}{line}") from None
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"--config {path} cannot be parsed: {e}") from None
+        raise UserError(f"--config {path} cannot be parsed: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path} must hold a mapping of option names to values")
     return data
@@ -233,6 +277,12 @@ def command(app: typer.Typer, name: str, cls, run: Callable, *, names: dict[str,
         if unknown:
             raise UserError(f"--config {config}: unknown option(s) {', '.join(unknown)} (known: "
                             f"{', '.join(o.flag[2:] for o in opts)})")
+        spellings: dict[str, list[str]] = {}
+        for k in from_file:
+            spellings.setdefault(by_key[str(k)].flag, []).append(str(k))
+        for flag, keys in spellings.items():
+            if len(keys) > 1:
+                raise UserError(f"--config {config}: {' and '.join(keys)} are one option ({flag}); keep one of them")
         values = {by_key[str(k)].path: _convert(by_key[str(k)], v, f"--config {config}") for k, v in from_file.items()}
         values |= {opt.path: tuple(given[opt.param]) if _repeatable(opt.type) else given[opt.param]
                    for opt in opts if given[opt.param] not in (None, [])}

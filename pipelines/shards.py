@@ -6,16 +6,20 @@ one place serves copies of them elsewhere (object store vs local disk).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +29,13 @@ import google_crc32c
 from braceexpand import braceexpand
 from webdataset.tariterators import tarfile_samples
 
-from cae2.errors import UserError, naming
+from cae2.errors import Stopped, UserError, naming
 from cae2.fields import Argument, PathKind, Range
 from targets.local_copies import fetch
-from targets.storage import Location, Meta, is_remote
+from targets.storage import Location, Meta, is_remote, same_place
 from targets.storage_settings import StorageSettings
+
+logger = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "img")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -56,6 +62,7 @@ def expand_shards(spec: str, option: str = "--shards") -> list[Shard]:
     if not spec:
         raise UserError(f"{option} is empty; pass a directory, a brace pattern, a glob or a list file")
     urls = _remote_urls(spec, option) if is_remote(spec) else _local_urls(spec, option)
+    _check_made(urls, option)
     shards = [Shard(u, shard_name(u)) for u in urls]
     seen: dict[str, str] = {}
     for s in shards:
@@ -92,6 +99,41 @@ def _local_urls(spec: str, option: str) -> list[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"{option}: shard {missing[0]} does not exist{more}; check the path or pattern")
     return urls
+
+
+def _check_made(urls: list[str], option: str) -> None:
+    """Shards from a folder that make-shards wrote must be its finished set: a folder whose make-shards.json
+    does not say complete (an interrupted make-shards) is refused, and so is a finished one missing a shard.
+    Folders without the record (shards made by other tools) are taken as they are."""
+    folders: dict[str, set[str]] = {}
+    for url in urls:
+        if not _is_remote(url) or is_remote(url):
+            folders.setdefault(str(Location.of(url).parent), set()).add(shard_name(url))
+    for folder, names in folders.items():
+        try:
+            plan = json.loads(_read_text(Location.of(folder) / PLAN))
+        except (FileNotFoundError, ValueError):
+            continue
+        if not isinstance(plan, dict) or not isinstance(plan.get("shards"), list):
+            continue
+        planned = set(plan["shards"])
+        if not plan.get("complete"):
+            made = len(planned & {n for n in _names_in(folder)})
+            raise UserError(f"{option}: make-shards has not finished {folder} ({made} of {len(planned)} shards "
+                            f"written); rerun `cae2 make-shards {plan.get('source', 'SOURCE')} {folder}` to finish it")
+        if names & planned:
+            missing = sorted(planned - set(_names_in(folder)))
+            if missing:
+                raise UserError(f"{option}: {folder} is missing {len(missing)} of the {len(planned)} shards "
+                                f"make-shards wrote there (e.g. {missing[0]}); restore them or rerun make-shards into "
+                                "a new folder")
+
+
+def _names_in(folder: str) -> list[str]:
+    where = Location.of(folder)
+    if where.remote:
+        return [m.name for m in where.list() if "/" not in m.name]
+    return os.listdir(where.path)
 
 
 _LISTED: dict[str, Meta] = {}
@@ -233,8 +275,9 @@ class MakeShardsConfig(StorageSettings):
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-def _collect(source: Path) -> list[tuple[Path, int, str]]:
-    """-> [(path, label, class name)] in a deterministic order."""
+def _collect(source: Path, out: Location) -> list[tuple[Path, int, str]]:
+    """-> [(path, label, class name)] in a deterministic order. Shard folders inside SOURCE (OUT_DIR, or the
+    output of an earlier make-shards) are left out and named; a class folder without images is refused."""
     if source.is_file():
         paths = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
         missing = [p for p in paths if not p.is_file()]
@@ -243,12 +286,24 @@ def _collect(source: Path) -> list[tuple[Path, int, str]]:
         return [(p, -1, "") for p in paths]
     if not source.is_dir():
         raise UserError(f"SOURCE {source} is neither an image folder nor a text file of paths")
-    classes = sorted(d.name for d in source.iterdir() if d.is_dir())
+    folders = sorted(d for d in source.iterdir() if d.is_dir())
+    outputs = [d for d in folders if (d / PLAN).is_file() or (not out.remote and same_place(d, out.path))]
+    if outputs:
+        logger.warning(f"SOURCE {source}: left out {', '.join(d.name for d in outputs)} (shards made by make-shards, "
+                       "not a class)")
+    classes = [d.name for d in folders if d not in outputs]
     if classes:
-        items = []
+        items, empty = [], []
         for label, cls in enumerate(classes):
-            items += [(p, label, cls) for p in sorted((source / cls).rglob("*"))
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            found = [(p, label, cls) for p in sorted((source / cls).rglob("*"))
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            items += found
+            if not found:
+                empty.append(cls)
+        if empty:
+            raise UserError(f"SOURCE {source}: class folder(s) {', '.join(empty[:5])} hold no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))}), yet each would take a label; remove them or add "
+                            "their images")
     else:
         items = [(p, -1, "") for p in sorted(source.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
@@ -271,17 +326,47 @@ def make_shards(source: Path, out_dir: str | Path, samples_per_shard: int = 1000
     """
     if samples_per_shard < 1:
         raise UserError("--samples-per-shard must be >= 1")
-    items = _collect(source)
     out = Location.of(out_dir)
+    if not out.remote and same_place(source, out.path):
+        raise UserError(f"OUT_DIR {out_dir} is SOURCE; write the shards to another folder")
+    items = _collect(source, out)
     names = [f"{prefix}-{i:06d}.tar" for i in range(-(-len(items) // samples_per_shard))]
     plan = {"source": str(source), "samples_per_shard": samples_per_shard, "prefix": prefix, "shards": names,
             "items_sha256": hashlib.sha256("\n".join(f"{p}\t{label}" for p, label, _ in items).encode()).hexdigest()}
     done = _begin_plan(out, plan, prefix)
-    for i, name in enumerate(names):
-        if name not in done:
-            _write_shard(out / name, items[i * samples_per_shard:(i + 1) * samples_per_shard], i * samples_per_shard)
+    with _stop_on_sigterm():
+        try:
+            for i, name in enumerate(names):
+                if name not in done:
+                    _write_shard(out / name, items[i * samples_per_shard:(i + 1) * samples_per_shard],
+                                 i * samples_per_shard)
+                    done.add(name)
+        except (KeyboardInterrupt, _Terminated) as e:
+            how, status = ("Ctrl-C", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+            raise Stopped(f"make-shards stopped ({how}) with {len(done & set(names))} of {len(names)} shards complete "
+                          f"in {out}; rerun the same command to write the rest", status) from None
     _write_text(out / PLAN, json.dumps(plan | {"complete": True}, indent=1))
     return [str(out / name) for name in names]
+
+
+class _Terminated(Exception):  # noqa: N818 - a signal, turned into Stopped
+    pass
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM stops the loop between two writes as Ctrl-C does (the shard being written is removed)."""
+    def handle(signum, frame):
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _begin_plan(out: Location, plan: dict, prefix: str) -> set[str]:
@@ -337,6 +422,9 @@ def _write_shard(where: Location, items: list[tuple[Path, int, str]], first: int
             where.upload(tmp)
         else:
             os.replace(tmp, where.path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)

@@ -39,12 +39,15 @@ class StoreMeta:
     view_path: str = "pillow"
     """View path of the run that created the store (pillow | device: bit-identical views; each unit's
     marker records its own)."""
+    written_by: str = "extract-targets"
+    """The command that writes the store's units (extract-targets, or convert-targets for a converted copy):
+    the one to rerun to finish or redo them."""
     schema_version: int = SCHEMA_VERSION
     cae2_version: str = ""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     # Fields that do not change the values (layout/bookkeeping) are not compared.
-    _UNCOMPARED = ("cae2_version", "created", "images_per_shard", "schema_version", "view_path")
+    _UNCOMPARED = ("cae2_version", "created", "images_per_shard", "schema_version", "view_path", "written_by")
 
     def to_json(self) -> dict:
         d = asdict(self)

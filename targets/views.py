@@ -187,19 +187,49 @@ class DecodeError(ValueError):
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Image bytes (JPEG incl. CMYK/grayscale, PNG, anything Pillow reads) -> a loaded RGB PIL image."""
+    """Image bytes (JPEG incl. CMYK/grayscale, PNG, anything Pillow reads) -> a loaded RGB PIL image.
+
+    16-bit images are scaled to 8 bits (round(v * 255 / 65535)); palette, alpha and CMYK images convert as
+    Pillow converts them; float and 32-bit integer images, whose range no format fixes, are refused. EXIF
+    orientation is not applied: pixels are used as stored, as torchvision's and timm's loaders and the
+    GPU's JPEG decoder use them, in every stage alike."""
     if not data:
         raise DecodeError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = _to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DecodeError(f"undecodable image: {type(e).__name__}: {e}") from None
     if img.width < 1 or img.height < 1:
         raise DecodeError("image has no pixels")
     return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        if img.mode == "I" and (wide.min(initial=0) < 0 or wide.max(initial=0) > 65535):
+            raise DecodeError(f"{img.mode} image with values outside 0..65535 (32-bit integers): convert it to "
+                              "8 or 16 bits")
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if img.mode == "F":
+        raise DecodeError("floating-point image (mode F) has no fixed range: convert it to 8 or 16 bits")
+    return img.convert("RGB")
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why bytes are not an image, from the header only (no decode); None if Pillow can open them."""
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return "image has no pixels" if img.width < 1 or img.height < 1 else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"not an image: {type(e).__name__}: {' '.join(str(e).split())}"
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

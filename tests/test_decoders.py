@@ -16,7 +16,7 @@ from cae2.errors import UserError
 from pipelines.shards import make_shards
 from targets.decoders import decode_all, decode_on_device, device_decodable, resolve_decoder
 from targets.store import TargetStore
-from targets.views import decode_image
+from targets.views import DecodeError, decode_image
 from tests.fixtures import TINY_TEACHER, cli, synthetic_image, write_bad_images, write_good_images
 
 
@@ -177,3 +177,34 @@ def test_convert_keeps_the_decoder_and_the_host_decoded_rows(stores):
     for name in source.unit_names():
         assert converted.unit(name).host_rows == source.unit(name).host_rows
     assert any(converted.unit(name).host_rows for name in converted.unit_names())
+
+
+def test_every_pillow_mode_decodes_exactly_or_is_refused_with_its_reason():
+    ramp = (np.arange(48 * 64, dtype=np.int64).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    png16 = io.BytesIO()
+    Image.fromarray(ramp).save(png16, format="PNG")
+    assert Image.open(io.BytesIO(png16.getvalue())).mode == "I;16"
+    got = np.asarray(decode_image(png16.getvalue()))
+    want = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert (got == want[..., None]).all()  # not white: round(v * 255 / 65535) in every channel
+    tiff = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tiff, format="TIFF")
+    with pytest.raises(DecodeError, match="floating-point image"):
+        decode_image(tiff.getvalue())
+    palette = Image.fromarray(synthetic_image(np.random.default_rng(0), 32, 32)).convert("P")
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG")
+    assert (np.asarray(decode_image(buf.getvalue())) == np.asarray(palette.convert("RGB"))).all()
+
+
+def test_exif_orientation_is_not_applied_in_any_stage():
+    arr = synthetic_image(np.random.default_rng(1), 40, 64)
+    plain = _jpeg(arr, quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    rotated = _jpeg(arr, quality=95, exif=exif.tobytes())
+    assert Image.open(io.BytesIO(rotated)).getexif()[0x0112] == 6
+    host = np.asarray(decode_image(rotated))
+    assert host.shape == (40, 64, 3) and (host == np.asarray(decode_image(plain))).all()
+    device = decode_on_device([torch.frombuffer(bytearray(rotated), dtype=torch.uint8)], torch.device("cpu"))[0]
+    assert tuple(device.shape[:2]) == (40, 64)

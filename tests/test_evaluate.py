@@ -216,3 +216,27 @@ def test_pretrain_knn_monitor_leaves_the_run_unchanged(run, labelled, tmp_path):
     assert losses["plain"] == losses["watched"]
     bad = cli(*args, "--out", str(tmp_path / "bad"), "--eval-every", "2")
     assert bad.returncode == 2 and "--eval-data" in bad.stderr
+
+
+def test_files_that_are_not_images_are_skipped_and_counted_and_unlabelled_shards_named(labelled, tmp_path, caplog):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(labelled / "train", train)
+    (train / "class_0" / "notes.jpg").write_text("not a picture")
+    (train / "class_1" / "empty.jpg").write_bytes(b"")
+    whole = load_labelled(str(labelled / "train"), "--train")
+    with caplog.at_level("WARNING"):
+        data = load_labelled(str(train), "--train")
+    assert len(data) == len(whole) and data.labels.tolist() == whole.labels.tolist()
+    assert "skipped 2 of" in caplog.text and "files that are not images" in caplog.text
+    model = load_feature_model(TEACHER)
+    assert extract_features(model, data, "cls")[0].shape[0] == len(whole)
+    # shards of a flat folder carry cls -1: said as such, not "one class only"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((labelled / "train").rglob("*.jpg"))[:6]:
+        shutil.copy(p, flat / p.name)
+    assert cli("make-shards", flat, tmp_path / "shards").returncode == 0
+    with pytest.raises(UserError, match="these shards carry no labels"):
+        load_labelled(str(tmp_path / "shards" / "shard-000000.tar"), "--train")

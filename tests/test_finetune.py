@@ -146,3 +146,12 @@ def test_bad_inputs_are_one_line(colours, tmp_path, capsys):
              _args(colours, tmp_path / "d", "--epochs", "2", "--resume", "latest")]
     assert "the checkpoint is of another run (model, width differ)" in error(other)
     assert timm.is_model("vit_small_patch16_224")
+    # a fine-tuning run is a feature model for knn and linear (its network without the head); fine-tuning it again
+    # is refused in one line
+    for protocol in ("knn", "linear"):
+        assert run(["evaluate", protocol, "--model", str(tmp_path / "d"), "--train", str(colours / "train"), "--val",
+                    str(colours / "val"), "--workers", "0", "--out", str(tmp_path / f"{protocol}.json")]) == 0
+        assert json.loads((tmp_path / f"{protocol}.json").read_text())["results"]
+    capsys.readouterr()
+    assert "is a fine-tuning run; fine-tune from the pretraining run" in error(
+        [a.replace(MODEL, str(tmp_path / "d")) for a in _args(colours, tmp_path / "e", "--epochs", "1")])

@@ -157,6 +157,10 @@ def test_kill_9_during_conversion_then_rerun_gives_the_same_store(tmp_path):
     proc.wait()
     done = len(list(out.glob("units/*/keys")))
     assert 0 < done < 40, f"the kill landed with {done} of 40 units converted"
+    res = cli("pretrain", "--shards", str(tmp_path / "shards"), "--targets", str(out), "--model", "cae2_debug",
+              "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4", "--workers", "0",
+              "--allow-random-teacher")
+    assert res.returncode == 2 and f"rerun `cae2 convert-targets` into {out}" in res.stderr, res.stderr[-1000:]
     res = cli("convert-targets", str(tmp_path / "src.zarr"), str(out))
     assert res.returncode == 0, res.stderr
     assert "already complete" in res.stdout and not list(out.rglob("*.partial"))

@@ -111,3 +111,42 @@ def test_extract_targets_takes_a_config_file(tmp_path):
                                      "teacher: cae2-tiny-clip\npretrained: none\nworkers: 0\n")
     res = CliRunner().invoke(app, ["extract-targets", "--config", str(tmp_path / "x.yaml")])
     assert res.exit_code != 0 and "--shards" in str(res.exception) and "none-*.tar" in str(res.exception)
+
+
+@pytest.fixture
+def train_cli():
+    got = []
+    cli = typer.Typer()
+    cli.callback()(lambda: None)
+
+    def run(cfg):
+        """Capture."""
+        got.append(cfg)
+
+    options.command(cli, "pretrain", TrainConfig, run)
+    return cli, got
+
+
+def test_config_files_read_as_users_mean_yaml_1_2_and_home(train_cli, tmp_path, monkeypatch):
+    cli, got = train_cli
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "c.yaml").write_text("shards: s.tar\ntargets: t.zarr\nmixed-precision: no\nlr: 5e-4\nout: ~/run\n")
+    res = CliRunner().invoke(cli, ["pretrain", "--config", str(tmp_path / "c.yaml")])
+    assert res.exit_code == 0, res.output
+    cfg = got[-1]
+    assert (cfg.mixed_precision, cfg.lr, cfg.out) == ("no", 5e-4, str(tmp_path / "home" / "run"))
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("out: ~\n", "out in --config"),                   # null: no value
+    ("batch-size:\n", "batch-size in --config"),
+    ("batch-size: 4\nbatch_size: 2\n", "batch-size and batch_size are one option (--batch-size)"),
+    ("batch-size: 4\nbatch-size: 2\n", "key 'batch-size' is given twice (line 4)"),
+])
+def test_config_file_mistakes_are_one_line_naming_the_key(train_cli, tmp_path, text, says):
+    cli, got = train_cli
+    (tmp_path / "c.yaml").write_text("shards: s.tar\ntargets: t.zarr\n" + text)
+    res = CliRunner().invoke(cli, ["pretrain", "--config", str(tmp_path / "c.yaml")])
+    assert res.exit_code != 0 and not got
+    message = str(res.exception)
+    assert says in message and "\n" not in message, message

@@ -88,3 +88,52 @@ def test_quick_gelu_of_an_unknown_weights_file_must_be_stated(tmp_path):
     known = released_checkpoints()
     openai = [v for v in known.values() if v[1] == "openai"]
     assert len(openai) >= 9 and all(qg for _, _, qg in openai) and all(len(k) == 64 for k in known)
+
+
+def test_make_shards_leaves_out_its_own_outputs_and_refuses_empty_classes_and_itself(tmp_path, caplog):
+    for cls in ("cat", "dog"):
+        write_good_images(tmp_path / "imgs" / cls, 3, seed=len(cls))
+    make_shards(tmp_path / "imgs", tmp_path / "imgs" / "_shards", samples_per_shard=10)
+    with caplog.at_level("WARNING"):
+        make_shards(tmp_path / "imgs", tmp_path / "imgs" / "_shards2", samples_per_shard=10)
+    assert "left out _shards (shards made by make-shards, not a class)" in caplog.text
+    for folder in ("_shards", "_shards2"):  # two classes in both: the first output folder did not become a class
+        samples = list(iter_shard(str(tmp_path / "imgs" / folder / "shard-000000.tar")))
+        assert sorted({int(s["cls"]) for s in samples}) == [0, 1] and len(samples) == 6
+    (tmp_path / "imgs" / "empty").mkdir()
+    with pytest.raises(UserError, match="class folder.s. empty hold no images"):
+        make_shards(tmp_path / "imgs", tmp_path / "more")
+    with pytest.raises(UserError, match="OUT_DIR .* is SOURCE"):
+        make_shards(tmp_path / "flat", tmp_path / "flat")
+
+
+@pytest.mark.slow
+def test_make_shards_stopped_by_sigterm_says_so_and_its_half_set_is_refused_until_finished(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fixtures import ENV, ROOT, cli, hold_when, signal_job
+
+    write_good_images(tmp_path / "imgs", 60, sizes=((64, 64),))
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "make-shards", str(tmp_path / "imgs"), str(out),
+                             "--samples-per-shard", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=ROOT, start_new_session=True)
+    assert hold_when(proc, lambda: len(list(out.glob("shard-*.tar"))) >= 3)
+    signal_job(proc, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143 and len(lines) == 1 and "make-shards stopped (SIGTERM) with" in lines[0], err
+    assert "of 60 shards complete" in lines[0] and "rerun the same command" in lines[0]
+    assert not list(out.glob("*.partial"))
+    with pytest.raises(UserError, match="make-shards has not finished"):
+        expand_shards(str(out))
+    res = cli("extract-targets", "--shards", out, "--out", tmp_path / "t.zarr", "--teacher", "cae2-tiny-clip",
+              "--pretrained", "none", "--workers", "0")
+    assert res.returncode == 2 and "rerun `cae2 make-shards" in res.stderr
+    assert cli("make-shards", tmp_path / "imgs", out, "--samples-per-shard", "1").returncode == 0
+    assert len(expand_shards(str(out))) == 60
+    (out / "shard-000007.tar").unlink()
+    with pytest.raises(UserError, match="is missing 1 of the 60 shards"):
+        expand_shards(str(out))

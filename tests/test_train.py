@@ -157,6 +157,19 @@ def test_export_loads_into_timm_with_equal_features(data, tmp_path):
     with torch.no_grad():
         ours = model.encode_visible(x, torch.zeros(3, model.cfg.num_patches, dtype=torch.bool))
         assert (ours - vit.forward_features(x)).abs().max() <= 1e-5
+    # no command writes into what another made: the checkpoint, the run dir, the export's own input
+    weights = run / "checkpoints" / "step_00000003" / "model.safetensors"
+    before = weights.read_bytes()
+    for out in (weights, run / "enc.safetensors", data / "targets.zarr" / "enc.safetensors"):
+        res = cli("export", str(run), "--out", str(out))
+        assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
+        assert f"--out {out}" in res.stderr and ("inside the" in res.stderr or "overlaps" in res.stderr), res.stderr
+    assert weights.read_bytes() == before
+    # a checkpoint whose weights were replaced (by the encoder alone) is named in one line, not passed over
+    shutil.copy(tmp_path / "enc.safetensors", weights)
+    res = cli(*pretrain_args(data, run, "--resume", "latest", steps=5))
+    assert res.returncode == 2 and "does not fit this run's model" in res.stderr and "missing (e.g." in res.stderr
+    assert len([line for line in res.stderr.splitlines() if "missing" in line.lower()]) == 1, res.stderr[-3000:]
 
 
 def test_teacher_online_gives_the_cached_targets(data, tmp_path):

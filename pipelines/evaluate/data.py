@@ -4,9 +4,11 @@ RandomResizedCrop + flip for the official linear probe, its draws keyed by (seed
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -20,7 +22,9 @@ from torch.utils.data import Dataset
 
 from cae2.errors import UserError, naming
 from pipelines.shards import IMAGE_FIELDS, IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
-from targets.views import decode_image, random_resized_crop
+from targets.views import DecodeError, decode_image, image_problem, random_resized_crop
+
+logger = logging.getLogger(__name__)
 
 TF: Any = tvf  # torchvision types these for tensors; they take PIL images too
 
@@ -42,15 +46,37 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, i: int) -> bytes:
+    def load(self, i: int, limit: int | None = None) -> bytes:
+        """The bytes of image i (its first `limit` bytes: enough for a header)."""
         if self.paths is not None:
-            return self.paths[i].read_bytes()
+            with naming(self.paths[i]), open(self.paths[i], "rb") as f:
+                return f.read(-1 if limit is None else limit)
         if self.members is not None:
             path, offset, size = self.members[i]
             with naming(path), open(path, "rb") as f:
-                return os.pread(f.fileno(), size, offset)
+                return os.pread(f.fileno(), size if limit is None else min(size, limit), offset)
         assert self.blobs is not None, "labelled images without paths, members or blobs"
-        return self.blobs[i]
+        return self.blobs[i][:limit]
+
+    def name(self, i: int) -> str:
+        if self.paths is not None:
+            return str(self.paths[i])
+        return f"{self.members[i][0]} image {i}" if self.members is not None else f"{self.spec} image {i}"
+
+    def keep(self, rows: list[int]) -> LabelledImages:
+        pick = np.array(rows, np.int64)
+        return dataclasses.replace(
+            self, labels=self.labels[pick],
+            paths=[self.paths[i] for i in rows] if self.paths is not None else None,
+            members=[self.members[i] for i in rows] if self.members is not None else None,
+            blobs=[self.blobs[i] for i in rows] if self.blobs is not None else None)
+
+    def decode(self, i: int):
+        """Image i as RGB; a file that cannot be decoded though its header could is named in one line."""
+        try:
+            return decode_image(self.load(i))
+        except DecodeError as e:
+            raise UserError(f"{self.name(i)} cannot be decoded ({e}); remove or replace it") from None
 
     @functools.cached_property
     def identity(self) -> str:
@@ -74,11 +100,38 @@ def load_labelled(spec: str, option: str, classes: list[str] | None = None) -> L
         data = _image_folder(path, spec, option, classes)
     else:
         data = _labelled_shards(spec, option, classes)
+    data = _without_non_images(data, option)
     if not len(data):
         raise UserError(f"{option} {spec}: no images")
+    unlabelled = int((data.labels < 0).sum())
+    if unlabelled:
+        which = "these shards carry no labels" if unlabelled == len(data) else f"{unlabelled} images carry no label"
+        raise UserError(f"{option} {spec}: {which} (cls -1: made from a list of files or a flat folder); evaluation "
+                        "needs labelled images: make-shards of class folders, or an ImageFolder tree")
     if classes is None and len(np.unique(data.labels)) < 2:
         raise UserError(f"{option} {spec}: one class only; classification needs at least two")
     return data
+
+
+_HEADER_BYTES = 1 << 18
+
+
+def _without_non_images(data: LabelledImages, option: str) -> LabelledImages:
+    """Files that are not images (a text file named .jpg, an empty file) are left out and counted, as stage 1
+    skips them; only headers are read (the whole file where the header runs past the first 256 KiB)."""
+    keep, skipped = [], []
+    for i in range(len(data)):
+        head = data.load(i, _HEADER_BYTES)
+        problem = image_problem(head)
+        if problem and len(head) == _HEADER_BYTES:
+            problem = image_problem(data.load(i))
+        (skipped.append((i, problem)) if problem else keep.append(i))
+    if not skipped:
+        return data
+    first, reason = skipped[0]
+    logger.warning(f"{option} {data.spec}: skipped {len(skipped)} of {len(data)} files that are not images "
+                   f"(first: {data.name(first)}: {reason})")
+    return data.keep(keep)
 
 
 def _image_folder(path: Path, spec: str, option: str, classes: list[str] | None) -> LabelledImages:
@@ -164,7 +217,7 @@ class CenterCropImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        img = TF.resize(decode_image(self.data.load(i)), eval_resize(self.size),
+        img = TF.resize(self.data.decode(i), eval_resize(self.size),
                         interpolation=TF.InterpolationMode.BICUBIC)
         img = TF.center_crop(img, self.size)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.data.labels[i]), i
@@ -181,7 +234,7 @@ class AugmentedImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        img = decode_image(self.data.load(i))
+        img = self.data.decode(i)
         rng = np.random.default_rng([self.seed, self.epoch, i, 0x11E])
         top, left, h, w = random_resized_crop(rng, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3))
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],

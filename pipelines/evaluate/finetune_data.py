@@ -22,7 +22,6 @@ from torch.utils.data import Dataset
 
 from cae2.errors import UserError
 from pipelines.evaluate.data import LabelledImages
-from targets.views import decode_image
 
 ORDER_SALT = "finetune-order"
 
@@ -105,7 +104,7 @@ class AugmentedImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        image = decode_image(self.data.load(i))
+        image = self.data.decode(i)
         with keyed("finetune-view", self.seed, self.epoch, i):
             return self.transform(image), int(self.data.labels[i]), i
 
@@ -120,4 +119,4 @@ class EvalImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        return self.transform(decode_image(self.data.load(i))), int(self.data.labels[i]), i
+        return self.transform(self.data.decode(i)), int(self.data.labels[i]), i

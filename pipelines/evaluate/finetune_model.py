@@ -22,6 +22,7 @@ from cae2.config import IMAGENET_MEAN, IMAGENET_STD, rgb
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
 from cae2.pos_embed import sincos_pos_embed_2d
+from pipelines.checkpoint import read_state
 from pipelines.evaluate.models import timm_model
 from pipelines.weights import find_checkpoint, local_source, model_config_of, model_state_dict
 
@@ -80,6 +81,9 @@ def load_source(spec: str, seed: int) -> SourceViT:
         return SourceViT(json.loads(meta["timm_kwargs"]), load_file(str(path)), IMAGENET_MEAN, IMAGENET_STD, True)
     if path.is_dir():
         ckpt = find_checkpoint(path)
+        if read_state(ckpt).get("kind") == "finetune":
+            raise UserError(f"--model {spec} is a fine-tuning run; fine-tune from the pretraining run or encoder it "
+                            "started from (knn and linear take a fine-tuning run)")
         return SourceViT(timm_kwargs(model_config_of(ckpt)), model_state_dict(ckpt, "encoder."), IMAGENET_MEAN,
                          IMAGENET_STD, True)
     raise UserError(f"--model {spec}: not a run or checkpoint directory, an exported .safetensors file or timm:NAME")

@@ -29,6 +29,7 @@ from torch import nn
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD, rgb
 from cae2.encoder import timm_kwargs
 from cae2.errors import UserError
+from pipelines.checkpoint import read_state
 from pipelines.weights import find_checkpoint, local_source, model_config_of, model_state_dict
 from targets.teacher import MissingWeights, Teacher, TeacherSpec
 from targets.views import normalize
@@ -107,6 +108,9 @@ def load_feature_model(spec: str, seed: int = 0, quick_gelu: bool | None = None,
         return _exported(path, spec)
     if path.is_dir():
         ckpt = find_checkpoint(path)
+        trainer = read_state(ckpt)
+        if trainer.get("kind") == "finetune":  # a fine-tuning run: its network's features, without the head
+            return _beit_features(trainer["timm_model"]["kwargs"], model_state_dict(ckpt), spec)
         return _vit(timm_kwargs(model_config_of(ckpt)), model_state_dict(ckpt, "encoder."), spec)
     raise UserError(f"--model {spec}: not a run or checkpoint directory, an exported .safetensors file, "
                     "timm:NAME or clip:NAME:WEIGHTS")
@@ -121,10 +125,14 @@ def _exported(path: Path, spec: str) -> FeatureModel:
         raise UserError(f"--model {spec}: not an encoder exported by `cae2 export` (no timm_kwargs metadata)")
     kwargs = json.loads(meta["timm_kwargs"])
     if meta.get("timm_class") == "Beit":  # a fine-tuned network: its features without the head
-        kwargs = kwargs | {"num_classes": 0}
-        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("head.")}
-        return _timm_net(Beit(**kwargs), state, int(kwargs["img_size"]), spec)
+        return _beit_features(kwargs, load_file(str(path)), spec)
     return _vit(kwargs, load_file(str(path)), spec)
+
+
+def _beit_features(kwargs: dict, state: dict, spec: str) -> FeatureModel:
+    kwargs = kwargs | {"num_classes": 0}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return _timm_net(Beit(**kwargs), state, int(kwargs["img_size"]), spec)
 
 
 def timm_model(spec: str, seed: int) -> Any:

@@ -138,7 +138,7 @@ def _open_stores(cfg: ConvertConfig) -> tuple[TargetStore, TargetStore]:
                         "stores")
     if same_place(cfg.src, cfg.dst):
         raise UserError("convert-targets writes a new store: DST must differ from SRC (the source stays untouched)")
-    meta = replace(source.meta, latent_format="int8", cae2_version=cae2.__version__)
+    meta = replace(source.meta, latent_format="int8", cae2_version=cae2.__version__, written_by="convert-targets")
     target = TargetStore.create_or_validate(cfg.dst, meta)  # concurrent converts take turns creating it
     target.remove_stale_partials()
     return source, target

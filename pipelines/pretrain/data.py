@@ -98,7 +98,7 @@ def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
     if damaged:
         raise DamagedUnit(store.path, *damaged[0]) if len(damaged) == 1 else UserError(
             f"--targets {store.path}: {len(damaged)} units are damaged (e.g. {damaged[0][0]}: {damaged[0][1]}); "
-            "rerun `cae2 extract-targets` (or convert-targets) with the same options: it redoes them")
+            f"rerun `cae2 {store.meta.written_by}` with the same options: it redoes them")
     markers = {name: marker for name, (marker, _) in states.items()}
     missing = [name for name, marker in markers.items() if marker is None]
     if missing:
@@ -106,7 +106,10 @@ def index_shards(store: TargetStore, shards: list[Shard]) -> list[ShardIndex]:
         absent = [m for m in missing if m not in known]
         what = (f"{len(absent)} shard(s) are not in the target store (e.g. {absent[0]})" if absent
                 else f"{len(missing)} shard(s) are incomplete in the target store (e.g. {missing[0]})")
-        raise UserError(f"--targets {store.path}: {what}; run `cae2 extract-targets` with these --shards first")
+        converted = store.meta.written_by == "convert-targets"
+        how = (f"rerun `cae2 convert-targets` into {store.path} to finish it" if converted
+               else "run `cae2 extract-targets` with these --shards first")
+        raise UserError(f"--targets {store.path}: {what}; {how}")
     out = []
     for s in shards:
         marker = markers[s.name]
