@@ -60,6 +60,11 @@ class StoreMeta:
             d[k] = tuple(d[k])
         return cls(**d)
 
+    def identity(self) -> dict:
+        """What determines the cached values (every compared field), as JSON: equal for two stores only when
+        they hold the same targets for the same shards."""
+        return {k: v for k, v in self.to_json().items() if k not in self._UNCOMPARED}
+
     def differences(self, other: StoreMeta) -> list[str]:
         a, b = self.to_json(), other.to_json()
         out = []

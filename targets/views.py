@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
 
@@ -200,7 +201,7 @@ def decode_image(data: bytes) -> Image.Image:
         img.load()
         img = _to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DecodeError(f"undecodable image: {type(e).__name__}: {e}") from None
+        raise DecodeError(f"undecodable image: {type(e).__name__}: {_plain(e)}") from None
     if img.width < 1 or img.height < 1:
         raise DecodeError("image has no pixels")
     return img
@@ -229,7 +230,12 @@ def image_problem(data: bytes) -> str | None:
         with Image.open(io.BytesIO(data)) as img:
             return "image has no pixels" if img.width < 1 or img.height < 1 else None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"not an image: {type(e).__name__}: {' '.join(str(e).split())}"
+        return f"not an image: {type(e).__name__}: {_plain(e)}"
+
+
+def _plain(error: BaseException) -> str:
+    """An error's message on one line, without object addresses (the same reason reads the same every time)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(error).split()))
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

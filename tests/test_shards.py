@@ -137,3 +137,48 @@ def test_make_shards_stopped_by_sigterm_says_so_and_its_half_set_is_refused_unti
     (out / "shard-000007.tar").unlink()
     with pytest.raises(UserError, match="is missing 1 of the 60 shards"):
         expand_shards(str(out))
+
+
+def test_a_shard_with_zero_members_is_a_complete_empty_unit(shard_dir, tmp_path):
+    import tarfile
+
+    from tests.fixtures import cli
+
+    shards = tmp_path / "with_empty"
+    shutil.copytree(shard_dir, shards)
+    tarfile.open(shards / "empty.tar", "w").close()
+    store = tmp_path / "t.zarr"
+    for _ in range(2):  # a rerun finds it complete
+        res = cli("extract-targets", "--shards", shards, "--out", store, "--views", "1", "--teacher", "cae2-tiny-clip",
+                  "--pretrained", "none", "--workers", "0")
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "0 written, 5 already complete" in res.stdout
+    assert TargetStore.open(store).is_complete("empty.tar")
+    res = cli("verify-targets", store, "--shards", shards)
+    assert res.returncode == 0 and "verify: OK" in res.stdout, res.stdout + res.stderr
+    res = cli("pretrain", "--shards", shards, "--targets", store, "--model", "cae2_debug", "--out", tmp_path / "run",
+              "--steps", "2", "--batch-size", "2", "--workers", "0", "--lr", "1e-3", "--allow-random-teacher")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_skip_reasons_print_whole_and_say_how_a_dotted_member_name_was_split(tmp_path):
+    import io
+    import tarfile
+
+    from tests.fixtures import cli
+
+    jpg = (write_good_images(tmp_path / "imgs", 1)[0]).read_bytes()
+    tarball = tmp_path / "shards" / "dotted.tar"
+    tarball.parent.mkdir()
+    with tarfile.open(tarball, "w") as tar:
+        for name, data in (("hand_x.v2.jpg", jpg), ("good.jpg", jpg), ("text.jpg", b"not an image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    res = cli("extract-targets", "--shards", tarball, "--out", tmp_path / "t.zarr", "--views", "1", "--teacher",
+              "cae2-tiny-clip", "--pretrained", "none", "--workers", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if "skipped:" in x)
+    assert "skipped: 2 (1 no image field (has: v2.jpg); member names are split at their first dot, so hand_x.v2.jpg " \
+           "is key hand_x with field v2.jpg: name members KEY.jpg" in line, line
+    assert "1 undecodable image: UnidentifiedImageError: cannot identify image file <_io.BytesIO object>" in line, line

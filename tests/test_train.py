@@ -417,3 +417,24 @@ def test_a_flipped_byte_is_named_by_verify_and_stops_or_is_skipped_by_pretrain(d
     res = cli(*[a if a != str(tmp_path / "r") else str(tmp_path / "s") for a in args], "--corrupt-targets", "skip")
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"WARNING: skipped: target store unit {unit} row 0 (key {key})" in res.stderr
+
+
+def test_a_resume_proves_its_targets_and_records_changed_options_as_a_segment(data, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*pretrain_args(data, run, "--save-every", "2", steps=4)).returncode == 0
+    other = _extract(data / "shards", tmp_path / "k3.zarr", k=3)  # the same shards, another K
+    args = [a if a != str(data / "targets.zarr") else str(other) for a in pretrain_args(data, run, "--resume",
+                                                                                        "latest", steps=6)]
+    res = cli(*args)
+    assert res.returncode == 2 and "--targets is another target store (views_per_image: checkpoint 2, now 3)" \
+        in res.stderr, res.stderr[-2000:]
+    first = json.loads((run / "config.json").read_text())
+    assert first["segments"] == [{"from_step": 0, "config": first["segments"][0]["config"]}]
+    res = cli(*[a if a != "2e-3" else "1e-3" for a in pretrain_args(data, run, "--save-every", "2", "--resume",
+                                                                    "latest", steps=6)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming at step 4 with changed options (steps: 4 -> 6, lr: 0.002 -> 0.001)" in res.stderr
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["lr"] == 1e-3 and record["segments"][0] == first["segments"][0]
+    assert record["segments"][1] == {"from_step": 4, "changed": {"steps": {"was": 4, "now": 6},
+                                                                 "lr": {"was": 2e-3, "now": 1e-3}}}

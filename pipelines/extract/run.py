@@ -84,7 +84,10 @@ class ExtractStats:
 
     def summary(self, ranks: int) -> str:
         rate = self.views / self.seconds if self.seconds else 0.0
-        skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common()) or "none"
+        reasons = self.skipped.most_common()
+        skipped = ", ".join(f"{n} {reason}" for reason, n in reasons[:5]) or "none"
+        if len(reasons) > 5:
+            skipped += f", and {len(reasons) - 5} more reasons (each unit's marker lists its skipped keys)"
         lines = [
             f"units: {self.units_done} written, {self.units_already_complete} already complete, "
             f"{len(self.units_failed)} failed",
@@ -280,7 +283,7 @@ class Extraction:
 
     def on_skip(self, item: Skip) -> None:
         self.units[item.unit].writer.skip(item.row, item.key, item.reason)
-        self.stats.skipped[item.reason.split(":")[0]] += 1
+        self.stats.skipped[item.reason] += 1
         self.submit(item.unit, self.units[item.unit].put(item.row, None))
 
     def on_shard_error(self, item: ShardError) -> None:

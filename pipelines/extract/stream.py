@@ -134,8 +134,11 @@ class UnitViewStream(IterableDataset):
         key, r = sample["__key__"], self.recipe
         data = image_bytes(sample)
         if data is None:
-            fields = ", ".join(k for k in sample if not k.startswith("__")) or "none"
-            return Skip(unit, row, key, f"no image field (has: {fields})")
+            names = [k for k in sample if not k.startswith("__")]
+            split = [k for k in names if "." in k]
+            hint = (f"; member names are split at their first dot, so {key}.{split[0]} is key {key} with field "
+                    f"{split[0]}: name members KEY.jpg") if split else ""
+            return Skip(unit, row, key, f"no image field (has: {', '.join(names) or 'none'}){hint}")
         info = device_decodable(data) if r.device_decode else None
         image = None
         if info is None or info.host_reason is not None:

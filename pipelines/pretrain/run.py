@@ -20,6 +20,7 @@ import cae2
 from cae2.config import ModelConfig
 from cae2.errors import UserError
 from pipelines.checkpoint import Checkpointer, CheckpointParts
+from pipelines.files import write_atomically
 from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.data import (
     EpochPlan,
@@ -194,7 +195,7 @@ def _assemble(setup: Setup) -> Run:
         parts.teacher_views = DeviceViews(meta.input_size, meta.interpolation, accelerator.device)
     return Run(cfg=cfg, dir=setup.run_dir.local, accelerator=accelerator, store=store, index=index, model_cfg=model_cfg,
                stream_cfg=stream_cfg, schedule=schedule, parts=parts, checkpointer=setup.checkpointer,
-               resolved=_resolved(cfg, model_cfg, schedule, store), data_layout=_data_layout(cfg, world, index))
+               resolved=_resolved(cfg, model_cfg, schedule, store), data_layout=_data_layout(cfg, world, index, meta))
 
 
 def _resolved(cfg: TrainConfig, model_cfg: ModelConfig, schedule: Schedule, store: TargetStore) -> dict:
@@ -210,11 +211,13 @@ def _resolved(cfg: TrainConfig, model_cfg: ModelConfig, schedule: Schedule, stor
     }
 
 
-def _data_layout(cfg: TrainConfig, world: int, index: list[ShardIndex]) -> dict:
-    """What the saved position in an epoch means something under: a resume must have the same."""
+def _data_layout(cfg: TrainConfig, world: int, index: list[ShardIndex], meta: StoreMeta) -> dict:
+    """What the saved position in an epoch and the targets mean something under: a resume must have the same
+    (the target store's identity: teacher, views, seed, K, format; not its place, so a moved copy resumes)."""
     return {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "workers": max(cfg.workers, 1), "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
-            "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest()}
+            "shards_sha256": hashlib.sha256("\n".join(i.shard.name for i in index).encode()).hexdigest(),
+            "targets": meta.identity()}
 
 
 def _resume(run: Run, found: tuple[Path | None, dict | None]) -> None:
@@ -236,12 +239,38 @@ def _open_run_dir(run: Run) -> None:
     run.parts.forward = torch.compile(run.parts.model, mode=cfg.compile_mode) if cfg.compile else run.parts.model
     if accelerator.is_main_process:  # every check has passed: only now is RUN_DIR written
         run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "config.json").write_text(json.dumps(run.resolved, indent=1, default=str))
+        record = run.resolved | {"segments": _segments(run.dir / "config.json", run.resolved, run.step)}
+        write_atomically(run.dir / "config.json", json.dumps(record, indent=1, default=str))
         run.checkpointer.run.push()  # an object-store run: config.json there from the start
         accelerator.init_trackers("tensorboard", config=run.resolved["derived"])
     if cfg.log_keys:
         (run.dir / "keys").mkdir(parents=True, exist_ok=True)
         run.parts.keys_file = (run.dir / "keys" / f"rank{accelerator.process_index}.txt").open("a")
+
+
+UNRECORDED = ("resume", "progress")
+"""Options that change nothing about the steps a segment trains."""
+
+
+def _segments(path: Path, resolved: dict, step: int) -> list[dict]:
+    """config.json's history: the first segment's options whole, then, for each resume that changed options
+    (a new --lr, --steps, ...), the step it resumed at and what changed; a resume changes nothing silently."""
+    new = {k: v for k, v in json.loads(json.dumps(resolved["config"], default=str)).items() if k not in UNRECORDED}
+    try:
+        before = json.loads(path.read_text()) if step > 0 else None
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict) or "config" not in before:
+        return [{"from_step": step, "config": new}]
+    segments = before.get("segments") or [{"from_step": 0, "config": before["config"]}]
+    old = {k: v for k, v in before["config"].items() if k not in UNRECORDED}
+    changed = {k: {"was": old.get(k), "now": v} for k, v in new.items() if old.get(k) != v}
+    if changed:
+        said = ", ".join(f"{k}: {c['was']} -> {c['now']}" for k, c in changed.items())
+        logger.warning(f"resuming at step {step} with changed options ({said}); config.json records them as a new "
+                       "segment")
+        segments = [*segments, {"from_step": step, "changed": changed}]
+    return segments
 
 
 def _log_start(cfg: TrainConfig, accelerator: Accelerator, schedule: Schedule, meta: StoreMeta,
@@ -280,7 +309,14 @@ def _check_resume(ckpt: Path, state: dict, model: dict, data_layout: dict) -> No
         raise UserError(f"--resume {ckpt}: the checkpoint is for another model configuration ({', '.join(diff)} "
                         "differ); resume with the original --model and options, or start a new --out")
     saved = state.get("data_layout", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in data_layout.items() if saved.get(k) != v]
+    if "targets" in saved and saved["targets"] != data_layout["targets"]:
+        was, now = saved["targets"], data_layout["targets"]
+        diff = [f"{k}: checkpoint {was.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(was) | set(now))
+                if was.get(k) != now.get(k)]
+        raise UserError(f"--resume {ckpt}: --targets is another target store ({'; '.join(diff)}); the run's "
+                        "steps so far trained on the first: resume with it, or start a new --out")
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in data_layout.items()
+            if k != "targets" and k in saved and saved.get(k) != v]
     if diff:
         raise UserError(f"--resume {ckpt}: the data layout changed ({'; '.join(diff)}); the saved position in the "
                         "epoch only holds for the same shards, processes, batch size, grad accumulation, workers, "
