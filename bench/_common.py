@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from cae2.masking import create_mask_generator
-from pipelines.shards import expand_shards, iter_shard, make_shards, required_image_bytes
+from pipelines.shards import expand_shards, image_crc, iter_shard, make_shards, required_image_bytes
 from targets.store import TargetStore
 from targets.store_meta import StoreMeta
 from targets.views import ViewSettings, decode_image, measure_view, sample_view
@@ -124,7 +124,8 @@ def fake_store(shards: Path, out: Path, k: int = 1, tokens: int = 197, dim: int 
     rng = np.random.default_rng(seed)
     for shard in expand_shards(str(shards)):
         samples = list(iter_shard(shard.url))
-        writer = store.begin_unit(shard.name, shard.url, [s["__key__"] for s in samples])
+        writer = store.begin_unit(shard.name, shard.url, [s["__key__"] for s in samples],
+                                  image_crc=[image_crc(s) for s in samples])
         lat = rng.standard_normal((len(samples), k, tokens, dim)).astype(np.float16)
         for row, s in enumerate(samples):
             img = decode_image(required_image_bytes(s))

@@ -63,6 +63,7 @@ def components(store: TargetStore, shards: Path) -> tuple[dict[str, float], list
     ms["pack"] = (time.perf_counter() - t0) / len(crops) * 1e3
     ms["read"], _ = _timed(lambda x: units[x[0].name].read(x[1], 1), samples)
     ms["mask"], _ = _timed(lambda x: masker(sample_rng(0, 0, x[2]["__key__"])), samples)
+    ms["digest"], _ = _timed(lambda x: units[x[0].name].image_changed(x[1], required_image_bytes(x[2])), samples)
     return ms, images
 
 
@@ -87,8 +88,8 @@ def end_to_end(store: TargetStore, shards: Path, batches: int, worker_counts: li
 
 
 def report(ms: dict[str, float], images: list, results: dict[tuple, float], repeat: int) -> str:
-    total = ms["decode"] + ms["view"] + ms["read"] + ms["mask"]
-    total_device = ms["decode"] + ms["crop"] + ms["pack"] + ms["read"] + ms["mask"]
+    total = ms["decode"] + ms["view"] + ms["read"] + ms["mask"] + ms["digest"]
+    total_device = ms["decode"] + ms["crop"] + ms["pack"] + ms["read"] + ms["mask"] + ms["digest"]
     rows = [[name, v, 1e3 / v] for name, v in (
         ("decode (Pillow, libjpeg-turbo)", ms["decode"]),
         ("Pillow view path: jitter, flip, crop, bicubic resize to 224", ms["view"]),
@@ -96,12 +97,15 @@ def report(ms: dict[str, float], images: list, results: dict[tuple, float], repe
         ("device view path: pack a batch's crops into one buffer (tables and weights: on the device)", ms["pack"]),
         ("target read: one view [197, 512] fp16 from zarr", ms["read"]),
         ("block mask (98 of 196)", ms["mask"]),
+        ("image digest: crc32c of the JPEG bytes against stage 1's", ms["digest"]),
         ("sum, Pillow view path", total),
         ("sum, device view path (the views are then cut on the training device)", total_device))]
     return ("## Input pipeline (stage 2 data loader, CPU)\n\n"
             f"{len(images)} real ImageNet JPEGs (mean {np.mean([i.width * i.height for i in images]) / 1e3:.0f}k "
             "pixels), one thread, ViT-Base settings, K = 5 store of ViT-B/16-shaped latents.\n\n"
             + table(["component", "ms / sample", "samples/s per core"], rows)
+            + f"\n\nThe image digest check is {100 * ms['digest'] / total:.2f}% of the Pillow view path's time per "
+            f"sample and {100 * ms['digest'] / total_device:.2f}% of the device view path's."
             + "\n\nEnd to end through `pipelines.pretrain.data` (WebDataset stream, join, shuffle buffer, collate)"
             + (f", the images used {repeat} times each" if repeat > 1 else "") + ":\n\n"
             + table(["view path", "data-loader workers", "samples/s", "samples/s per core"],

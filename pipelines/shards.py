@@ -247,6 +247,12 @@ def image_bytes(sample: dict) -> bytes | None:
     return None
 
 
+def image_crc(sample: dict) -> int:
+    """crc32c of a sample's image bytes (0 without an image): what stage 1 records of the image it saw."""
+    data = image_bytes(sample)
+    return google_crc32c.value(data) if data is not None else 0
+
+
 def required_image_bytes(sample: dict) -> bytes:
     """The image of a sample that must have one (stage 1 found it valid)."""
     data = image_bytes(sample)

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import zarr
 
 from cae2.errors import UserError, naming
@@ -343,12 +344,15 @@ class TargetStore:
         return claim_within(self.location if self.remote else self.path, unit)
 
     def begin_unit(self, unit: str, source: str, keys: list[str], view_path: str = "pillow",
-                   source_identity: dict | None = None) -> UnitWriter:
+                   source_identity: dict | None = None, image_crc: list[int] | None = None) -> UnitWriter:
         """Start (or restart) a unit: an incomplete leftover is removed first. `source`: the shard's URL;
         `source_identity`: what tells that shard apart from another of the same name (its marker keeps it).
         In an object store the unit is written into the mirror; `publish_unit` uploads it."""
         with naming(self.local / "units" / unit):
-            return self._begin_unit(unit, source, keys, view_path, source_identity)
+            writer = self._begin_unit(unit, source, keys, view_path, source_identity)
+        if image_crc is not None:
+            writer.image_crc = np.array(image_crc, np.uint32)
+        return writer
 
     def _begin_unit(self, unit: str, source: str, keys: list[str], view_path: str,
                     source_identity: dict | None) -> UnitWriter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -20,6 +21,11 @@ MARKER_ATTR = "complete"
 
 class CorruptTarget(UserError):
     """A cached view whose bytes differ from the ones written (their crc32c)."""
+
+
+class ChangedSample(UserError):
+    """A sample whose image bytes differ from the ones stage 1 read (their crc32c): its targets are another
+    image's."""
 
 
 class UnitReader:
@@ -45,8 +51,25 @@ class UnitReader:
         self.image_hw: np.ndarray = values(group, "image_hw") if n else np.zeros((0, 2), np.int32)
         self.view_crc: np.ndarray | None = values(group, "view_crc32c") if n and "view_crc32c" in group else None
         """crc32c of each view's stored bytes (units written before they were recorded: None)."""
+        self.image_crc: np.ndarray | None = values(group, "image_crc32c") if n and "image_crc32c" in group else None
+        """crc32c of each sample's image bytes as stage 1 read them (units written before: None)."""
         self.host_rows = frozenset(d["row"] for d in marker.get("decoded_on_host", ()))
         """Rows whose image Pillow decoded, where the store's decoder is a device decoder."""
+
+    @property
+    def name(self) -> str:
+        return self.group.path.rsplit("/", 1)[-1]
+
+    def image_changed(self, row: int, data: bytes) -> str | None:
+        """How a sample's image bytes differ from the ones its targets were made from; None: the same (or a unit
+        written before image digests were recorded)."""
+        if self.image_crc is None:
+            return None
+        now = google_crc32c.value(data)
+        if now == int(self.image_crc[row]):
+            return None
+        return (f"shard {self.name} key {self.keys[row]}: its image is not the one the targets were made from "
+                f"(crc32c {now:08x}, stage 1 read {int(self.image_crc[row]):08x})")
 
     def __len__(self) -> int:
         return len(self.keys)

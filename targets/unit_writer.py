@@ -34,6 +34,7 @@ class UnitWriter:
         self.image_hw = np.zeros((n, 2), np.int32)
         self.valid = np.zeros(n, bool)
         self.view_crc = np.zeros((n, k), np.uint32)  # crc32c of each view's stored bytes, checked on reads
+        self.image_crc: np.ndarray | None = None  # crc32c of each sample's image bytes, checked by stage 2
         self.skipped: list[dict] = []
         self.host_decoded: list[dict] = []
         self.view_path = view_path
@@ -64,6 +65,7 @@ class UnitWriter:
         self.skipped = list(unit.marker["skipped"])
         self.host_decoded = list(unit.marker.get("decoded_on_host", []))
         self.source_identity = unit.marker.get("source_identity")
+        self.image_crc = None if unit.image_crc is None else unit.image_crc.copy()
 
     def write_rows(self, start: int, latents: np.ndarray, scales: np.ndarray | None = None) -> None:
         """Write rows [start, start + len) of latents (float16, or int8 with their float32 scales); must
@@ -104,7 +106,8 @@ class UnitWriter:
         n = len(self.keys)
         g.create_array("keys", shape=(n,), dtype=str)[:] = np.array(self.keys, dtype=str) if n else np.array([], str)
         for name, data in (("valid", self.valid), ("view_int", self.view_int), ("view_float", self.view_float),
-                           ("image_hw", self.image_hw), ("view_crc32c", self.view_crc)):
+                           ("image_hw", self.image_hw), ("view_crc32c", self.view_crc),
+                           *([("image_crc32c", self.image_crc)] if self.image_crc is not None else [])):
             arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if n else "auto")
             if n:
                 arr[...] = data

@@ -438,3 +438,29 @@ def test_a_resume_proves_its_targets_and_records_changed_options_as_a_segment(da
     assert record["config"]["lr"] == 1e-3 and record["segments"][0] == first["segments"][0]
     assert record["segments"][1] == {"from_step": 4, "changed": {"steps": {"was": 4, "now": 6},
                                                                  "lr": {"was": 2e-3, "now": 1e-3}}}
+
+
+def test_a_changed_image_in_a_shard_of_the_same_size_is_named_by_verify_and_stops_or_is_skipped(data, tmp_path):
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data / "shards", shards)
+    name = "shard-000001.tar"
+    with tarfile.open(shards / name) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+    key = member.name.split(".")[0]
+    raw = bytearray((shards / name).read_bytes())
+    raw[member.offset_data + member.size // 2] ^= 0x01  # another image, the tar the same size
+    (shards / name).write_bytes(bytes(raw))
+    assert (shards / name).stat().st_size == (data / "shards" / name).stat().st_size
+    res = cli("verify-targets", data / "targets.zarr", "--shards", shards)
+    assert res.returncode != 0 and f"shard {name} key {key}: its image is not the one the targets were made from" \
+        in res.stdout + res.stderr, res.stdout[-2000:]
+    assert cli("verify-targets", data / "targets.zarr", "--shards", data / "shards").returncode == 0
+    args = [a if a != str(data / "shards") else str(shards) for a in pretrain_args(data, tmp_path / "r", steps=13)]
+    res = cli(*args)
+    assert res.returncode == 2 and f"shard {name} key {key}: its image is not the one" in res.stderr
+    assert "Traceback" not in res.stderr and len([x for x in res.stderr.splitlines() if "error:" in x]) == 1
+    res = cli(*[a if a != str(tmp_path / "r") else str(tmp_path / "s") for a in args], "--corrupt-targets", "skip")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count(f"WARNING: skipped: shard {name} key {key}: its image is not the one") == 1

@@ -276,7 +276,8 @@ class Extraction:
     def on_unit_start(self, item: UnitStart) -> None:
         name = item.shard.name
         self.heartbeat.add(self.store.claim_path(name))
-        writer = self.store.begin_unit(name, item.shard.url, item.keys, self.view_path, item.identity)
+        writer = self.store.begin_unit(name, item.shard.url, item.keys, self.view_path, item.identity,
+                                       item.image_crc)
         self.units[name] = UnitAssembler(writer, item.shard.url, self.meta)
         if not item.keys:
             self.submit(name, [])

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cae2.errors import UserError
-from pipelines.shards import Shard, image_bytes, iter_shard, shard_identity
+from pipelines.shards import Shard, image_bytes, image_crc, iter_shard, shard_identity
 from targets.claims import STALE_AFTER, Holder, release, try_claim
 from targets.decoders import device_decodable
 from targets.store import TargetStore
@@ -26,6 +26,7 @@ class UnitStart:
     shard: Shard
     keys: list[str]
     identity: dict | None  # the shard file's size, mtime and crc32c (`shard_identity`)
+    image_crc: list[int]  # crc32c of each sample's image bytes (0: no image), checked by stage 2 and verify
 
 
 @dataclass
@@ -115,7 +116,7 @@ class UnitViewStream(IterableDataset):
             except UserError as e:
                 yield ShardError(shard, str(e))
                 continue
-            yield UnitStart(shard, [s["__key__"] for s in samples], identity)
+            yield UnitStart(shard, [s["__key__"] for s in samples], identity, [image_crc(s) for s in samples])
             for row, sample in enumerate(samples):
                 yield self._views(shard.name, row, sample)
 

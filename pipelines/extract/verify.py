@@ -13,7 +13,7 @@ from PIL import Image
 
 from cae2.errors import UserError
 from cae2.fields import Argument, PathKind, Range
-from pipelines.shards import expand_shards, iter_shard, required_image_bytes
+from pipelines.shards import expand_shards, image_bytes, iter_shard, required_image_bytes
 from targets.block_files import LatentsChecksum, view_checksum
 from targets.decoders import decode_on_device
 from targets.storage_settings import StorageSettings
@@ -98,10 +98,16 @@ def verify_store(path: str, shards: str | None = None, recompute: int = 0, pretr
             report.problems.append(f"unit {name} cannot be read ({e}); {DELETE_AND_RERUN.format(unit=name)}")
     for shard in shard_list or []:
         if shard.name in units:
-            keys = [s["__key__"] for s in iter_shard(shard.url)]
-            if keys != units[shard.name].keys:
-                report.problems.append(f"unit {shard.name}: {len(units[shard.name].keys)} cached samples do not "
-                                       f"match the {len(keys)} samples of {shard.url}")
+            unit = units[shard.name]
+            samples = list(iter_shard(shard.url))
+            if [s["__key__"] for s in samples] != unit.keys:
+                report.problems.append(f"unit {shard.name}: {len(unit.keys)} cached samples do not "
+                                       f"match the {len(samples)} samples of {shard.url}")
+                continue
+            for row in np.flatnonzero(unit.valid):  # each image is the one the targets were made from
+                changed = unit.image_changed(int(row), image_bytes(samples[row]) or b"")
+                if changed:
+                    report.problems.append(f"{changed}; restore the shard, or make a store of these shards")
     if recompute:
         if not shard_list:
             report.problems.append("--recompute needs --shards to read the images")

@@ -97,8 +97,9 @@ class TrainConfig(StorageSettings):
     log_keys: bool = False
     """Write every sample key per step to RUN_DIR/keys/rank<r>.txt (audits of the data order)."""
     corrupt_targets: Annotated[str, OneOf(("stop", "skip", "off"))] = "stop"
-    """A cached view whose bytes fail their checksum: stop (naming unit, row, key), skip (leave the sample
-    out of its batch, with a warning), or off."""
+    """A cached view whose bytes fail their checksum, or a sample whose image is not the one stage 1 made its
+    targets from (its crc32c): stop (naming shard and key), skip (leave the sample out of its batch, with a
+    counted warning), or off (no checks)."""
     eval_every: Annotated[int, Range(min=0)] = 0
     """Steps between k-NN evaluations of the student on --eval-data (0: none); in metrics.jsonl and
     TensorBoard, without touching the data order or the random state."""

@@ -41,7 +41,7 @@ from targets.device_views import PackedImages, crop_record
 from targets.storage import worker_context
 from targets.store import DamagedUnit, TargetStore
 from targets.store_meta import N_INT, StoreMeta
-from targets.unit_reader import CorruptTarget
+from targets.unit_reader import ChangedSample, CorruptTarget
 from targets.views import ViewParams, apply_view, decode_image, measure_view
 
 
@@ -239,12 +239,19 @@ class TrainStream(IterableDataset):
         for unit, row, sample in batch:
             key = unit.keys[row]
             k = view_index(cfg.seed, self.epoch, key, self.meta.views_per_image)
+            data = required_image_bytes(sample)
+            changed = unit.image_changed(row, data) if cfg.corrupt_targets != "off" else None
+            if changed and cfg.corrupt_targets == "stop":
+                raise ChangedSample(f"{changed}; restore the shard, or make a store of these shards (extract-targets "
+                                    "into a new --targets), or pass --corrupt-targets skip to leave such samples out")
+            if changed:
+                warnings.append(f"skipped: {changed}")
+                continue
             if not cfg.teacher_views:
                 stored = self._read_targets(unit, row, k, warnings)
                 if stored is None:
                     continue
                 targets.append(stored)
-            data = required_image_bytes(sample)
             if not (cfg.device_decode and row not in unit.host_rows and views.add_jpeg(data, unit.view_int[row, k],
                                                                                         unit.view_float[row, k])):
                 views.add(decode_image(data), unit.view_int[row, k], unit.view_float[row, k])
@@ -252,7 +259,8 @@ class TrainStream(IterableDataset):
             keys.append(key)
             chosen.append(k)
         if not keys:
-            raise CorruptTarget("every sample of a batch failed its checksum; run `cae2 verify-targets` on the store")
+            raise CorruptTarget("every sample of a batch failed its checksum or its image's; run `cae2 verify-targets "
+                                "--shards` on the store")
         out = {"mask": torch.stack(masks), "keys": keys, "views": chosen, "warnings": warnings, **views.batch()}
         if targets:  # float16, or int8 with "target_scales" (dequantised on the device)
             out["targets"] = torch.stack([torch.from_numpy(latents) for latents, _ in targets])
