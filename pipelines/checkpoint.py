@@ -35,6 +35,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from cae2.errors import UserError, naming
 from pipelines.files import fsync_dir, save_torch, write_atomically, write_bytes
 from pipelines.run_dirs import RunDir, shown
+from pipelines.runs import peer_lost
 from targets.storage import Location, StorageError
 
 MARKER = "COMPLETE"
@@ -251,6 +252,8 @@ class Checkpointer:
                             f"({e}); {self._kept_in_bucket()}; fix the storage and rerun with --resume "
                             "latest") from None
         except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk in their own types
+            if peer_lost(e):
+                raise
             kept = latest_checkpoint(self.run_dir)
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
             kept = f"the newest complete checkpoint {kept} is kept" if kept else "no checkpoint is complete yet"

@@ -3,9 +3,13 @@ and calls the function of its stage; `cae2 --help` lists them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
+import signal
 import sys
 import threading
 import time
@@ -39,7 +43,7 @@ from pipelines.pretrain.config import TrainConfig
 from pipelines.pretrain.export import ExportConfig, export_encoder
 from pipelines.pretrain.loop import train
 from pipelines.run_dirs import shown
-from pipelines.runs import end_ranks, process_state
+from pipelines.runs import end_ranks, peer_lost, process_state
 from pipelines.shards import MakeShardsConfig, make_shards, shard_name
 from targets.views import ViewSettings
 
@@ -352,10 +356,24 @@ options.command(app, "demo", DemoConfig, _demo, config_file=False)
 def run(args: list[str] | None = None) -> int:
     """Run the `cae2` command line -> its exit status. Every error is one line on stderr (status 2): bad
     usage, a user error, an OS error; Ctrl-C says what is kept (status 130)."""
-    _state.update(debug=False, interruption_told=False)
+    _state.update(debug=False, interruption_told=False, ending=False)
+    with _sigterm_stops():
+        try:
+            status = _run(args)
+        except Terminated:  # while the outcome was being said: it has been, or is the SIGTERM
+            status = 143
+        _state["ending"] = True
+        return status
+
+
+def _run(args: list[str] | None) -> int:
     try:
         status = app(args=args, prog_name="cae2", standalone_mode=False)
         status = status if isinstance(status, int) else 0
+    except Terminated:
+        _say(f"{_rank()}stopped by SIGTERM: complete work is kept (finished units, saved checkpoints); rerun the "
+             "same command to go on")
+        return 143
     except typer.TyperException as e:  # click's usage errors (typer bundles click)
         ctx = getattr(e, "ctx", None)
         command = ctx.command_path if ctx is not None else "cae2"
@@ -379,10 +397,43 @@ def run(args: list[str] | None = None) -> int:
                       "mounts) and rerun: complete work is kept")
     except typer.Abort:
         status = 130
+    except Exception as e:
+        if _state["debug"] or not peer_lost(e):
+            raise
+        _release_frames(e)
+        reason = re.sub(r"^\[[^\]]*\] ", "", " ".join(str(e).split())).split(". ")[0][:160]
+        return _error(f"{_rank()}another process of this launch ended, so this one stops ({type(e).__name__}: "
+                      f"{reason}); complete work is kept (finished units, saved checkpoints): rerun the same command")
     if status == 130 and not _state.get("interruption_told"):  # Ctrl-C: typer makes KeyboardInterrupt status 130
         _say("interrupted: complete work is kept (finished units, saved checkpoints); rerun the same command "
              "to go on")
     return status
+
+
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """SIGTERM, in a command that does not save and stop on it itself (pretrain, finetune and the probe do)."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM stops the command as Ctrl-C does, with one line (a launcher stops the other ranks with it)."""
+    def handle(signum, frame):
+        if not _state.get("ending"):  # once the outcome is being said, a SIGTERM changes nothing
+            raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _rank() -> str:
+    """"rank N: " in a launch of several processes, else nothing."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
 
 
 def _release_frames(error: BaseException) -> None:
@@ -392,6 +443,7 @@ def _release_frames(error: BaseException) -> None:
 
 
 def _error(text: str) -> int:
+    _state["ending"] = True
     _say(f"error: {text}")
     return 2
 

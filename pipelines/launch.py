@@ -5,6 +5,7 @@ above) instead of the launcher's traceback."""
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 
 from accelerate.commands.launch import launch_command, launch_command_parser
@@ -29,11 +30,21 @@ def launch(args: list[str], commands: list[str]) -> None:
     try:
         launch_command(options)
     except ChildFailedError as e:
-        _failed(len(e.failures), sorted({f.exitcode for f in e.failures.values()}))
+        _failed({rank: (f.exitcode, f.signal_name()) for rank, f in e.failures.items()})
     except subprocess.CalledProcessError as e:
-        _failed(1, [e.returncode])
+        _failed({0: (e.returncode, "")})
 
 
-def _failed(processes: int, codes: list[int]) -> None:
-    raise UserError(f"{processes} launched process(es) failed (exit status {', '.join(map(str, codes))}); the line "
-                    "each printed above says why")
+def _failed(failures: dict[int, tuple[int, str]]) -> None:
+    """One line of what became of each failed process: its own error line above says why, except where a
+    signal killed it (nothing could be said: the OOM killer, a scheduler, kill -9)."""
+    said = []
+    for rank, (code, name) in sorted(failures.items()):
+        if code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            said.append(f"rank {rank} was stopped by SIGTERM (the launcher stops every rank once one has failed)")
+        elif code < 0:
+            said.append(f"rank {rank} was killed by {name or f'signal {-code}'} from outside and could say nothing "
+                        "(the OOM killer, the scheduler, kill -9)")
+        else:
+            said.append(f"rank {rank} exited with status {code} (its error line above says why)")
+    raise UserError(f"launch failed: {'; '.join(said)}")

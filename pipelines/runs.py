@@ -4,6 +4,7 @@ stop signals, one process per run directory, and the metrics log of a resumable 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -36,6 +37,18 @@ def end_ranks(state: PartialState) -> None:
     if state.num_processes > 1 and dist.is_initialized():
         state.wait_for_everyone()
         dist.destroy_process_group()
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "ProcessGroupGloo", "gloo")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """A collective that failed because another rank of the launch is gone (its own line, not this one's
+    problem: the launcher says what became of it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(error, RuntimeError):
+        return False
+    return isinstance(error, dist.DistBackendError) or any(s in str(error) for s in _PEER_GONE)
 
 
 def git_sha() -> str:

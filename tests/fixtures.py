@@ -87,6 +87,54 @@ def hold_when(proc: subprocess.Popen, condition, timeout: float = 300, slice_s: 
     raise TimeoutError(f"the job did not reach the wanted point in {timeout:.0f} s")
 
 
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """{pid: (parent pid, environment)} of every process that can be read."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with suppress(OSError, IndexError):
+                parent = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                out[int(d)] = (parent, Path(f"/proc/{d}/environ").read_bytes())
+    return out
+
+
+def descendants(root: int) -> dict[int, bytes]:
+    """{pid: environment} of every process below `root` (launched ranks run in sessions of their own)."""
+    table, found, todo = _processes(), {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, env) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = env
+                todo.append(pid)
+    return found
+
+
+def kill_rank_when(launcher: subprocess.Popen, rank: int, condition, timeout: float = 300) -> None:
+    """Run a launch in 20 ms slices, every process under it held by SIGSTOP while `condition()` is checked;
+    once it holds, SIGKILL the launched process of `rank` (its own, not its workers) and let the rest run on."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        procs = descendants(launcher.pid)
+        for pid in procs:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        if launcher.poll() is not None:
+            raise AssertionError("the launch ended before the wanted point")
+        hit = condition()
+        if hit:
+            ranks = [p for p, env in procs.items() if f"\0RANK={rank}\0".encode() in b"\0" + env]
+            top = [p for p in ranks if _processes().get(p, (0, b""))[0] not in ranks]
+            os.kill(top[0], signal.SIGKILL)
+        for pid in procs:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if hit:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"the launch did not reach the wanted point in {timeout:.0f} s")
+
+
 def signal_job(proc: subprocess.Popen, signum: int) -> None:
     """Send `signum` to a job's whole process group and let it run on (a held job handles it at once)."""
     with suppress(ProcessLookupError):

@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 from pipelines.shards import make_shards
-from tests.fixtures import ENV, ROOT, TINY_TEACHER, cli, hold_when, signal_job, write_good_images
+from tests.fixtures import (
+    ACCELERATE_2CPU,
+    ENV,
+    ROOT,
+    TINY_TEACHER,
+    cli,
+    hold_when,
+    kill_rank_when,
+    signal_job,
+    write_good_images,
+)
 
 KILLS = int(os.environ.get("CAE2_SOAK", "2"))
 
@@ -217,3 +227,64 @@ def test_a_read_only_or_vanished_store_or_run_dir_gives_one_line(shards, tmp_pat
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
     res = cli(*_pretrain(shards / "shards", tmp_path / "vanished.zarr", tmp_path / "e"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "vanished.zarr" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["extract-targets", "pretrain"])
+def test_a_rank_killed_in_a_launch_leaves_one_line_from_the_survivor_and_a_true_launcher_line(command, shards,
+                                                                                           tmp_path):
+    if command == "extract-targets":
+        out = tmp_path / "t.zarr"
+        args = extract(shards / "shards", out)
+
+        def reached() -> bool:
+            return _complete_units(out) >= 2
+    else:
+        out = tmp_path / "run"
+        args = ["pretrain", "--shards", str(shards / "shards"), "--targets", str(shards / "ref.zarr"), "--model",
+                "cae2_debug", "--out", str(out), "--steps", "500", "--batch-size", "2", "--workers", "0",
+                "--log-every", "1", "--save-every", "2", "--lr", "1e-3", "--allow-random-teacher", "--no-progress"]
+
+        def reached() -> bool:
+            return _steps_logged(out) >= 3
+    launcher = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "launch", *ACCELERATE_2CPU[3:], *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                                start_new_session=True)
+    kill_rank_when(launcher, 1, reached)
+    _, err = launcher.communicate(timeout=180)
+    lines = err.strip().splitlines()
+    assert launcher.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("error: launch failed: rank 0 ") and "rank 1 was killed by SIGKILL from outside and " \
+        "could say nothing" in lines[-1], lines[-1]
+    said = [x for x in lines[:-1] if x.startswith(("rank 0:", "error: rank 0:"))]
+    assert len(said) == 1 and ("stopped by SIGTERM" in said[0] or "another process of this launch ended" in said[0])
+    assert "complete work is kept" in said[0], said
+    if command == "pretrain":  # a complete checkpoint is kept for the relaunch
+        assert any((c / "COMPLETE").is_file() for c in (out / "checkpoints").iterdir())
+    else:  # the rerun keeps the units both ranks completed and does the rest
+        res = cli(*args)
+        assert res.returncode == 0 and "0 already complete" not in res.stdout, res.stderr[-2000:]
+        assert _complete_units(out) == 16
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_and_during_convert_is_one_line_and_status_130(shards, tmp_path):
+    import time
+
+    cae2_script = str(Path(sys.executable).parent / "cae2")
+    starting = subprocess.Popen([cae2_script, "verify-targets", str(shards / "ref.zarr")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    time.sleep(0.5)  # torch and the rest are still being imported
+    starting.send_signal(signal.SIGINT)
+    _, err = starting.communicate(timeout=60)
+    assert starting.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("interrupted"), err
+    out = tmp_path / "int8.zarr"
+    convert = subprocess.Popen([cae2_script, "convert-targets", str(shards / "ref.zarr"), str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                               start_new_session=True)
+    assert hold_when(convert, lambda: len(list(out.glob("units/*/keys"))) >= 3)
+    signal_job(convert, signal.SIGINT)
+    _, err = convert.communicate(timeout=60)
+    assert convert.returncode == 130 and "Traceback" not in err and "Task was destroyed" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: complete work is kept"), err[-2000:]
