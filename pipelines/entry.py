@@ -6,7 +6,7 @@ import sys
 
 def main() -> None:
     try:
-        from pipelines.cli import main as run_cli
+        from pipelines.cli import main as run_cli  # deferred: Ctrl-C during its seconds is caught
     except KeyboardInterrupt:
         print("interrupted while starting: nothing was done", file=sys.stderr, flush=True)
         sys.exit(130)
