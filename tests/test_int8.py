@@ -190,7 +190,7 @@ def test_stage2_reads_int8_and_the_online_teacher_agrees_within_the_recorded_err
 def test_bad_conversions_are_refused(data, tmp_path):
     root, _ = data
     for args, message in (([str(root / "int8.zarr"), str(tmp_path / "x.zarr")], "already holds int8"),
-                          ([str(root / "fp16.zarr"), str(root / "fp16.zarr")], "must differ from SRC"),
+                          ([str(root / "fp16.zarr"), str(root / "fp16.zarr")], "overlaps SRC"),
                           ([str(root / "fp16.zarr"), str(tmp_path / "y.zarr"), "--latent-format", "fp16"],
                            "--latent-format must be one of int8"),
                           ([str(tmp_path / "missing.zarr"), str(tmp_path / "z.zarr")], "does not exist")):

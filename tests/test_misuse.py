@@ -195,7 +195,7 @@ def test_a_failure_under_cae2_launch_is_one_line_per_process(tmp_path):
                          timeout=300)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "launched process(es) failed (exit status 2)" in lines[-1]  # torchrun stops the others at once
+    assert "launch failed: rank 0 exited with status 2 (its error line above says why)" in lines[-1], lines[-1]
     assert all(line.startswith("error:") for line in lines) and any("does not exist" in line for line in lines)
 
 
@@ -204,7 +204,7 @@ def test_sibling_read_errors_left_by_zarr_are_not_printed_after_the_error_line(e
     """zarr gathers a chunk's reads and raises the first EIO; asyncio would print the others' tracebacks when
     their futures are collected. The CLI drops those OSErrors (the error line said it) and nothing else."""
     asyncio_log = logging.getLogger("asyncio")
-    asyncio_log.addFilter(cli_module._sibling_os_error)
+    asyncio_log.addFilter(cli_module._said_already)
     loop = asyncio.new_event_loop()
     try:
         future = loop.create_future()
@@ -213,7 +213,7 @@ def test_sibling_read_errors_left_by_zarr_are_not_printed_after_the_error_line(e
         gc.collect()
     finally:
         loop.close()
-        asyncio_log.removeFilter(cli_module._sibling_os_error)
+        asyncio_log.removeFilter(cli_module._said_already)
     said = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert any("exception was never retrieved" in m for m in said) == shown, said
 

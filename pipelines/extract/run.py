@@ -84,7 +84,7 @@ class ExtractStats:
 
     def summary(self, ranks: int) -> str:
         rate = self.views / self.seconds if self.seconds else 0.0
-        reasons = self.skipped.most_common()
+        reasons = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
         skipped = ", ".join(f"{n} {reason}" for reason, n in reasons[:5]) or "none"
         if len(reasons) > 5:
             skipped += f", and {len(reasons) - 5} more reasons (each unit's marker lists its skipped keys)"
