@@ -115,17 +115,17 @@ def test_make_shards_stopped_by_sigterm_says_so_and_its_half_set_is_refused_unti
 
     from tests.fixtures import ENV, ROOT, cli, hold_when, signal_job
 
-    write_good_images(tmp_path / "imgs", 60, sizes=((64, 64),))
+    write_good_images(tmp_path / "imgs", 300, sizes=((64, 64),))
     out = tmp_path / "shards"
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "make-shards", str(tmp_path / "imgs"), str(out),
                              "--samples-per-shard", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV, cwd=ROOT, start_new_session=True)
-    assert hold_when(proc, lambda: len(list(out.glob("shard-*.tar"))) >= 3)
+    assert hold_when(proc, lambda: len(list(out.glob("shard-*.tar"))) >= 3, slice_s=0.005)
     signal_job(proc, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     lines = err.strip().splitlines()
     assert proc.returncode == 143 and len(lines) == 1 and "make-shards stopped (SIGTERM) with" in lines[0], err
-    assert "of 60 shards complete" in lines[0] and "rerun the same command" in lines[0]
+    assert "of 300 shards complete" in lines[0] and "rerun the same command" in lines[0]
     assert not list(out.glob("*.partial"))
     with pytest.raises(UserError, match="make-shards has not finished"):
         expand_shards(str(out))
@@ -133,9 +133,9 @@ def test_make_shards_stopped_by_sigterm_says_so_and_its_half_set_is_refused_unti
               "--pretrained", "none", "--workers", "0")
     assert res.returncode == 2 and "rerun `cae2 make-shards" in res.stderr
     assert cli("make-shards", tmp_path / "imgs", out, "--samples-per-shard", "1").returncode == 0
-    assert len(expand_shards(str(out))) == 60
+    assert len(expand_shards(str(out))) == 300
     (out / "shard-000007.tar").unlink()
-    with pytest.raises(UserError, match="is missing 1 of the 60 shards"):
+    with pytest.raises(UserError, match="is missing 1 of the 300 shards"):
         expand_shards(str(out))
 
 
