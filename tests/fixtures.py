@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,8 +29,17 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 # Two gloo CPU ranks. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process (its simple
 # launcher needs mpirun for more); `--multi_gpu` launches through torchrun, and cae2 picks gloo when no GPU is seen.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Each test process (pytest-xdist worker) launches on a port of its own: two launches at once on torchrun's
+# default port 29500 fail with EADDRINUSE.
 ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port())]
 TINY_TEACHER = "cae2-tiny-clip"  # bundled open_clip config (targets/configs), random init in tests
 
 
