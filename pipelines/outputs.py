@@ -48,10 +48,6 @@ def check_output(option: str, out: str | os.PathLike, makes: str | None = None,
     """Refuse `out` when a folder above it (or `out` itself, unless it is a `makes` the command resumes) was made
     by another command, or when it overlaps one of the command's `inputs` ({option: location})."""
     where = Location.of(out)
-    for option_in, source in (inputs or {}).items():
-        if source is not None and inside(where.url, _folder_of(str(source))):
-            raise UserError(f"{option} {out} overlaps {option_in} {source}: a command never writes over or into its "
-                            "own input; choose another path")
     itself = kind_of(where) if makes is not None else None
     if itself is not None and itself != makes:
         raise UserError(f"{option} {out} is a {itself}: writing there would replace what it holds; choose a new "
@@ -61,6 +57,10 @@ def check_output(option: str, out: str | os.PathLike, makes: str | None = None,
         if kind is not None:
             raise UserError(f"{option} {out} is inside the {kind} {folder}: writing there would change what it "
                             "holds; choose a path outside it")
+    for option_in, source in (inputs or {}).items():
+        if source is not None and inside(where.url, _folder_of(str(source))):
+            raise UserError(f"{option} {out} overlaps {option_in} {source}: a command never writes over or into its "
+                            "own input; choose another path")
 
 
 def _folder_of(spec: str) -> str:

@@ -107,12 +107,14 @@ def _check_made(urls: list[str], option: str) -> None:
     Folders without the record (shards made by other tools) are taken as they are."""
     folders: dict[str, set[str]] = {}
     for url in urls:
-        if not _is_remote(url) or is_remote(url):
+        if is_remote(url):
             folders.setdefault(str(Location.of(url).parent), set()).add(shard_name(url))
+        elif not _is_remote(url):
+            folders.setdefault(os.path.dirname(os.path.abspath(url)), set()).add(shard_name(url))
     for folder, names in folders.items():
         try:
             plan = json.loads(_read_text(Location.of(folder) / PLAN))
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         if not isinstance(plan, dict) or not isinstance(plan.get("shards"), list):
             continue

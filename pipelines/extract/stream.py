@@ -137,8 +137,8 @@ class UnitViewStream(IterableDataset):
         if data is None:
             names = [k for k in sample if not k.startswith("__")]
             split = [k for k in names if "." in k]
-            hint = (f"; member names are split at their first dot, so {key}.{split[0]} is key {key} with field "
-                    f"{split[0]}: name members KEY.jpg") if split else ""
+            hint = (f"; member names are split at their first dot (KEY.{split[0]} is key KEY with field {split[0]}): "
+                    "name members KEY.jpg") if split else ""
             return Skip(unit, row, key, f"no image field (has: {', '.join(names) or 'none'}){hint}")
         info = device_decodable(data) if r.device_decode else None
         image = None
