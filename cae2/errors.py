@@ -9,6 +9,11 @@ class UserError(Exception):
     the CLI prints it without a traceback (unless --debug) and exits with status 2."""
 
 
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """SIGTERM, raised by the CLI in a command that does not save and stop on it itself (pretrain, finetune and
+    the probe do): a loop that can say how far it got catches it as it catches KeyboardInterrupt."""
+
+
 class Stopped(UserError):
     """A command stopped by a signal before it finished; the message says what is complete and how to go on.
     The CLI prints it as it is and exits with `status` (130 for Ctrl-C, 143 for SIGTERM)."""

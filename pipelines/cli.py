@@ -24,7 +24,7 @@ import typer
 from accelerate.utils import gather_object
 
 import cae2
-from cae2.errors import Stopped, UserError
+from cae2.errors import Stopped, Terminated, UserError
 from cae2.fields import Switch
 from pipelines import logs, options
 from pipelines.demo import DemoConfig, run_demo
@@ -408,10 +408,6 @@ def _run(args: list[str] | None) -> int:
         _say("interrupted: complete work is kept (finished units, saved checkpoints); rerun the same command "
              "to go on")
     return status
-
-
-class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
-    """SIGTERM, in a command that does not save and stop on it itself (pretrain, finetune and the probe do)."""
 
 
 @contextlib.contextmanager

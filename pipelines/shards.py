@@ -6,7 +6,6 @@ one place serves copies of them elsewhere (object store vs local disk).
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import glob
 import hashlib
@@ -16,10 +15,8 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +26,7 @@ import google_crc32c
 from braceexpand import braceexpand
 from webdataset.tariterators import tarfile_samples
 
-from cae2.errors import Stopped, UserError, naming
+from cae2.errors import Stopped, Terminated, UserError, naming
 from cae2.fields import Argument, PathKind, Range
 from targets.local_copies import fetch
 from targets.storage import Location, Meta, is_remote, same_place
@@ -114,28 +111,32 @@ def _check_made(urls: list[str], option: str) -> None:
     for folder, names in folders.items():
         try:
             plan = json.loads(_read_text(Location.of(folder) / PLAN))
-        except (FileNotFoundError, NotADirectoryError, ValueError):
+        except (FileNotFoundError, ValueError):
             continue
         if not isinstance(plan, dict) or not isinstance(plan.get("shards"), list):
             continue
         planned = set(plan["shards"])
+        if not plan.get("complete") or names & planned:
+            present = _names_in(folder)
         if not plan.get("complete"):
-            made = len(planned & {n for n in _names_in(folder)})
-            raise UserError(f"{option}: make-shards has not finished {folder} ({made} of {len(planned)} shards "
-                            f"written); rerun `cae2 make-shards {plan.get('source', 'SOURCE')} {folder}` to finish it")
+            raise UserError(f"{option}: make-shards has not finished {folder} ({len(planned & present)} of "
+                            f"{len(planned)} shards written); rerun `cae2 make-shards {plan.get('source', 'SOURCE')} "
+                            f"{folder}` to finish it")
         if names & planned:
-            missing = sorted(planned - set(_names_in(folder)))
+            missing = sorted(planned - present)
             if missing:
                 raise UserError(f"{option}: {folder} is missing {len(missing)} of the {len(planned)} shards "
                                 f"make-shards wrote there (e.g. {missing[0]}); restore them or rerun make-shards into "
                                 "a new folder")
 
 
-def _names_in(folder: str) -> list[str]:
+def _names_in(folder: str) -> set[str]:
+    """The file names in a folder (an object-store folder's from the listing its shards were found in)."""
     where = Location.of(folder)
     if where.remote:
-        return [m.name for m in where.list() if "/" not in m.name]
-    return os.listdir(where.path)
+        listed = {url.rsplit("/", 1)[1] for url in _LISTED if url.rsplit("/", 1)[0] == folder}
+        return listed or {m.name for m in where.list() if "/" not in m.name}
+    return set(os.listdir(where.path))
 
 
 _LISTED: dict[str, Meta] = {}
@@ -342,39 +343,18 @@ def make_shards(source: Path, out_dir: str | Path, samples_per_shard: int = 1000
     plan = {"source": str(source), "samples_per_shard": samples_per_shard, "prefix": prefix, "shards": names,
             "items_sha256": hashlib.sha256("\n".join(f"{p}\t{label}" for p, label, _ in items).encode()).hexdigest()}
     done = _begin_plan(out, plan, prefix)
-    with _stop_on_sigterm():
-        try:
-            for i, name in enumerate(names):
-                if name not in done:
-                    _write_shard(out / name, items[i * samples_per_shard:(i + 1) * samples_per_shard],
-                                 i * samples_per_shard)
-                    done.add(name)
-        except (KeyboardInterrupt, _Terminated) as e:
-            how, status = ("Ctrl-C", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
-            raise Stopped(f"make-shards stopped ({how}) with {len(done & set(names))} of {len(names)} shards complete "
-                          f"in {out}; rerun the same command to write the rest", status) from None
+    try:
+        for i, name in enumerate(names):
+            if name not in done:
+                _write_shard(out / name, items[i * samples_per_shard:(i + 1) * samples_per_shard],
+                             i * samples_per_shard)
+                done.add(name)
+    except (KeyboardInterrupt, Terminated) as e:  # the shard being written is removed by _write_shard
+        how, status = ("Ctrl-C", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+        raise Stopped(f"make-shards stopped ({how}) with {len(done & set(names))} of {len(names)} shards complete "
+                      f"in {out}; rerun the same command to write the rest", status) from None
     _write_text(out / PLAN, json.dumps(plan | {"complete": True}, indent=1))
     return [str(out / name) for name in names]
-
-
-class _Terminated(Exception):  # noqa: N818 - a signal, turned into Stopped
-    pass
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM stops the loop between two writes as Ctrl-C does (the shard being written is removed)."""
-    def handle(signum, frame):
-        raise _Terminated
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _begin_plan(out: Location, plan: dict, prefix: str) -> set[str]:

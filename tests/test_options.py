@@ -73,18 +73,23 @@ class Demo:
     inner: Inner = field(default_factory=Inner)
 
 
-@pytest.fixture
-def demo():
+def _capturing(name: str, cls, **kwargs) -> tuple[typer.Typer, list]:
+    """An app with one generated command that records the config it is called with."""
     got = []
     cli = typer.Typer()
     cli.callback()(lambda: None)
 
     def run(cfg):
-        """Demo command."""
+        """Capture."""
         got.append(cfg)
 
-    options.command(cli, "demo", Demo, run, names={"inner.depth": "--depth"})
+    options.command(cli, name, cls, run, **kwargs)
     return cli, got
+
+
+@pytest.fixture
+def demo():
+    return _capturing("demo", Demo, names={"inner.depth": "--depth"})
 
 
 def test_flags_override_the_config_file_and_booleans_turn_off(demo, tmp_path):
@@ -115,16 +120,7 @@ def test_extract_targets_takes_a_config_file(tmp_path):
 
 @pytest.fixture
 def train_cli():
-    got = []
-    cli = typer.Typer()
-    cli.callback()(lambda: None)
-
-    def run(cfg):
-        """Capture."""
-        got.append(cfg)
-
-    options.command(cli, "pretrain", TrainConfig, run)
-    return cli, got
+    return _capturing("pretrain", TrainConfig)
 
 
 def test_config_files_read_as_users_mean_yaml_1_2_and_home(train_cli, tmp_path, monkeypatch):

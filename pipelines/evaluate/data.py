@@ -113,12 +113,12 @@ def load_labelled(spec: str, option: str, classes: list[str] | None = None) -> L
     return data
 
 
-_HEADER_BYTES = 1 << 18
+_HEADER_BYTES = 1 << 14
 
 
 def _without_non_images(data: LabelledImages, option: str) -> LabelledImages:
     """Files that are not images (a text file named .jpg, an empty file) are left out and counted, as stage 1
-    skips them; only headers are read (the whole file where the header runs past the first 256 KiB)."""
+    skips them; only headers are read (the first 16 KiB; the whole file where the header runs past them)."""
     keep, skipped = [], []
     for i in range(len(data)):
         head = data.load(i, _HEADER_BYTES)
