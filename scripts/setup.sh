@@ -13,6 +13,6 @@ if ! command -v fiu-ctrl >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     apt-get install -y -q fiu-utils >/dev/null 2>&1; } || echo "note: fiu-utils not installed: EIO tests will be skipped"
 fi
 pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
-pip_install torch==2.14.1 torchvision==0.29.1
+pip_install -r scripts/torch.txt
 pip_install -e ".[dev]"
 .venv/bin/python -c "import torch, open_clip, webdataset, zarr, accelerate, typer, cae2; print('cae2 environment ready: torch', torch.__version__, '| zarr', zarr.__version__)"

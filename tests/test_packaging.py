@@ -28,14 +28,22 @@ def test_every_command_has_a_one_line_description_and_an_example():
         assert "Example: " in section, section.split("\n", 1)[0]
 
 
+def _torch_pins() -> dict[str, str]:
+    lines = (ROOT / "scripts" / "torch.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if line.strip() and not line.startswith("#"))
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_is_pinned_non_root_exec_form(path, tmp_path):
     df = DockerfileParser(path=str(tmp_path / "Dockerfile"))
     df.content = path.read_text()
-    base = df.baseimage
+    base_arg = [i["value"] for i in df.structure if i["instruction"] == "ARG" and i["value"].startswith("BASE_IMAGE=")]
+    assert len(base_arg) == 1, "the base image is the build argument BASE_IMAGE"
+    base = base_arg[0].split("=", 1)[1]
     assert ":" in base and not base.endswith(":latest"), base
-    tag = base.split(":", 1)[1]
-    assert any(ch.isdigit() for ch in tag), f"{base} is not pinned to a version"
+    assert any(ch.isdigit() for ch in base.split(":", 1)[1]), f"{base} is not pinned to a version"
+    froms = [i["value"] for i in df.structure if i["instruction"] == "FROM"]
+    assert froms[-1] == "${BASE_IMAGE}", froms
     users = [i["value"] for i in df.structure if i["instruction"] == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     entry = [i for i in df.structure if i["instruction"] == "ENTRYPOINT"]
@@ -44,6 +52,37 @@ def test_dockerfile_is_pinned_non_root_exec_form(path, tmp_path):
     assert env.get("PYTHONUNBUFFERED") == "1" and env.get("HF_HOME")
     volumes = " ".join(i["value"] for i in df.structure if i["instruction"] == "VOLUME")
     assert "/data" in volumes and "/out" in volumes
+    assert not any(k.startswith("AWS_") for k in env), "credentials come from the job's environment, not the image"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_install_the_tested_torch(path):
+    """scripts/torch.txt is the one place the tested torch and torchvision are named: the Dockerfiles install
+    from it (no pins of their own), setup.sh too, and it is what this environment runs."""
+    text = path.read_text()
+    assert "COPY scripts/torch.txt /opt/cae2/torch.txt" in text and "-r /opt/cae2/torch.txt" in text
+    assert "-c /opt/cae2/torch.txt" in text  # the other requirements cannot move torch
+    assert "torch==" not in text and "torchvision==" not in text
+    assert "-r scripts/torch.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    pins = _torch_pins()
+    assert set(pins) == {"torch", "torchvision"}
+    import torch
+    import torchvision
+
+    assert torch.__version__.split("+")[0] == pins["torch"]
+    assert torchvision.__version__.split("+")[0] == pins["torchvision"]
+
+
+def test_cluster_scripts_use_the_images_build_sh_makes():
+    build = (ROOT / "docker" / "build.sh").read_text()
+    assert 'tag="cae2:$variant"' in build
+    job = (ROOT / "docker" / "k8s" / "pretrain-indexed-job.yaml").read_text()
+    assert [line.split(":", 1)[1].strip() for line in job.splitlines() if line.strip().startswith("image:")] == \
+        ["cae2:gpu"]
+    for script in (ROOT / "docker" / "slurm").glob("*.sbatch"):
+        assert "docker/build.sh gpu" in script.read_text() and "cae2:gpu" in script.read_text(), script.name
+    rules = [r for r in (ROOT / ".dockerignore").read_text().splitlines() if r and not r.startswith("#")]
+    assert rules[0] == "*" and "!.venv" not in rules, "the build context is an allow-list"
 
 
 @pytest.mark.slow
