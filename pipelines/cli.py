@@ -17,6 +17,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, replace
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -37,6 +38,10 @@ from pipelines.extract.config import ExtractConfig
 from pipelines.extract.convert import ConvertConfig, ConvertStats, convert_store
 from pipelines.extract.run import ExtractStats, run_extract
 from pipelines.extract.verify import VerifyConfig, verify_store
+from pipelines.inspect.config import InspectConfig
+from pipelines.inspect.report import write_report
+from pipelines.inspect.run_summary import is_run_dir, summarize_run
+from pipelines.inspect.store_status import store_status
 from pipelines.launch import launch
 from pipelines.outputs import check_output
 from pipelines.pretrain.config import TrainConfig
@@ -44,7 +49,7 @@ from pipelines.pretrain.export import ExportConfig, export_encoder
 from pipelines.pretrain.loop import train
 from pipelines.run_dirs import shown
 from pipelines.runs import end_ranks, peer_lost, process_state
-from pipelines.shards import MakeShardsConfig, make_shards, shard_name
+from pipelines.shards import MakeShardsConfig, expand_shards, make_shards, shard_name
 from targets.views import ViewSettings
 
 logger = logging.getLogger(__name__)
@@ -221,6 +226,32 @@ def _verify_targets(cfg: VerifyConfig) -> None:
 
 
 options.command(app, "verify-targets", VerifyConfig, _verify_targets, config_file=False)
+
+
+def _inspect(cfg: InspectConfig) -> None:
+    """Show a target store's status (units, jobs, rate, ETA, skips) or a run's summary; --report draws pictures.
+
+    Example: cae2 inspect targets.zarr --shards 'train-{000000..001281}.tar' --report report/ --samples 16
+    """
+    if cfg.report is not None:
+        check_output("--report", cfg.report, inputs={"TARGET": cfg.target})
+    if is_run_dir(cfg.target):
+        summary = summarize_run(cfg.target, Path(cfg.report) / "curves.png" if cfg.report else None)
+        typer.echo(json.dumps(summary.to_json(), indent=1) if cfg.as_json else summary.render())
+        return
+    if cfg.report is not None and cfg.shards is None:
+        raise UserError("--report on a target store needs --shards: the report shows the shards' images")
+    planned = [s.name for s in expand_shards(cfg.shards)] if cfg.shards else None
+    status = store_status(cfg.target, planned, cfg.window * 60)
+    typer.echo(json.dumps(status.to_json(), indent=1) if cfg.as_json else status.render())
+    if cfg.report is not None and cfg.shards is not None:
+        report = write_report(cfg.target, cfg.shards, cfg.report, cfg.samples, cfg.seed)
+        views = sum(len(s.views) for s in report.samples)
+        typer.echo(f"report: {report.html} ({len(report.samples)} images, {views} views); contact sheet: "
+                   f"{report.sheet}", err=cfg.as_json)
+
+
+options.command(app, "inspect", InspectConfig, _inspect, names={"as_json": "--json"}, config_file=False)
 
 
 # --- stage 2 ----------------------------------------------------------------------------------------

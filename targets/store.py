@@ -24,6 +24,8 @@ is redone. `targets.unit_reader` reads a complete one.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -338,6 +340,32 @@ class TargetStore:
         sizes = {name: m.size for name, m in remote_files.items()} if remote_files is not None else None
         problem = files_problem(folder, marker, self.meta.latent_format, sizes, str(self.location / "units" / unit))
         return (None, problem) if problem else (dict(marker), None)
+
+    def record_plan(self, units: list[str]) -> None:
+        """Record the units a job means to write (STORE/.plans/<digest>.json, outside the zarr hierarchy), so
+        that `cae2 inspect` can count the units not started yet. Jobs with the same shard list share one record."""
+        text = json.dumps({"units": sorted(units), "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        name = hashlib.sha256("\n".join(sorted(units)).encode()).hexdigest()[:16] + ".json"
+        if self.remote:
+            (self.location / ".plans" / name).put(text.encode(), create=True)
+        elif not (self.local / ".plans" / name).exists():
+            with naming(self.local / ".plans" / name):
+                _replace(self.local / ".plans" / name, text.encode())
+
+    def planned_units(self) -> set[str] | None:
+        """Every unit some job recorded it means to write; None when no job recorded a plan."""
+        if self.remote:
+            docs = [(self.location / ".plans" / m.name).get() for m in (self.location / ".plans").list()
+                    if m.name.endswith(".json") and "/" not in m.name]
+        else:
+            docs = [p.read_bytes() for p in sorted((self.local / ".plans").glob("*.json"))]
+        if not docs:
+            return None
+        planned: set[str] = set()
+        for doc in docs:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                planned.update(map(str, json.loads(doc)["units"]))
+        return planned
 
     def claim_path(self, unit: str) -> Claim:
         """The claim of a unit: STORE/.claims/<unit>.claim (outside the zarr hierarchy)."""

@@ -314,6 +314,13 @@ def apply_view(image: Image.Image, p: ViewParams, size: int | tuple[int, int], i
     return torch.from_numpy(np.array(x)).permute(2, 0, 1)  # [3, S, S] uint8 (a view of an owned copy)
 
 
+def render_view(image: Image.Image, ints: np.ndarray, floats: np.ndarray, size: int | tuple[int, int],
+                interpolation: str) -> torch.Tensor:
+    """A stored view (its `view_int` and `view_float` records) re-applied to the decoded image: how stage 2's
+    Pillow path renders every sample, and what `cae2 inspect --report` shows."""
+    return apply_view(image, ViewParams.from_record(ints, floats), size, interpolation)
+
+
 def normalize(images: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std, on the images' device."""
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)

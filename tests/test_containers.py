@@ -132,8 +132,8 @@ def test_image_has_no_secrets_and_the_documented_start_up(podman, cpu_image, s3_
     config = run(["podman", "image", "inspect", cpu_image], podman).stdout
     for text in (history, config):
         assert secret not in text and "AWS_SECRET_ACCESS_KEY=" not in text and "AWS_ACCESS_KEY_ID=" not in text
-    who = run(["podman", "run", "--rm", "--entrypoint", "sh", cpu_image, "-c",
-               "id -u; mkdir -p $HF_HOME/hub $TORCH_HOME && touch $HF_HOME/hub/x $TORCH_HOME/y /cache/z && echo writable"], podman).stdout.split()
+    script = "id -u; mkdir -p $HF_HOME/hub $TORCH_HOME && touch $HF_HOME/hub/x $TORCH_HOME/y /cache/z && echo writable"
+    who = run(["podman", "run", "--rm", "--entrypoint", "sh", cpu_image, "-c", script], podman).stdout.split()
     assert who == ["1000", "writable"]
     assert run(["podman", "run", "--rm", cpu_image, "--version"], podman).stdout.startswith("cae2 ")
 

@@ -20,9 +20,11 @@ ALLOWED = {
     "pipelines.extract": {"cae2", "targets", "pipelines", "pipelines.extract"},
     "pipelines.pretrain": {"cae2", "targets", "pipelines", "pipelines.pretrain"},
     "pipelines.evaluate": {"cae2", "targets", "pipelines", "pipelines.evaluate"},
+    "pipelines.inspect": {"cae2", "targets", "pipelines", "pipelines.inspect"},
     "bench": {"cae2", "targets", "pipelines", "pipelines.extract", "pipelines.pretrain", "pipelines.evaluate", "bench"},
 }
-SHARED = {"pipelines.checkpoint", "pipelines.files", "pipelines.logs", "pipelines.options", "pipelines.run_loop",
+SHARED = {"pipelines.checkpoint", "pipelines.files", "pipelines.logs", "pipelines.options", "pipelines.pictures",
+          "pipelines.run_loop",
           "pipelines.run_dirs", "pipelines.runs", "pipelines.shards", "pipelines.weights"}
 
 

@@ -177,6 +177,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractStats:
         require_device_view_path(view_path)
     meta = store_meta(cfg, teacher, view_path)
     store = open_store_for_run(cfg, meta, state)
+    if state.is_main_process:
+        store.record_plan([s.name for s in shards])
     mine = shards[state.process_index::state.num_processes]
     todo = units_to_do(store, mine)
     stats = ExtractStats(units_already_complete=len(mine) - len(todo))

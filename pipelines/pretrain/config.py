@@ -100,6 +100,10 @@ class TrainConfig(StorageSettings):
     """A cached view whose bytes fail their checksum, or a sample whose image is not the one stage 1 made its
     targets from (its crc32c): stop (naming shard and key), skip (leave the sample out of its batch, with a
     counted warning), or off (no checks)."""
+    image_every: Annotated[int, Range(min=0)] | None = None
+    """Steps between TensorBoard pictures of 4 fixed samples (view, mask, target and predicted latents as PCA
+    maps) and histograms of the token cosines (0: none; default: every 1000 steps for runs of 5000 steps or more,
+    none for shorter ones)."""
     eval_every: Annotated[int, Range(min=0)] = 0
     """Steps between k-NN evaluations of the student on --eval-data (0: none); in metrics.jsonl and
     TensorBoard, without touching the data order or the random state."""

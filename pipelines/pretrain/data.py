@@ -42,7 +42,7 @@ from targets.storage import worker_context
 from targets.store import DamagedUnit, TargetStore
 from targets.store_meta import N_INT, StoreMeta
 from targets.unit_reader import ChangedSample, CorruptTarget
-from targets.views import ViewParams, apply_view, decode_image, measure_view
+from targets.views import ViewParams, decode_image, measure_view, render_view
 
 
 @dataclass(frozen=True)
@@ -289,11 +289,10 @@ class PillowViewBatch:
         self.teacher_images: list[torch.Tensor] = []
 
     def add(self, image, ints: np.ndarray, floats: np.ndarray) -> None:
-        p = ViewParams.from_record(ints, floats)
-        self.images.append(apply_view(image, p, self.cfg.student_size, self.cfg.student_interpolation))
+        self.images.append(render_view(image, ints, floats, self.cfg.student_size, self.cfg.student_interpolation))
         if self.cfg.teacher_views:
             self.teacher_images.append(self.images[-1] if self.same_views else
-                                       apply_view(image, p, self.meta.input_size, self.meta.interpolation))
+                                       render_view(image, ints, floats, self.meta.input_size, self.meta.interpolation))
 
     def batch(self) -> dict:
         out = {"images": torch.stack(self.images)}

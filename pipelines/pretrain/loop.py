@@ -57,6 +57,9 @@ def _epochs(run: Run, loop: RunLoop) -> None:
                 window = LogWindow()
             loop.step_done(step, record, f"loss {record['loss']:.4f}, {record['samples_per_s']:.1f} samples/s"
                            if record else None)
+            if run.parts.snapshots is not None and run.parts.snapshots.due(step):
+                tensorboard = acc.get_tracker("tensorboard", unwrap=True)
+                run.parts.snapshots.write(acc.unwrap_model(run.parts.model), tensorboard, step)
             if run.evaluator is not None and step % cfg.eval_every == 0:
                 loop.log({"step": step, "epoch": epoch, **run.evaluator(run.parts.model, acc)})
             position = (epoch + 1, 0) if batch_in_epoch >= usable else (epoch, batch_in_epoch)

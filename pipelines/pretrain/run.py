@@ -32,6 +32,7 @@ from pipelines.pretrain.data import (
     start_loader,
 )
 from pipelines.pretrain.schedule import Schedule
+from pipelines.pretrain.snapshots import Snapshots, image_every
 from pipelines.pretrain.step import StepParts, make_optimizer
 from pipelines.run_dirs import RunDir
 from pipelines.run_loop import restore, start_accelerator
@@ -188,6 +189,9 @@ def _assemble(setup: Setup) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = StepParts(accelerator=accelerator, model=model, forward=model, optimizer=optimizer, schedule=schedule,
                       n_visible=model_cfg.num_visible_tokens)
+    every = image_every(cfg.image_every, schedule.total_steps)
+    if every and accelerator.is_main_process:
+        parts.snapshots = Snapshots(every, model_cfg.grid_size, model_cfg.num_visible_tokens)
     if cfg.teacher_online:
         parts.teacher = teacher_for_store(meta.teacher, meta.input_size, accelerator.device, compile=cfg.compile)
     if view_path == "device":

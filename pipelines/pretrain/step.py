@@ -16,6 +16,7 @@ import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD, TrainDefaults
 from cae2.errors import UserError
 from pipelines.pretrain.schedule import Schedule
+from pipelines.pretrain.snapshots import Snapshots
 from pipelines.run_loop import reduce
 from targets.decoders import decode_all
 from targets.device_views import DeviceViews, PackedImages
@@ -78,6 +79,8 @@ class StepParts:
     student_views: DeviceViews | None = None
     teacher_views: DeviceViews | None = None
     keys_file: IO[str] | None = None
+    snapshots: Snapshots | None = None
+    """--image-every: the fixed samples of the TensorBoard pictures (kept from the first batch)."""
 
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A loader batch -> (normalised images, mask, targets) on the device."""
@@ -141,6 +144,8 @@ def train_step(parts: StepParts, batches, step: int, epoch: int) -> StepStats:
         for warning in batch.get("warnings", ()):  # said by the loader worker that made the batch
             logger.warning(warning)
         images, mask, targets = parts.inputs(batch)
+        if parts.snapshots is not None:
+            parts.snapshots.keep(images, mask, targets)
         with acc.accumulate(parts.model):
             torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new replay
             pred = parts.forward(images, mask)
