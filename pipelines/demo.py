@@ -127,7 +127,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     say("      " + call.replace("\n", "\n      "))
     say(f"\ndone in {time.perf_counter() - t0:.0f}s. Outputs:\n"
         f"  images          {d.images}\n  shards          {d.shards}\n  target store    {d.store}\n"
-        f"  run dir         {d.run} (metrics.jsonl, tensorboard/, checkpoints/)\n  encoder         {d.encoder}")
+        f"  run dir         {d.run} (metrics.jsonl, tensorboard/ with pictures, checkpoints/)\n"
+        f"  encoder         {d.encoder}\n"
+        f"Look at them: cae2 inspect {d.store} --shards {d.shards} --report {cfg.out / 'report'}   (status, "
+        f"report.html)\n              cae2 inspect {d.run}   (summary; --report DIR draws the curves)\n"
+        f"              tensorboard --logdir {d.run / 'tensorboard'}")
     return result
 
 
@@ -161,11 +165,12 @@ def _targets(d: DemoPaths) -> None:
 
 
 def _pretrain(d: DemoPaths, steps: int) -> list[dict]:
+    every = max(steps // 3, 1)
     say(f"[5/6] cae2 pretrain --shards {d.shards} --targets {d.store} --model cae2_debug --out {d.run} "
-        f"--steps {steps} --batch-size 16 --warmup-steps 5 --lr 2e-3 --allow-random-teacher")
+        f"--steps {steps} --batch-size 16 --warmup-steps 5 --lr 2e-3 --image-every {every} --allow-random-teacher")
     train(TrainConfig(shards=str(d.shards), targets=str(d.store), model="cae2_debug", out=str(d.run), steps=steps,
                       batch_size=16, workers=2, warmup_steps=5, lr=2e-3, log_every=5, save_every=max(steps // 2, 1),
-                      allow_random_teacher=True))
+                      image_every=every, allow_random_teacher=True))
     records = [r for r in map(json.loads, (d.run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     say(f"      loss {records[0]['loss']:.4f} (step {records[0]['step']}) -> {records[-1]['loss']:.4f} "
         f"(step {records[-1]['step']})")

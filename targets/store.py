@@ -3,6 +3,8 @@
 Layout (see docs/cache.md):
 
     STORE/zarr.json                      attrs["cae2"]: schema, teacher, views, seed, K, grid, dims, ...
+    STORE/.claims/<unit>.claim           the claim of the process writing a unit (targets.claims)
+    STORE/.plans/<digest>.json           the units a job set out to write (for `cae2 inspect`)
     STORE/units/<shard file name>/       one group per input shard ("unit"); attrs["complete"] last
         latents     [N, K, 1 + T, D] float16   chunk = one view; block (a zarr shard file) = `images_per_shard`
                                                images

@@ -96,6 +96,8 @@ def convert_store(cfg: ConvertConfig) -> ConvertStats:
                        "left out; finish them with extract-targets and rerun")
     _check_reuse(source, target, names)
     state = process_state()
+    if state.is_main_process:
+        target.record_plan(names)  # `cae2 inspect DST` counts the units not converted yet
     names = names[state.process_index:] + names[:state.process_index]  # ranks start apart
     stats, holder, heartbeat = ConvertStats(), Holder.me(), Heartbeat()
     progress = Progress(len(names), unit="unit", enabled=cfg.progress and state.is_main_process,

@@ -161,8 +161,7 @@ def _contact_sheet(samples: list[SamplePicture], size: int) -> Image.Image:
 
 def _describe(store: TargetStore) -> list[tuple[str, str]]:
     m = store.meta
-    names = [n for n in store.unit_names() if store.marker(n) is not None]
-    markers = [store.marker(n) or {} for n in names]
+    markers = [mk for mk in map(store.marker, store.unit_names()) if mk is not None]
     size = sum(sum(v or 0 for v in mk.get("files", {}).values()) for mk in markers)
     views = sum(int(mk.get("num_valid", 0)) for mk in markers) * m.views_per_image
     teacher = m.teacher
@@ -170,8 +169,8 @@ def _describe(store: TargetStore) -> list[tuple[str, str]]:
             ("views per image (K)", str(m.views_per_image)), ("seed", str(m.seed)),
             ("format", f"{m.latent_format}, {m.num_tokens} tokens ({m.grid[0]}x{m.grid[1]} + CLS) x {m.latent_dim}"),
             ("view input", f"{m.input_size} px, {m.interpolation}; decoder {m.decoder}"),
-            ("view settings", ", ".join(f"{k} {v}" for k, v in m.views.items())),
-            ("complete units", f"{len(names):,}, {views:,} views, {size / 1e6:,.1f} MB"), ("created", m.created)]
+            ("view settings", ", ".join(f"{k} {_short(v)}" for k, v in m.views.items())),
+            ("complete units", f"{len(markers):,}, {views:,} views, {size / 1e6:,.1f} MB"), ("created", m.created)]
 
 
 READING = ("Each row is one sampled image. Left: the image as decoded, with each view's crop box in its colour "
@@ -187,17 +186,18 @@ def _page(store: TargetStore, samples: list[SamplePicture]) -> str:
     size = store.meta.input_size
     rows = []
     for i, s in enumerate(samples):
-        cells = [f'<td><img alt="image {i}" src="{data_uri(crop_boxes(fit_within(s.image, 320), _scaled(s, 320)))}">'
+        original = data_uri(crop_boxes(fit_within(s.image, 320), _scaled(s, 320)))
+        cells = [f'<td><img class="original" alt="image {i}" src="{original}">'
                  f"<div>{html.escape(s.unit)} row {s.row}<br>{html.escape(s.key)}<br>{s.image.width}x{s.image.height}"
                  "</div></td>"]
-        for v in s.views:
+        for v, (top, left, height, width, _) in zip(s.views, boxes(s), strict=True):
             p = v.params
             c = "#{:02x}{:02x}{:02x}".format(*VIEW_COLOURS[v.index % len(VIEW_COLOURS)])
             pca = enlarge(v.pca, size) if v.pca is not None else None
             cells.append(f'<td><div style="color:{c}"><b>v{v.index}</b>{" &lt;-&gt;" if p.flip else ""}</div>'
-                         f'<img alt="view {i}.{v.index}" src="{data_uri(view_image(v.view))}">'
-                         f'<img alt="latents {i}.{v.index}" src="{data_uri(pca) if pca else ""}">'
-                         f"<div>box {p.top},{p.left} {p.height}x{p.width}; b {p.brightness:.2f} c {p.contrast:.2f} "
+                         f'<div class="pair"><img alt="view {i}.{v.index}" src="{data_uri(view_image(v.view))}">'
+                         f'<img alt="latents {i}.{v.index}" src="{data_uri(pca) if pca else ""}"></div>'
+                         f"<div>box {width}x{height} at ({left}, {top}); b {p.brightness:.2f} c {p.contrast:.2f} "
                          f"s {p.saturation:.2f}</div></td>")
         near = "".join(f'<div><img class="thumb" alt="neighbour {j}" src="{data_uri(fit_within(samples[j].image, 72))}"'
                        f"> {cos:.3f}</div>" for j, cos in s.neighbours)
@@ -206,15 +206,22 @@ def _page(store: TargetStore, samples: list[SamplePicture]) -> str:
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _describe(store))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cae2 inspect: {html.escape(store.path)}</title>
-<style>body{{font-family:sans-serif;margin:1em}} td{{vertical-align:top;padding:4px}} img{{display:block;
-margin-bottom:2px;max-width:{size}px}} img.thumb{{display:inline;vertical-align:middle}} .facts th{{text-align:left;
-padding-right:1em}} p{{max-width:60em}}</style></head>
+<style>body{{font-family:sans-serif;margin:1em;font-size:13px}} td{{vertical-align:top;padding:4px}}
+img{{display:block;width:{min(size, 160)}px}} .pair{{display:flex;gap:2px}} img.thumb{{display:inline;width:auto;
+vertical-align:middle}} img.original{{width:240px}} .facts th{{text-align:left;padding-right:1em}}
+p{{max-width:70em}}</style></head>
 <body><h1>Target store {html.escape(Path(store.path).name)}</h1>
 <table class="facts">{facts}</table>
 <p>{html.escape(READING)}</p>
 <table class="samples">{"".join(rows)}</table>
 </body></html>
 """
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_short, value)) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _scaled(sample: SamplePicture, size: int) -> list[tuple[int, int, int, int, bool]]:

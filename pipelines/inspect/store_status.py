@@ -61,6 +61,8 @@ class StoreStatus:
     skipped_examples: dict[str, str] = field(default_factory=dict)
     """Reason -> the first sample skipped for it (unit and key)."""
     window_s: float = WINDOW
+    rate_span_s: float = 0.0
+    """The time the rate is measured over: the window, or the store's age when it is younger."""
     units_in_window: int = 0
     units_per_minute: float | None = None
     views_per_second: float | None = None
@@ -102,7 +104,7 @@ class StoreStatus:
             eta = "" if self.eta_s is None else (
                 "; done" if self.eta_s == 0 else f"; ETA {_duration(self.eta_s)} at this rate")
             lines.append(f"  rate      {self.units_per_minute:.2f} units/min, {self.views_per_second:,.1f} views/s "
-                         f"over the last {self.window_s / 60:.0f} min{eta}")
+                         f"over the last {_duration(self.rate_span_s)}{eta}")
         by_job: dict[tuple[str, int], list[ClaimStatus]] = {}
         for c in self.claims:
             by_job.setdefault((c.host, c.pid), []).append(c)
@@ -267,7 +269,7 @@ def _rate(status: StoreStatus, recent_views: int, age: float) -> None:
     """Units and views per time over the window (or the store's age, when younger), and the ETA at that rate."""
     if not status.units_in_window:
         return
-    span = min(status.window_s, age)
+    span = status.rate_span_s = min(status.window_s, age)
     status.units_per_minute = status.units_in_window / span * 60
     status.views_per_second = recent_views / span
     if status.units_planned is not None:
