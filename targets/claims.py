@@ -99,13 +99,15 @@ def holder_alive(holder: Holder, heartbeat_age: float, stale_after: float = STAL
     return holder.pid_start is None or _proc_start(holder.pid) in (None, holder.pid_start)
 
 
-def read_claim(path: Claim) -> tuple[Holder | None, float]:
+def read_claim(path: Claim, now: dt.datetime | None = None) -> tuple[Holder | None, float]:
     """(holder, seconds since its heartbeat); holder None for a claim that holds no holder (being
     written right now, or left half-written by a process that failed), (None, inf) for no claim. A read
-    that fails (EIO) raises, naming the file: whether the work is held cannot be known then."""
+    that fails (EIO) raises, naming the file: whether the work is held cannot be known then. `now`: the time
+    an object claim's age is taken against (default: the object store's clock, which costs a write beside it;
+    readers that must not write pass this host's)."""
     if isinstance(path, Location):
         state = _read_object(path)
-        return (None, float("inf")) if state is None else (state.holder, state.age(path))
+        return (None, float("inf")) if state is None else (state.holder, state.age(path, now))
     try:
         with naming(path):
             age = time.time() - path.stat().st_mtime
@@ -130,9 +132,9 @@ class _ObjectClaim:
     etag: str | None
     modified: dt.datetime
 
-    def age(self, where: Location) -> float:
-        """Seconds since its last write, by the object store's clock."""
-        return max(0.0, (where.server_now() - self.modified).total_seconds())
+    def age(self, where: Location, now: dt.datetime | None = None) -> float:
+        """Seconds since its last write, by the object store's clock (or `now`)."""
+        return max(0.0, ((now or where.server_now()) - self.modified).total_seconds())
 
 
 def _read_object(where: Location) -> _ObjectClaim | None:

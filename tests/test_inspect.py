@@ -27,6 +27,7 @@ from pipelines.inspect.store_status import store_status
 from pipelines.pretrain.snapshots import image_every
 from pipelines.shards import make_shards
 from targets.claims import Holder, claim_beside, try_claim
+from targets.storage import REQUESTS
 from targets.teacher import TeacherSpec, _model_name, teacher_for_store
 from targets.views import ViewSettings
 from tests.fixtures import TINY_TEACHER, cli, hold_when, signal_job, write_good_images
@@ -313,7 +314,9 @@ def test_status_of_a_store_in_a_bucket(corpus, bucket):
     res = cli("extract-targets", "--shards", corpus / "shards", "--out", f"{bucket}/t.zarr", "--teacher",
               TINY_TEACHER, "--pretrained", "none", "--views", "1", "--workers", "0", "--no-progress")
     assert res.returncode == 0, res.stderr
+    before = dict(REQUESTS)
     status = store_status(f"{bucket}/t.zarr")
+    assert REQUESTS["put"] == before.get("put", 0) and REQUESTS["delete"] == before.get("delete", 0)  # read-only
     assert status.units_complete == 6 and status.units_planned == 6 and status.images == 52
     assert status.units_per_minute is not None and status.eta_s == 0.0
 

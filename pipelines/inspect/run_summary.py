@@ -4,6 +4,7 @@ metrics, whether a live job holds the run (its claim), and the loss and lr curve
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ def summarize_run(path: str, curves: Path | None = None) -> RunSummary:
         raise UserError(f"run dir {path}: {config_file} cannot be read ({e}); is this a cae2 run dir?") from None
     metrics = _metrics(run.local / "metrics.jsonl")
     checkpoints = sorted(run.remote_checkpoints()) if run.remote else [p.name for p in complete_checkpoints(run.local)]
-    holder, age = read_claim(claim_beside(run.location, "train"))
+    holder, age = read_claim(claim_beside(run.location, "train"), dt.datetime.now(dt.UTC))  # no clock write
     alive = holder is not None and holder_alive(holder, age)
     summary = RunSummary(
         run=str(path), options={k: config.get("config", {}).get(k) for k in SUMMARY_OPTIONS},

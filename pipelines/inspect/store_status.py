@@ -166,7 +166,7 @@ def store_status(path: str, planned: list[str] | None = None, window: float = WI
     t0 = time.perf_counter()
     store = TargetStore.open(path)
     m = store.meta
-    now = store.location.server_now().timestamp() if store.remote else time.time()
+    now = time.time()  # this host's clock: the store's would cost a write (markers carry their writers' clocks too)
     status = StoreStatus(
         store=str(path), teacher=m.teacher.get("name", "?"), pretrained=str(m.teacher.get("pretrained", "?")),
         views_per_image=m.views_per_image, seed=m.seed, latent_format=m.latent_format, grid=list(m.grid),
@@ -174,7 +174,7 @@ def store_status(path: str, planned: list[str] | None = None, window: float = WI
         now=dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"), window_s=window)
     names = store.unit_names()
     complete, recent_views, errors = _count_units(store, names, status, now)
-    _read_claims(store, status)
+    _read_claims(store, status, now)
     held = {c.unit for c in status.claims if c.alive}
     status.units_abandoned = sorted(set(names) - complete - set(status.units_damaged) - held)
     plan = set(planned) if planned is not None else store.planned_units()
@@ -251,10 +251,10 @@ def _count_units(store: TargetStore, names: list[str], status: StoreStatus,
     return complete, recent_views, errors
 
 
-def _read_claims(store: TargetStore, status: StoreStatus) -> None:
+def _read_claims(store: TargetStore, status: StoreStatus, now: float) -> None:
     """Every unit claim: its holder, heartbeat age and whether the holder is alive (read, never taken)."""
     for claim in claims_within(store.location if store.remote else store.path):
-        holder, age = read_claim(claim)
+        holder, age = read_claim(claim, dt.datetime.fromtimestamp(now, dt.UTC))
         unit = claim.name.removesuffix(".claim")
         alive = True
         if holder is None:  # its creator is writing it right now: held, alive
