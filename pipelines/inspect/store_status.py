@@ -110,7 +110,8 @@ class StoreStatus:
             by_job.setdefault((c.host, c.pid), []).append(c)
         for i, ((host, pid), claims) in enumerate(sorted(by_job.items())):
             c = min(claims, key=lambda c: c.heartbeat_age_s)
-            state = "alive" if c.alive else f"STALE (taken over after {STALE_AFTER / 60:.0f} min without a heartbeat)"
+            state = "alive" if c.alive else ("STALE (its process has ended or has sent no heartbeat for "
+                                             f"{STALE_AFTER / 60:.0f} min: the next job takes its units over)")
             lines.append(f"  {'jobs' if i == 0 else '':<9} {host} pid {pid}{f' job {c.job}' if c.job else ''}: "
                          f"{len(claims)} unit(s) ({', '.join(sorted(x.unit for x in claims)[:3])}"
                          f"{', ...' if len(claims) > 3 else ''}), heartbeat {_duration(c.heartbeat_age_s)} ago, "
