@@ -21,7 +21,8 @@ ALLOWED = {
     "pipelines.pretrain": {"cae2", "targets", "pipelines", "pipelines.pretrain"},
     "pipelines.evaluate": {"cae2", "targets", "pipelines", "pipelines.evaluate"},
     "pipelines.inspect": {"cae2", "targets", "pipelines", "pipelines.inspect"},
-    "bench": {"cae2", "targets", "pipelines", "pipelines.extract", "pipelines.pretrain", "pipelines.evaluate", "bench"},
+    "bench": {"cae2", "targets", "pipelines", "pipelines.extract", "pipelines.pretrain", "pipelines.evaluate",
+              "pipelines.inspect", "bench"},
 }
 SHARED = {"pipelines.checkpoint", "pipelines.files", "pipelines.logs", "pipelines.options", "pipelines.pictures",
           "pipelines.run_loop",
