@@ -36,11 +36,16 @@ def _free(port: int) -> bool:
     return True
 
 
+_PORTS = random.SystemRandom()
+"""Its own source of ports: `random`'s shared state is seeded by training code (accelerate's set_seed), so two
+test processes would draw the same ports, and one could take the ports of another's server while it is stopped."""
+
+
 def _ports() -> dict[str, int]:
     """Ports for one server: each service's, and its gRPC port (+10000), all free now."""
     names = ("s3", "master", "volume", "filer", "admin", "debug", "webdav")
     for _ in range(200):
-        base = random.randrange(20000, 29000, 10)
+        base = _PORTS.randrange(20000, 29000, 10)
         ports = {n: base + i for i, n in enumerate(names)}
         if all(_free(p) and _free(p + 10000) for p in ports.values()):
             return ports
