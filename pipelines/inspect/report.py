@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cae2.errors import UserError
+from pipelines.inspect.store_status import StoreStatus, store_status
 from pipelines.pictures import VIEW_COLOURS, PcaBasis, crop_boxes, data_uri, enlarge, fit_within, sheet, view_image
 from pipelines.shards import Shard, expand_shards, iter_shard, required_image_bytes
 from targets.store import TargetStore
@@ -89,13 +90,14 @@ def _choose(store: TargetStore, shards: list[Shard], count: int, seed: int) -> P
 def _sample(store: TargetStore, unit: UnitReader, row: int, data: bytes) -> SamplePicture:
     m = store.meta
     image = decode_image(data)
-    views = []
+    views, cls = [], None
     for k in range(m.views_per_image):
         latents = torch.from_numpy(np.asarray(unit.read(row, k), dtype=np.float32))
         view = render_view(image, unit.view_int[row, k], unit.view_float[row, k], m.input_size, m.interpolation)
         views.append(ViewPicture(k, ViewParams.from_record(unit.view_int[row, k], unit.view_float[row, k]), view,
                                  latents[1:]))
-    cls = torch.from_numpy(np.asarray(unit.read(row, 0), dtype=np.float32)[0])
+        cls = latents[0] if cls is None else cls
+    assert cls is not None
     return SamplePicture(unit.name, row, unit.keys[row], image, views, cls)
 
 
@@ -138,8 +140,11 @@ def boxes(sample: SamplePicture) -> list[tuple[int, int, int, int, bool]]:
             for p in (v.params for v in sample.views)]
 
 
-def write_report(store_path: str, shards: str, out: str | Path, samples: int = 16, seed: int = 0) -> Report:
+def write_report(store_path: str, shards: str, out: str | Path, samples: int = 16, seed: int = 0,
+                 status: StoreStatus | None = None) -> Report:
+    """status: the store's status when the caller has read it already (the page states its totals)."""
     store = TargetStore.open(store_path)
+    status = status or store_status(store_path)
     picked = collect(store, shards, samples, seed)
     basis = colour(picked, store.meta.grid)
     out = Path(out)
@@ -147,7 +152,7 @@ def write_report(store_path: str, shards: str, out: str | Path, samples: int = 1
     contact = out / "contact_sheet.png"
     _contact_sheet(picked, store.meta.input_size).save(contact, optimize=True)
     page = out / "report.html"
-    page.write_text(_page(store, picked))
+    page.write_text(_page(store, picked, status))
     return Report(store, picked, basis, page, contact)
 
 
@@ -159,18 +164,16 @@ def _contact_sheet(samples: list[SamplePicture], size: int) -> Image.Image:
     return sheet(rows, cell)
 
 
-def _describe(store: TargetStore) -> list[tuple[str, str]]:
+def _describe(store: TargetStore, status: StoreStatus) -> list[tuple[str, str]]:
     m = store.meta
-    markers = [mk for mk in map(store.marker, store.unit_names()) if mk is not None]
-    size = sum(sum(v or 0 for v in mk.get("files", {}).values()) for mk in markers)
-    views = sum(int(mk.get("num_valid", 0)) for mk in markers) * m.views_per_image
     teacher = m.teacher
     return [("store", store.path), ("teacher", f"{teacher.get('name')} ({teacher.get('pretrained')})"),
             ("views per image (K)", str(m.views_per_image)), ("seed", str(m.seed)),
             ("format", f"{m.latent_format}, {m.num_tokens} tokens ({m.grid[0]}x{m.grid[1]} + CLS) x {m.latent_dim}"),
             ("view input", f"{m.input_size} px, {m.interpolation}; decoder {m.decoder}"),
             ("view settings", ", ".join(f"{k} {_short(v)}" for k, v in m.views.items())),
-            ("complete units", f"{len(markers):,}, {views:,} views, {size / 1e6:,.1f} MB"), ("created", m.created)]
+            ("complete units", f"{status.units_complete:,}, {status.views:,} views, {status.bytes / 1e6:,.1f} MB"),
+            ("created", m.created)]
 
 
 READING = ("Each row is one sampled image. Left: the image as decoded, with each view's crop box in its colour "
@@ -182,7 +185,7 @@ READING = ("Each row is one sampled image. Left: the image as decoded, with each
            "broken store. Right: the 3 nearest sampled images by the teacher's CLS latent (cosine).")
 
 
-def _page(store: TargetStore, samples: list[SamplePicture]) -> str:
+def _page(store: TargetStore, samples: list[SamplePicture], status: StoreStatus) -> str:
     size = store.meta.input_size
     rows = []
     for i, s in enumerate(samples):
@@ -203,7 +206,7 @@ def _page(store: TargetStore, samples: list[SamplePicture]) -> str:
                        f"> {cos:.3f}</div>" for j, cos in s.neighbours)
         cells.append(f"<td>{near}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _describe(store))
+    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _describe(store, status))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cae2 inspect: {html.escape(store.path)}</title>
 <style>body{{font-family:sans-serif;margin:1em;font-size:13px}} td{{vertical-align:top;padding:4px}}
