@@ -390,20 +390,27 @@ def run(args: list[str] | None = None) -> int:
     _state.update(debug=False, interruption_told=False, ending=False)
     with _sigterm_stops():
         try:
-            status = _run(args)
-        except Terminated:  # while the outcome was being said: it has been, or is the SIGTERM
-            status = 143
-        _state["ending"] = True
-        return status
+            return _run(args)
+        except Terminated:  # in the instant the command ended, before its outcome was being said
+            _say(f"{_rank()}{_STOPPED}")
+            return 143
+        finally:
+            _state["ending"] = True
+
+
+_STOPPED = ("stopped by SIGTERM: complete work is kept (finished units, saved checkpoints); rerun the same command "
+            "to go on")
 
 
 def _run(args: list[str] | None) -> int:
     try:
-        status = app(args=args, prog_name="cae2", standalone_mode=False)
-        status = status if isinstance(status, int) else 0
+        try:
+            status = app(args=args, prog_name="cae2", standalone_mode=False)
+            status = status if isinstance(status, int) else 0
+        finally:  # the outcome is being said from here on: a SIGTERM now (a launcher stopping every rank once
+            _state["ending"] = True  # one has failed) must not cut off the error line being written
     except Terminated:
-        _say(f"{_rank()}stopped by SIGTERM: complete work is kept (finished units, saved checkpoints); rerun the "
-             "same command to go on")
+        _say(f"{_rank()}{_STOPPED}")
         return 143
     except typer.TyperException as e:  # click's usage errors (typer bundles click)
         ctx = getattr(e, "ctx", None)

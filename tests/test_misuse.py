@@ -48,9 +48,13 @@ def _pretrain(root: Path, out: Path, *extra) -> list[str]:
 
 
 def _one_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
-    assert len(err) == 1, err
-    return err[0]
+    return _one_line_of(capsys.readouterr().err)
+
+
+def _one_line_of(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def test_the_feature_cache_is_keyed_by_the_files_not_their_count(data, tmp_path, capsys):
@@ -223,3 +227,19 @@ def test_cae2_launch_without_a_command_or_with_bad_options_is_one_line():
     assert res.returncode == 2 and res.stderr.startswith("error: cae2 launch: name the command to launch")
     res = cli("launch", "--num_processes", "two", "models")
     assert res.returncode == 2 and "accelerate's options above do not parse" in res.stderr
+
+
+def test_a_sigterm_while_the_error_line_is_being_said_does_not_cut_it_off(tmp_path, capsys, monkeypatch):
+    """A launcher stops every rank with SIGTERM once one has failed; a rank that is saying its own error then
+    still says it and exits 2 (not 143 with nothing said)."""
+    release = cli_module._release_frames
+
+    def terminated_meanwhile(error: BaseException) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the except clause, before the error line is written
+        release(error)
+
+    monkeypatch.setattr(cli_module, "_release_frames", terminated_meanwhile)
+    status = run(["inspect", str(tmp_path / "missing.zarr")])
+    err = capsys.readouterr().err
+    assert status == 2 and "missing.zarr" in _one_line_of(err) and "SIGTERM" not in err, err
+
