@@ -155,3 +155,46 @@ def test_bad_inputs_are_one_line(colours, tmp_path, capsys):
     capsys.readouterr()
     assert "is a fine-tuning run; fine-tune from the pretraining run" in error(
         [a.replace(MODEL, str(tmp_path / "d")) for a in _args(colours, tmp_path / "e", "--epochs", "1")])
+
+
+def test_misclassified_validation_images_are_shown_with_the_encoders_pca_map(colours, tmp_path):
+    """After each epoch TensorBoard gets the first misclassified validation images: exactly the ones the
+    saved network gets wrong (recomputed here with timm), pixels as it saw them, beside a PCA map."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from timm.data import create_transform
+    from timm.models.beit import Beit
+
+    from pipelines.evaluate.data import load_labelled
+
+    out = tmp_path / "run"
+    assert run(_args(colours, out, "--epochs", "1", "--misclassified", "3", split="shuffled_")) == 0
+    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    net = Beit(**json.loads(meta["timm_kwargs"])).eval()
+    net.load_state_dict(safetensors.torch.load_file(str(out / "model.safetensors")))
+    val = load_labelled(str(colours / "shuffled_val"), "--val", classes=json.loads(meta["classes"]))
+    source = load_source(MODEL, 0)  # the source's normalisation
+    tf = create_transform(64, is_training=False, interpolation="bicubic", crop_pct=224 / 256, mean=source.mean,
+                          std=source.std)
+    images = torch.stack([tf(val.decode(i)) for i in range(len(val))])
+    with torch.no_grad():
+        wrong = (net(images).argmax(1) != torch.as_tensor(val.labels)).nonzero().flatten().tolist()
+    assert len(wrong) >= 3, wrong  # shuffled labels: most are wrong
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = sorted(t for t in events.Tags()["images"] if t.startswith("misclassified/"))
+    assert tags == ["misclassified/0", "misclassified/1", "misclassified/2"]
+    mean, std = torch.tensor(source.mean).view(3, 1, 1), torch.tensor(source.std).view(3, 1, 1)
+    for k, tag in enumerate(tags):
+        picture = np.asarray(Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)).convert("RGB"))
+        seen = ((images[wrong[k]] * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        height = picture.shape[0] - 8  # the sheet's gaps: the captioned view fills its cell's height
+        view = picture[4:4 + 64, 4 + (height - 64) // 2:][:, :64]
+        assert np.abs(view.astype(int) - seen.astype(int)).max() <= 1, tag
+        pca = picture[4 + (height - 64) // 2:, 4 + height + 4:][:64, :64]
+        assert pca.shape == (64, 64, 3) and pca.reshape(-1, 3).std(0).max() > 10  # a map, not a blank cell

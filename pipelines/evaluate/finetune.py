@@ -4,7 +4,8 @@ under Accelerate and resumable like `pretrain`:
     source ViT -> timm Beit (mean-pooled patch tokens, fc_norm, relative position bias; finetune_model.py)
     -> AdamW with layer-wise lr decay (timm create_optimizer_v2), cosine with linear warmup per step
     -> RandAugment, Mixup/CutMix, label smoothing (timm), draws keyed by seed (finetune_data.py)
-    -> top-1/top-5 on the validation split after every epoch; checkpoints with the data position
+    -> top-1/top-5 on the validation split after every epoch (TensorBoard: misclassified images); checkpoints
+       with the data position
     -> OUT/result.json, OUT/model.safetensors (a timm Beit), metrics.jsonl and TensorBoard
 """
 
@@ -24,6 +25,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.beit import Beit
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -37,6 +39,7 @@ from pipelines.evaluate.data import LabelledImages, load_labelled
 from pipelines.evaluate.finetune_config import FinetuneConfig, FinetuneRecipe, rand_augment_string
 from pipelines.evaluate.finetune_data import AugmentedImages, EvalImages, FinetunePlan, keyed
 from pipelines.evaluate.finetune_model import FinetuneNet, SourceViT, build, load_source
+from pipelines.evaluate.misclassified import Misclassified
 from pipelines.evaluate.report import publish
 from pipelines.files import follow_umask
 from pipelines.run_dirs import RunDir
@@ -253,25 +256,36 @@ def train_step(ft: Finetune, batches) -> torch.Tensor:
 
 def _validate_epoch(ft: Finetune, loop: RunLoop) -> None:
     record: dict[str, float] = {"step": ft.step, "epoch": ft.epoch}
-    record["val_top1"], record["val_top5"] = validate(ft.acc, ft.model, ft.val, ft.cfg)
+    missed = None
+    if ft.cfg.misclassified and ft.acc.is_main_process:
+        missed = Misclassified(ft.cfg.misclassified, ft.net.mean, ft.net.std)
+    record["val_top1"], record["val_top5"] = validate(ft.acc, ft.model, ft.val, ft.cfg, missed)
     if ft.ema is not None:
         record["ema_top1"], record["ema_top5"] = validate(ft.acc, ft.ema.module, ft.val, ft.cfg)
     ft.history.append(record)
     loop.log(record)
+    if missed is not None:
+        encoder = ft.acc.unwrap_model(ft.model)
+        assert isinstance(encoder, Beit)
+        missed.write(encoder, ft.acc.get_tracker("tensorboard", unwrap=True), ft.step, ft.classes)
 
 
 @torch.no_grad()
-def validate(acc: Accelerator, model: nn.Module, val: EvalImages, cfg: FinetuneConfig) -> tuple[float, float]:
-    """Top-1 / top-5 % on the validation split, each rank a contiguous part, summed over ranks."""
+def validate(acc: Accelerator, model: nn.Module, val: EvalImages, cfg: FinetuneConfig,
+             missed: Misclassified | None = None) -> tuple[float, float]:
+    """Top-1 / top-5 % on the validation split, each rank a contiguous part, summed over ranks; `missed`
+    collects this rank's first misclassified images."""
     was_training = model.training
     model.eval()
     part = np.array_split(np.arange(len(val)), acc.num_processes)[acc.process_index]
     loader = DataLoader(Subset(val, part.tolist()), batch_size=cfg.batch_size, num_workers=cfg.workers,
                         worker_init_fn=init_worker)
     hits = torch.zeros(2, device=acc.device)
-    for images, labels, _ in loader:
+    for images, labels, indices in loader:
         with acc.autocast():
             logits = model(images.to(acc.device))
+        if missed is not None and not missed.full:
+            missed.add(images, labels, logits.cpu(), indices)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top == labels.to(acc.device).unsqueeze(1)
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()]).float()

@@ -108,6 +108,9 @@ class FinetuneConfig(EvalSource):
     """'latest' (newest complete checkpoint of --out) or a checkpoint path."""
     mixed_precision: Annotated[str, OneOf(("no", "fp16", "bf16"))] | None = None
     """no, fp16 or bf16 (default: Accelerate's launch config)."""
+    misclassified: Annotated[int, Range(min=0)] = 8
+    """Misclassified validation images shown in TensorBoard after every epoch (misclassified/<i>: the image, its
+    class and the top 3, and the encoder's patch tokens as a PCA map); 0: none."""
     progress: bool = True
     """Show a progress bar."""
 
