@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout, suppress
@@ -25,6 +28,9 @@ from pipelines import logs
 from pipelines.demo import synthetic_image
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests' own local cache (object-store copies, image checks), never the user's.
+os.environ["CAE2_CACHE_DIR"] = tempfile.mkdtemp(prefix="cae2-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CAE2_CACHE_DIR"], True)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 # Two gloo CPU ranks. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process (its simple

@@ -218,6 +218,34 @@ def test_pretrain_knn_monitor_leaves_the_run_unchanged(run, labelled, tmp_path):
     assert bad.returncode == 2 and "--eval-data" in bad.stderr
 
 
+def test_the_image_check_is_done_once_per_set_of_files(labelled, tmp_path, caplog, monkeypatch):
+    """The header check of every file is kept in the local cache under the files' identity: a second load of
+    the same files reads no image, a changed file is checked again."""
+    import shutil
+
+    from pipelines.evaluate.data import LabelledImages
+    from targets.local_copies import cache_root
+
+    train = tmp_path / "train"
+    shutil.copytree(labelled / "train", train)
+    (train / "class_0" / "notes.jpg").write_text("not a picture")
+    reads = []
+    load = LabelledImages.load
+    monkeypatch.setattr(LabelledImages, "load", lambda self, i, limit=None: reads.append(i) or load(self, i, limit))
+    first = load_labelled(str(train), "--train")
+    assert len(reads) >= len(first) + 1 and list((cache_root() / "image-checks").glob("*.json"))
+    reads.clear()
+    with caplog.at_level("WARNING"):
+        again = load_labelled(str(train), "--train")
+    assert reads == [] and again.labels.tolist() == first.labels.tolist() and again.paths == first.paths
+    assert "skipped 1 of" in caplog.text and "notes.jpg" in caplog.text  # said again, from the record
+    bad = sorted((train / "class_1").glob("*.jpg"))[0]
+    bad.write_bytes(b"broken since")  # another size and time: a new identity, checked again
+    os.utime(bad, ns=(1, 1))
+    third = load_labelled(str(train), "--train")
+    assert len(reads) >= len(third) + 2 and len(third) == len(first) - 1
+
+
 def test_files_that_are_not_images_are_skipped_and_counted_and_unlabelled_shards_named(labelled, tmp_path, caplog):
     import shutil
 

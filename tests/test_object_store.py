@@ -323,6 +323,22 @@ def test_a_staged_checkpoint_is_fetched_again_when_its_object_changed_at_the_sam
     assert (step / "model.safetensors").read_bytes() == b"B" * 1000
 
 
+def test_labelled_shards_in_a_bucket_are_known_by_their_bytes(bucket, tmp_path):
+    """An evaluation set in a bucket has no modification times to key a feature cache by: its identity follows
+    the images' bytes, so a shard rewritten under the same name is never served stale features."""
+    from pipelines.evaluate.data import load_labelled
+
+    colour_classes(tmp_path / "a", 3, seed=1)
+    colour_classes(tmp_path / "b", 3, seed=2)
+    make_shards(tmp_path / "a", f"{bucket}/val", samples_per_shard=100)
+    first, again = (load_labelled(f"{bucket}/val", "--val") for _ in range(2))
+    assert first.identity == again.identity and len(first) == 9
+    make_shards(tmp_path / "b", tmp_path / "b_shards", samples_per_shard=100)  # same names, labels, sizes differ
+    Location.of(f"{bucket}/val/shard-000000.tar").upload(tmp_path / "b_shards" / "shard-000000.tar")
+    changed = load_labelled(f"{bucket}/val", "--val")
+    assert changed.labels.tolist() == first.labels.tolist() and changed.identity != first.identity
+
+
 def test_a_two_rank_launch_and_a_plain_job_share_a_bucket_store(images, bucket, tmp_path):
     store = f"{bucket}/t.zarr"
     env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith(("AWS_", "CAE2_"))}}

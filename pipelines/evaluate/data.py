@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from cae2.errors import UserError, naming
 from pipelines.shards import IMAGE_FIELDS, IMAGE_SUFFIXES, expand_shards, image_bytes, iter_shard
+from targets.local_copies import cache_root
 from targets.views import DecodeError, decode_image, image_problem, random_resized_crop
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class LabelledImages:
     members: list[tuple[str, int, int]] | None = None
     """(local shard, byte offset, size) of each image: read on demand, so a shard set of any size fits."""
     files: list[tuple[str, int, int]] = field(default_factory=list)
-    """(path, size, mtime_ns) of every file read: images of a folder, or shards."""
+    """(path, size, mtime_ns) of every file read: images of a folder, or shards (a remote shard: (url, -1, a hash
+    of its images' bytes))."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,20 +120,49 @@ _HEADER_BYTES = 1 << 14
 
 def _without_non_images(data: LabelledImages, option: str) -> LabelledImages:
     """Files that are not images (a text file named .jpg, an empty file) are left out and counted, as stage 1
-    skips them; only headers are read (the first 16 KiB; the whole file where the header runs past them)."""
-    keep, skipped = [], []
-    for i in range(len(data)):
-        head = data.load(i, _HEADER_BYTES)
-        problem = image_problem(head)
-        if problem and len(head) == _HEADER_BYTES:
-            problem = image_problem(data.load(i))
-        (skipped.append((i, problem)) if problem else keep.append(i))
+    skips them; only headers are read (the first 16 KiB; the whole file where the header runs past them), once
+    per set of files: the finding is kept in the local cache under the set's identity (names, sizes, times)."""
+    record = cache_root() / "image-checks" / f"{data.identity}.json"
+    skipped = _recorded(record, len(data))
+    if skipped is None:
+        skipped = []
+        for i in range(len(data)):
+            head = data.load(i, _HEADER_BYTES)
+            problem = image_problem(head)
+            if problem and len(head) == _HEADER_BYTES:
+                problem = image_problem(data.load(i))
+            if problem:
+                skipped.append((i, problem))
+        _record(record, len(data), skipped)
     if not skipped:
         return data
     first, reason = skipped[0]
     logger.warning(f"{option} {data.spec}: skipped {len(skipped)} of {len(data)} files that are not images "
                    f"(first: {data.name(first)}: {reason})")
-    return data.keep(keep)
+    left_out = {i for i, _ in skipped}
+    return data.keep([i for i in range(len(data)) if i not in left_out])
+
+
+def _recorded(record: Path, images: int) -> list[tuple[int, str]] | None:
+    """The files an earlier check of this set left out (None: not checked, or a record that does not fit)."""
+    try:
+        saved = json.loads(record.read_text())
+        skipped = [(int(i), str(reason)) for i, reason in saved["skipped"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return skipped if saved.get("images") == images and all(0 <= i < images for i, _ in skipped) else None
+
+
+def _record(record: Path, images: int, skipped: list[tuple[int, str]]) -> None:
+    """Keep the check's finding (a cache: a folder that cannot be written costs a check next time, no more)."""
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"images": images, "skipped": skipped}))
+        tmp.replace(record)
+    except OSError as e:
+        logger.debug(f"image check not kept in {record}: {e}")
+        tmp.unlink(missing_ok=True)
 
 
 def _image_folder(path: Path, spec: str, option: str, classes: list[str] | None) -> LabelledImages:
@@ -158,14 +189,17 @@ def _labelled_shards(spec: str, option: str, classes: list[str] | None) -> Label
     """Local shards are indexed (image offsets) and read on demand; remote ones are read into memory."""
     blobs, members, labels, files = [], [], [], []
     for shard in expand_shards(spec, option):
-        local = "://" not in shard.url
+        local, content = "://" not in shard.url, hashlib.sha256()
         for key, image, label in (_index_tar(shard.url) if local else _read_samples(shard.url)):
             if image is None or label is None:
                 raise UserError(f"{option} {shard.url}: sample {key} has no image or no cls label; evaluation shards "
                                 "need both (cae2 make-shards of class folders)")
+            if not local:
+                content.update(image)
             (members if local else blobs).append(image)
             labels.append(label)
-        files.append(_stat(shard.url) if local else (shard.url, -1, -1))
+        # A remote shard is known by its images' bytes (no modification time to trust across object stores).
+        files.append(_stat(shard.url) if local else (shard.url, -1, int(content.hexdigest()[:15], 16)))
     labels = np.array(labels, np.int64)
     n = int(labels.max()) + 1 if len(labels) else 0
     names = classes if classes is not None else [str(i) for i in range(n)]
