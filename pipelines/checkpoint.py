@@ -199,24 +199,14 @@ class Checkpointer:
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.run_dir, self.save_every, self.keep_last = self.run.local, save_every, keep_last
 
-    def complete(self) -> list[str]:
-        """The names of the run's complete checkpoints, oldest first (the bucket's for an object-store run)."""
-        if self.run.remote:
-            return self.run.remote_checkpoints()
-        return [p.name for p in complete_checkpoints(self.run_dir)]
-
-    def local(self, name: str) -> Path:
-        """A complete checkpoint of the run as a local folder (fetched from the bucket when the run is there)."""
-        return self.run.pull_checkpoint(name) if self.run.remote else self.run_dir / "checkpoints" / name
-
     def _resolve(self, resume: str | None) -> Path | None:
-        if self.run.remote and resume == "latest":
-            names = self.complete()
-            return self.local(names[-1]) if names else None
+        if resume == "latest":
+            names = self.run.checkpoint_names()
+            return self.run.checkpoint(names[-1]) if names else None
         if resume and Location.of(resume).remote:
             where = Location.of(resume)
             inside = RunDir(where.parent.parent)
-            if where.parent.name != "checkpoints" or where.name not in inside.remote_checkpoints():
+            if where.parent.name != "checkpoints" or where.name not in inside.checkpoint_names():
                 raise UserError(f"--resume {resume}: not a complete checkpoint (RUN/checkpoints/step_N with its "
                                 f"{MARKER} marker); pass one, or --resume latest")
             return inside.pull_checkpoint(where.name)
@@ -226,10 +216,7 @@ class Checkpointer:
         """(checkpoint, its trainer state) to resume from, or (None, None) for a fresh run; a fresh run
         into a directory that holds checkpoints is refused."""
         ckpt = self._resolve(resume)
-        root = self.run_dir / "checkpoints"
-        holds = bool((self.run.location / "checkpoints").children()) if self.run.remote else \
-            root.is_dir() and any(root.iterdir())
-        if ckpt is None and resume != "latest" and holds:
+        if ckpt is None and resume != "latest" and self.run.holds_checkpoints():
             raise UserError(f"--out {self.run} already holds checkpoints; pass --resume latest to continue, or "
                             "a new --out")
         if ckpt is None:
@@ -265,7 +252,7 @@ class Checkpointer:
     def _kept_in_bucket(self) -> str:
         """What a failed save leaves in the bucket, as far as a listing can tell now."""
         try:
-            names = self.run.remote_checkpoints()
+            names = self.run.checkpoint_names()
         except StorageError:
             return f"the complete checkpoints in {self.run.location / 'checkpoints'} are kept"
         where = self.run.location / "checkpoints"
@@ -315,10 +302,10 @@ class Checkpointer:
         explicitly named one that cannot be read is refused."""
         candidates: list[Path | str] = [ckpt]
         if resume == "latest":
-            candidates += [name for name in reversed(self.complete()) if name != ckpt.name]
+            candidates += [name for name in reversed(self.run.checkpoint_names()) if name != ckpt.name]
         first = None
         for i, choice in enumerate(candidates):
-            candidate = choice if isinstance(choice, Path) else self.local(choice)
+            candidate = choice if isinstance(choice, Path) else self.run.checkpoint(choice)
             try:
                 cand_state = state if i == 0 and state else read_state(candidate)
                 check(candidate, cand_state)
@@ -340,10 +327,7 @@ class Checkpointer:
     def _prune(self) -> None:
         """Retention here, and in the bucket for an object-store run."""
         prune(self.run_dir, self.keep_last)
-        if self.run.remote:
-            names = self.run.remote_checkpoints()
-            for name in names[: max(len(names) - max(self.keep_last, 1), 0)]:
-                self.run.delete_checkpoint(name)
+        self.run.retain(self.keep_last)
 
 
 def _step(checkpoint: Path | str) -> int:

@@ -65,9 +65,24 @@ class RunDir:
                 out.setdefault(name, {})[file] = m
         return out
 
-    def remote_checkpoints(self) -> list[str]:
-        """Object stores: the names of the complete checkpoints there, oldest first (one listing)."""
-        return sorted(name for name, files in self._checkpoint_objects().items() if MARKER in files)
+    def checkpoint_names(self) -> list[str]:
+        """The names of the run's complete checkpoints, oldest first (an object-store run: the bucket's, one
+        listing)."""
+        if self.remote:
+            return sorted(name for name, files in self._checkpoint_objects().items() if MARKER in files)
+        root = self.local / "checkpoints"
+        return sorted(p.name for p in root.iterdir() if (p / MARKER).is_file()) if root.is_dir() else []
+
+    def checkpoint(self, name: str) -> Path:
+        """A complete checkpoint of the run as a local folder (an object-store run's is fetched first)."""
+        return self.pull_checkpoint(name) if self.remote else self.local / "checkpoints" / name
+
+    def holds_checkpoints(self) -> bool:
+        """Whether anything is under RUN/checkpoints, complete or not."""
+        if self.remote:
+            return bool((self.location / "checkpoints").children())
+        root = self.local / "checkpoints"
+        return root.is_dir() and any(root.iterdir())
 
     def pull_checkpoint(self, name: str) -> Path:
         """Object stores: a complete checkpoint's files into the staging folder (those it has already kept)."""
@@ -92,9 +107,13 @@ class RunDir:
                 self._record(p, (self.location / "checkpoints" / name / str(p.relative_to(local))).upload(p))
         self._save_ledger()
 
-    def delete_checkpoint(self, name: str) -> None:
-        """Object stores: a checkpoint retention let go, its marker first (so it never looks complete half gone)."""
-        if self.remote:
+    def retain(self, keep: int) -> None:
+        """Object stores: all but the newest `keep` complete checkpoints deleted in the bucket, each marker
+        first (so that none looks complete half gone). Local run dirs are pruned where they are saved."""
+        if not self.remote:
+            return
+        names = self.checkpoint_names()
+        for name in names[: max(len(names) - max(keep, 1), 0)]:
             (self.location / "checkpoints" / name / MARKER).delete()
             (self.location / "checkpoints" / name).delete_tree()
 

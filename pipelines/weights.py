@@ -24,11 +24,11 @@ def find_checkpoint(path: str | Path) -> Path:
     where = Location.of(path)
     if where.remote:
         if (where / MARKER).exists():
-            return RunDir(where.parent.parent).pull_checkpoint(where.name)
-        names = RunDir(where).remote_checkpoints()
+            return RunDir(where.parent.parent).checkpoint(where.name)
+        names = RunDir(where).checkpoint_names()
         if not names:
             raise UserError(f"{where} is neither a complete checkpoint nor a run dir with one")
-        return RunDir(where).pull_checkpoint(names[-1])
+        return RunDir(where).checkpoint(names[-1])
     path = where.path
     if (path / MARKER).is_file():
         return path

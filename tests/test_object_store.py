@@ -390,7 +390,7 @@ def test_sigterm_saves_to_the_bucket_and_the_resume_is_exact(images, bucket, tmp
     proc.wait(timeout=120)
     err = (tmp_path / "term.err").read_text()
     assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
-    (step,) = RunDir(run).remote_checkpoints()  # saved to the bucket before the exit, its marker last
+    (step,) = RunDir(run).checkpoint_names()  # saved to the bucket before the exit, its marker last
     n = int(step.removeprefix("step_"))
     assert 0 < n < 400
     local = tmp_path / "copy"  # the bucket's run dir as saved, copied to disk: the same checkpoint resumed locally
@@ -421,7 +421,7 @@ def test_a_refused_marker_and_a_server_stopped_mid_upload_lose_no_complete_check
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(lines) == 1 and "step_00000004/COMPLETE" in lines[0] and \
         "access" in lines[0].lower() and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert RunDir(run).remote_checkpoints() == ["step_00000002"]  # step 4's files are there, its marker is not
+    assert RunDir(run).checkpoint_names() == ["step_00000002"]  # step 4's files are there, its marker is not
     other = f"{bucket}/other"
     s3_server.deny(BUCKET, [f"{other.split('/', 3)[3]}/metrics.jsonl"])  # the metrics go up before a checkpoint
     try:
@@ -429,7 +429,7 @@ def test_a_refused_marker_and_a_server_stopped_mid_upload_lose_no_complete_check
     finally:
         s3_server.deny(BUCKET, [])
     assert res.returncode == 2 and "metrics.jsonl" in res.stderr, res.stderr[-2000:]
-    assert RunDir(other).remote_checkpoints() == []  # so a complete checkpoint always has its records there
+    assert RunDir(other).checkpoint_names() == []  # so a complete checkpoint always has its records there
 
     proc = _start(_pretrain(shards, store, run, *args, "--resume", "latest"), tmp_path, "cut")
     saved = RunDir(run).local / "checkpoints" / "step_00000006" / "COMPLETE"  # saved here, its upload begins
@@ -441,7 +441,7 @@ def test_a_refused_marker_and_a_server_stopped_mid_upload_lose_no_complete_check
     assert proc.returncode == 2 and len(lines) == 1 and "cannot be reached" in lines[0], err[-2000:]
     # named by its URL (the checkpoint's upload, or the next read when the upload was through): never the staging
     assert f"{bucket}/" in lines[0] and str(RunDir(run).local) not in lines[0], lines[0]
-    assert RunDir(run).remote_checkpoints()[-1] in ("step_00000002", "step_00000004", "step_00000006")
+    assert RunDir(run).checkpoint_names()[-1] in ("step_00000002", "step_00000004", "step_00000006")
     res = cli(*_pretrain(shards, store, run, *args, "--resume", "latest"))
     assert res.returncode == 0 and "resumed from" in res.stderr, res.stderr[-2000:]
     assert _remote_losses(run) == _remote_losses(f"{bucket}/straight")

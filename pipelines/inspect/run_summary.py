@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cae2.errors import UserError, naming
-from pipelines.checkpoint import complete_checkpoints
 from pipelines.run_dirs import RunDir
 from targets.claims import claim_beside, holder_alive, read_claim
 
@@ -83,7 +82,7 @@ def summarize_run(path: str, curves: Path | None = None) -> RunSummary:
     except ValueError as e:
         raise UserError(f"run dir {path}: {config_file} cannot be read ({e}); is this a cae2 run dir?") from None
     metrics = _metrics(run.local / "metrics.jsonl")
-    checkpoints = sorted(run.remote_checkpoints()) if run.remote else [p.name for p in complete_checkpoints(run.local)]
+    checkpoints = run.checkpoint_names()
     holder, age = read_claim(claim_beside(run.location, "train"), dt.datetime.now(dt.UTC))  # no clock write
     alive = holder is not None and holder_alive(holder, age)
     summary = RunSummary(
