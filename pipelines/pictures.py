@@ -54,6 +54,13 @@ class PcaBasis:
         return (self.project(tokens).reshape(grid[0], grid[1], 3) * 255 + 0.5).to(torch.uint8).numpy()
 
 
+def pixels(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """A normalised image [3, H, W] (any device, any float) -> uint8 [3, H, W] on the CPU."""
+    m = torch.tensor(mean, device=image.device).view(3, 1, 1)
+    s = torch.tensor(std, device=image.device).view(3, 1, 1)
+    return ((image.float() * s + m) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
 def view_image(view: torch.Tensor) -> Image.Image:
     """uint8 [3, H, W] -> an RGB image."""
     return Image.fromarray(view.permute(1, 2, 0).contiguous().numpy())

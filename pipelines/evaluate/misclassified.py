@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from timm.models.beit import Beit
 
-from pipelines.pictures import PcaBasis, enlarge, sheet, view_image
+from pipelines.pictures import PcaBasis, enlarge, pixels, sheet, view_image
 
 CAPTION = 14
 """Pixels per caption line."""
@@ -64,13 +64,9 @@ class Misclassified:
         basis = PcaBasis.fit(patches.reshape(-1, patches.shape[-1]))
         size = batch.shape[-1]
         for i in range(batch.shape[0]):
-            view = self._captioned(view_image(self._pixels(batch[i])), i, classes)
+            view = self._captioned(view_image(pixels(batch[i], self.mean, self.std)), i, classes)
             row: list[Image.Image | None] = [view, enlarge(basis.rgb(patches[i], (grid[0], grid[1])), size)]
             writer.add_image(f"misclassified/{i}", np.asarray(sheet([row], view.height)), step, dataformats="HWC")
-
-    def _pixels(self, image: torch.Tensor) -> torch.Tensor:
-        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        return ((image * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
     def _captioned(self, view: Image.Image, i: int, classes: list[str]) -> Image.Image:
         """The view with lines under it: the image's index and class, then the top 3 with probabilities."""

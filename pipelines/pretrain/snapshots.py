@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import cae2
 from cae2.config import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.pictures import PcaBasis, enlarge, only_masked, sheet, view_image, with_mask
+from pipelines.pictures import PcaBasis, enlarge, only_masked, pixels, sheet, view_image, with_mask
 
 SAMPLES = 4
 DEFAULT_EVERY = 1000
@@ -59,7 +59,7 @@ class Snapshots:
         predicted = self._in_grid_order(pred, mask)
         size = images.shape[-1]
         for i in range(images.shape[0]):
-            view = view_image(_pixels(images[i]))
+            view = view_image(pixels(images[i], IMAGENET_MEAN, IMAGENET_STD))
             m = mask[i].reshape(self.grid).cpu().numpy()
             target_map = self.basis.rgb(patches[i], self.grid)
             row: list = [view, with_mask(view, m), enlarge(target_map, size)]
@@ -81,10 +81,3 @@ class Snapshots:
         out[~mask] = pred[:, 1:self.n_visible].reshape(-1, pred.shape[-1])
         out[mask] = pred[:, self.n_visible:].reshape(-1, pred.shape[-1])
         return out
-
-
-def _pixels(image: torch.Tensor) -> torch.Tensor:
-    """A normalised view [3, H, W] -> uint8 pixels."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    return ((image.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
