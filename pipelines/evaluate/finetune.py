@@ -267,7 +267,8 @@ def _validate_epoch(ft: Finetune, loop: RunLoop) -> None:
     if missed is not None:
         encoder = ft.acc.unwrap_model(ft.model)
         assert isinstance(encoder, Beit)
-        missed.write(encoder, ft.acc.get_tracker("tensorboard", unwrap=True), ft.step, ft.classes)
+        missed.write(encoder, ft.acc.get_tracker("tensorboard", unwrap=True), ft.step, ft.classes,
+                     ft.val.data.name)
 
 
 @torch.no_grad()

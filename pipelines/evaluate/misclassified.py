@@ -1,15 +1,17 @@
 """TensorBoard pictures of fine-tuning's mistakes: after every validation, the first `--misclassified`
 validation images the main process got wrong, each as one row: the image as the network saw it (resized and
-centre-cropped) captioned with its class and the network's top 3, and the fine-tuned encoder's patch tokens as
+centre-cropped) captioned with its file, its class and the network's top 3, and the fine-tuned encoder's patch tokens as
 a PCA-to-RGB map (one colour basis over the row set, as pretrain's pictures)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from timm.models.beit import Beit
 
 from pipelines.pictures import PcaBasis, enlarge, pixels, sheet, view_image
@@ -47,8 +49,9 @@ class Misclassified:
             self.indices.append(int(indices[i]))
 
     @torch.no_grad()
-    def write(self, encoder: Beit, writer, step: int, classes: list[str]) -> None:
-        """encoder: the plain network (not a DDP wrapper); one picture per image, misclassified/<i>."""
+    def write(self, encoder: Beit, writer, step: int, classes: list[str], name: Callable[[int], str]) -> None:
+        """encoder: the plain network (not a DDP wrapper); `name`: an image's file from its index. One picture
+        per image, misclassified/<i>."""
         if not self.images:
             return
         batch = torch.stack(self.images)
@@ -64,18 +67,18 @@ class Misclassified:
         basis = PcaBasis.fit(patches.reshape(-1, patches.shape[-1]))
         size = batch.shape[-1]
         for i in range(batch.shape[0]):
-            view = self._captioned(view_image(pixels(batch[i], self.mean, self.std)), i, classes)
+            view = self._captioned(view_image(pixels(batch[i], self.mean, self.std)), i, classes, name)
             row: list[Image.Image | None] = [view, enlarge(basis.rgb(patches[i], (grid[0], grid[1])), size)]
             writer.add_image(f"misclassified/{i}", np.asarray(sheet([row], view.height)), step, dataformats="HWC")
 
-    def _captioned(self, view: Image.Image, i: int, classes: list[str]) -> Image.Image:
-        """The view with lines under it: the image's index and class, then the top 3 with probabilities."""
-        lines = [f"#{self.indices[i]} is {classes[self.labels[i]]}"]
+    def _captioned(self, view: Image.Image, i: int, classes: list[str], name: Callable[[int], str]) -> Image.Image:
+        """The view with lines under it: the image's file and class, then the top 3 with probabilities."""
+        lines = [Path(name(self.indices[i])).name, f"class: {classes[self.labels[i]]}"]
         lines += [f"{p:.0%} {classes[c]}" for c, p in self.top[i]]
         out = Image.new("RGB", (view.width, view.height + CAPTION * len(lines) + 4), (255, 255, 255))
         out.paste(view, (0, 0))
-        draw = ImageDraw.Draw(out)
+        draw, font = ImageDraw.Draw(out), ImageFont.load_default(size=CAPTION - 3)
         for k, line in enumerate(lines):
-            colour = (0, 110, 0) if k == 0 else (180, 0, 0) if k == 1 else (60, 60, 60)
-            draw.text((2, view.height + 2 + CAPTION * k), line[: view.width // 6], fill=colour)
+            colour = (0, 110, 0) if k == 1 else (180, 0, 0) if k == 2 else (60, 60, 60)
+            draw.text((2, view.height + 2 + CAPTION * k), line[: view.width // 6], fill=colour, font=font)
         return out
