@@ -41,7 +41,7 @@ from pipelines.extract.verify import VerifyConfig, verify_store
 from pipelines.inspect.config import InspectConfig
 from pipelines.inspect.report import write_report
 from pipelines.inspect.run_summary import is_run_dir, summarize_run
-from pipelines.inspect.store_status import store_status
+from pipelines.inspect.store_status import is_store, store_status
 from pipelines.launch import launch
 from pipelines.outputs import check_output
 from pipelines.pretrain.config import TrainConfig
@@ -239,6 +239,9 @@ def _inspect(cfg: InspectConfig) -> None:
         summary = summarize_run(cfg.target, Path(cfg.report) / "curves.png" if cfg.report else None)
         typer.echo(json.dumps(summary.to_json(), indent=1) if cfg.as_json else summary.render())
         return
+    if not is_store(cfg.target):
+        raise UserError(f"{cfg.target} is neither a target store (no zarr.json) nor a run dir (no config.json, "
+                        "metrics.jsonl or checkpoints): pass a store extract-targets wrote, or the --out of a run")
     if cfg.report is not None and cfg.shards is None:
         raise UserError("--report on a target store needs --shards: the report shows the shards' images")
     planned = [s.name for s in expand_shards(cfg.shards)] if cfg.shards else None

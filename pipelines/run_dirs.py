@@ -119,12 +119,12 @@ class RunDir:
 
     # --- the rest of the run dir ---------------------------------------------------------------------------
 
-    def pull(self) -> None:
-        """Object stores: the run's files besides its checkpoints into the staging folder (a resume)."""
+    def pull(self, names: tuple[str, ...] = SYNCED) -> None:
+        """Object stores: the run's files besides its checkpoints (those of `names`) into the staging folder."""
         if not self.remote:
             return
         for m in self.location.list():
-            if m.name.split("/", 1)[0] in SYNCED and not self._same(self.local / m.name, m):
+            if m.name.split("/", 1)[0] in names and not self._same(self.local / m.name, m):
                 self._record(self.local / m.name, (self.location / m.name).download(self.local / m.name))
         self._save_ledger()
 

@@ -198,3 +198,26 @@ def test_misclassified_validation_images_are_shown_with_the_encoders_pca_map(col
         assert np.abs(view.astype(int) - seen.astype(int)).max() <= 1, tag
         pca = picture[4 + (height - 64) // 2:, 4 + height + 4:][:64, :64]
         assert pca.shape == (64, 64, 3) and pca.reshape(-1, 3).std(0).max() > 10  # a map, not a blank cell
+
+
+def test_inspect_summarizes_a_finetuning_run(colours, tmp_path):
+    """`cae2 inspect RUN_DIR` reads a fine-tuning run (no config.json): its options from the newest checkpoint,
+    the validation accuracy that result.json reports, and curves with the accuracy; --misclassified 0 draws none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert run(_args(colours, out, "--epochs", "2", "--misclassified", "0")) == 0
+    result = json.loads((out / "result.json").read_text())
+    res = cli("inspect", out, "--report", tmp_path / "r")
+    assert res.returncode == 0, res.stderr
+    assert f"run {out} (finetune)" in res.stdout and f"model       {MODEL}" in res.stdout
+    assert f"val top-1 {result['top1']:.2f}% (epoch 2)" in res.stdout and "checkpoint  step_00000006" in res.stdout
+    summary = json.loads(cli("inspect", out, "--json").stdout)
+    assert summary["kind"] == "finetune" and summary["options"]["val"] == str(colours / "val")
+    assert summary["accuracy"]["best"] == max(r["val_top1"] for r in result["history"])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "r" / "curves.png").width >= 1400  # loss, lr and accuracy
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert not [t for t in events.Tags()["images"] if t.startswith("misclassified/")]

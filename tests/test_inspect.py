@@ -123,7 +123,7 @@ def test_inspect_errors_name_the_option(corpus, tmp_path):
               corpus / "targets.zarr" / "r")
     assert res.returncode == 2 and "inside the target store" in res.stderr
     res = cli("inspect", tmp_path / "nothing.zarr")
-    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert res.returncode == 2 and "nothing.zarr is neither a target store" in res.stderr, res.stderr
 
 
 # --- the report -------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from targets.claims import STALE_AFTER, Holder, claims_within, holder_alive, read_claim
+from targets.storage import Location
 from targets.store import TargetStore
 
 WINDOW = 600.0
@@ -159,6 +160,12 @@ def _time(iso: str) -> float | None:
         return dt.datetime.fromisoformat(iso).timestamp()
     except (TypeError, ValueError):
         return None
+
+
+def is_store(path: str) -> bool:
+    """Whether PATH (local or in an object store) holds a target store's root metadata."""
+    where = Location.of(path)
+    return (where / "zarr.json").exists() if where.remote else (where.path / "zarr.json").is_file()
 
 
 def store_status(path: str, planned: list[str] | None = None, window: float = WINDOW) -> StoreStatus:
