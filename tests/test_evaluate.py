@@ -162,6 +162,9 @@ def test_official_protocol_in_one_process_records_its_run(labelled, tmp_path):
                 "--val", labelled / "val", "--out", tmp_path / "again.json", "--run-dir", run, "--workers", "0",
                 "--epochs", "3", "--batch-size", "8", "--global-batch", "16")
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+    summary = json.loads(cli("inspect", run, "--json").stdout)  # the probe's run dir reads as a run
+    assert summary["kind"] == "linear probe (official)" and summary["newest_checkpoint"] == "step_00000006"
+    assert summary["last_metrics"]["step"] == 6 and summary["accuracy"]["last"] == pytest.approx(result["top1"])
 
 
 def _official(labelled, out, *extra):

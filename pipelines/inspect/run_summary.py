@@ -21,8 +21,8 @@ SUMMARY_OPTIONS = ("model", "shards", "targets", "steps", "epochs", "batch_size"
                    "mixed_precision", "view_path")
 EVALUATION_OPTIONS = ("model", "train", "val", "preset", "protocol", "epochs", "global_batch", "batch_size", "lr",
                       "blr", "seed", "mixed_precision")
-ACCURACY = ("val_top1", "val/top1")
-"""The validation top-1 of a fine-tuning run's and of the official probe's metrics records."""
+PROBE_NAMES = {"train/loss": "loss", "train/lr": "lr", "val/top1": "val_top1", "val/top5": "val_top5"}
+"""The official probe's metrics names, read as fine-tuning's and pretrain's."""
 RUN_FILES = ("config.json", "metrics.jsonl", "result.json")
 
 
@@ -149,7 +149,7 @@ def _what_runs(run: RunDir, path: str, checkpoints: list[str]) -> tuple[str, dic
 
 def _accuracy(metrics: list[dict]) -> dict | None:
     """The last and the best validation top-1 of the metrics records (None: no validation yet)."""
-    records = [(r.get("epoch"), r[k]) for r in metrics for k in ACCURACY if k in r]
+    records = [(r.get("epoch"), r["val_top1"]) for r in metrics if "val_top1" in r]
     if not records:
         return None
     best = max(records, key=lambda r: r[1])
@@ -162,8 +162,8 @@ def _metrics(path: Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
-        except ValueError:
+            records.append({PROBE_NAMES.get(k, k): v for k, v in json.loads(line).items()})
+        except (ValueError, AttributeError):
             continue  # the line a running job is writing
     return records
 
@@ -177,7 +177,7 @@ def plot_curves(metrics: list[dict], out: Path, title: str) -> None:
 
     records = [r for r in metrics if "loss" in r]
     steps = [r["step"] for r in records]
-    validated = [(r["step"], r[k]) for r in metrics for k in ACCURACY if k in r]
+    validated = [(r["step"], r["val_top1"]) for r in metrics if "val_top1" in r]
     fig, axes = plt.subplots(1, 3 if validated else 2, figsize=(15 if validated else 10, 3.6), constrained_layout=True)
     ax_loss, ax_lr = axes[0], axes[1]
     if validated:
