@@ -319,6 +319,16 @@ def test_status_of_a_store_in_a_bucket(corpus, bucket):
     assert REQUESTS["put"] == before.get("put", 0) and REQUESTS["delete"] == before.get("delete", 0)  # read-only
     assert status.units_complete == 6 and status.units_planned == 6 and status.images == 52
     assert status.units_per_minute is not None and status.eta_s == 0.0
+    res = cli("inspect", f"{bucket}/t.zarr")
+    assert res.returncode == 0 and "6 complete" in res.stdout, res.stdout + res.stderr
+    run = f"{bucket}/run"  # a run in the bucket reads as a run, not as a store
+    res = cli("pretrain", "--shards", corpus / "shards", "--targets", f"{bucket}/t.zarr", "--model", "cae2_debug",
+              "--out", run, "--steps", "2", "--batch-size", "4", "--workers", "0", "--save-every", "1",
+              "--allow-random-teacher", "--lr", "1e-3", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(cli("inspect", run, "--json").stdout)
+    assert summary["kind"] == "pretrain" and summary["newest_checkpoint"] == "step_00000002"
+    assert summary["last_metrics"]["step"] == 2
 
 
 # --- runs -------------------------------------------------------------------------------------------------------

@@ -92,12 +92,11 @@ def is_run_dir(path: str) -> bool:
     """A pretrain run (config.json), or a fine-tuning or official-probe run (metrics.jsonl or checkpoints, no
     config.json); never a target store (zarr.json)."""
     run = RunDir(path)
-    if run.remote:
-        return not (run.location / "zarr.json").exists() and any(
-            (run.location / name).exists() for name in ("config.json", "metrics.jsonl")) or run.holds_checkpoints()
-    local = Path(path)
-    return not (local / "zarr.json").exists() and ((local / "config.json").is_file() or
-                                                   (local / "metrics.jsonl").is_file() or run.holds_checkpoints())
+
+    def has(name: str) -> bool:
+        return (run.location / name).exists() if run.remote else (run.local / name).is_file()
+
+    return not has("zarr.json") and (has("config.json") or has("metrics.jsonl") or run.holds_checkpoints())
 
 
 def summarize_run(path: str, curves: Path | None = None) -> RunSummary:
