@@ -34,11 +34,10 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from cae2.errors import UserError, naming
 from pipelines.files import fsync_dir, save_torch, write_atomically, write_bytes
-from pipelines.run_dirs import RunDir, shown
+from pipelines.run_dirs import MARKER, RunDir, shown
 from pipelines.runs import peer_lost
 from targets.storage import Location, StorageError
 
-MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 FORMAT = 2
 """trainer_state.json's "checkpoint_format": 2, the parts above; none: Accelerate's save_state."""
@@ -94,10 +93,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+    """The complete checkpoints of a local run dir, oldest first."""
+    return [run_dir / "checkpoints" / name for name in RunDir(run_dir).checkpoint_names()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -235,13 +235,13 @@ def _inspect(cfg: InspectConfig) -> None:
     """
     if cfg.report is not None:
         check_output("--report", cfg.report, inputs={"TARGET": cfg.target})
-    if is_run_dir(cfg.target):
+    if not is_store(cfg.target):
+        if not is_run_dir(cfg.target):
+            raise UserError(f"{cfg.target} is neither a target store (no zarr.json) nor a run dir (no config.json, "
+                            "metrics.jsonl or checkpoints): pass a store extract-targets wrote, or the --out of a run")
         summary = summarize_run(cfg.target, Path(cfg.report) / "curves.png" if cfg.report else None)
         typer.echo(json.dumps(summary.to_json(), indent=1) if cfg.as_json else summary.render())
         return
-    if not is_store(cfg.target):
-        raise UserError(f"{cfg.target} is neither a target store (no zarr.json) nor a run dir (no config.json, "
-                        "metrics.jsonl or checkpoints): pass a store extract-targets wrote, or the --out of a run")
     if cfg.report is not None and cfg.shards is None:
         raise UserError("--report on a target store needs --shards: the report shows the shards' images")
     planned = [s.name for s in expand_shards(cfg.shards)] if cfg.shards else None

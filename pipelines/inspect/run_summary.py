@@ -90,13 +90,13 @@ class RunSummary:
 
 def is_run_dir(path: str) -> bool:
     """A pretrain run (config.json), or a fine-tuning or official-probe run (metrics.jsonl or checkpoints, no
-    config.json); never a target store (zarr.json)."""
+    config.json). A target store is told apart first (`is_store`)."""
     run = RunDir(path)
 
     def has(name: str) -> bool:
         return (run.location / name).exists() if run.remote else (run.local / name).is_file()
 
-    return not has("zarr.json") and (has("config.json") or has("metrics.jsonl") or run.holds_checkpoints())
+    return has("config.json") or has("metrics.jsonl") or run.holds_checkpoints()
 
 
 def summarize_run(path: str, curves: Path | None = None) -> RunSummary:
